@@ -1,0 +1,60 @@
+"""``python -m gradsweep``: one run, or a Hydra multirun with ``-m``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from omegaconf import DictConfig
+
+from gradsweep.config import ConfigError
+from gradsweep.preflight import CONF_DIR, check_overrides
+
+log = logging.getLogger("gradsweep")
+
+# Hydra flags after which nothing trains: let Hydra answer them without our checks.
+_INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra task: train one configuration, write its tables, return its summary row."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from gradsweep.config import to_run_cfg
+    from gradsweep.tables import build_tables, write_tables
+    from gradsweep.train import train_group
+
+    try:
+        run_cfg = to_run_cfg(cfg)
+        trace = train_group([run_cfg])
+    except ConfigError as e:  # bad input: one line, non-zero exit, nothing written
+        print(f"gradsweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hc = HydraConfig.get()
+    meta = {"job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
+            "override_dirname": hc.job.override_dirname}
+    runs, steps = build_tables([run_cfg], trace, [meta])
+    write_tables(hc.runtime.output_dir, runs, steps)
+    row = runs.iloc[0]
+    log.info("%s: verdict=%s grad_ratio_log10=%.3g final_loss=%.4g (%s)", hc.job.override_dirname or "run",
+             row["verdict"], row["grad_ratio_log10"], row["final_loss"], hc.runtime.output_dir)
+    return {k: row[k] for k in ("run_id", "verdict", "final_loss", "grad_ratio_log10", "diverged_step")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the overrides, then hand over to Hydra."""
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    if not any(getattr(args, flag) for flag in _INFO_FLAGS) and args.config_name is None:
+        try:
+            check_overrides(args.overrides)
+        except ConfigError as e:
+            print(f"gradsweep: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run)()

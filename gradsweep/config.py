@@ -1,0 +1,326 @@
+"""Config schemas: one dataclass per YAML group, validated on construction.
+
+Hydra composes YAML from ``conf/``; :func:`to_run_cfg` converts the composed
+``DictConfig`` once, at the entry point, into a :class:`RunCfg`. Nothing below
+the entry point sees a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "gelu", "selu", "identity")
+NORMS = ("none", "batchnorm", "layernorm")
+INIT_SCHEMES = ("default", "xavier", "kaiming", "normal", "uniform", "orthogonal")
+DISTRIBUTIONS = ("uniform", "normal")
+FAN_MODES = ("fan_in", "fan_out")
+NONLINEARITIES = ("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("float32", "float64")
+DATASETS = ("regression", "scaled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad config value; its message is one line naming the key, the value and what is valid."""
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
+
+
+def _check(key: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid; it must be {rule}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class ModelCfg:
+    """The MLP: ``depth`` blocks of Linear -> norm -> activation, then a Linear readout."""
+
+    depth: int = 10
+    """Number of hidden blocks (the readout Linear comes on top, so depth + 1 Linear layers)."""
+    width: int = 10
+    """Units per hidden block."""
+    activation: str = "relu"
+    """Activation after every hidden block; one of ACTIVATIONS."""
+    residual: bool = False
+    """Add each block's input to its output wherever the shapes match (hidden blocks)."""
+    norm: str = "none"
+    """Normalisation between Linear and activation: none, batchnorm (gamma=1, beta=0), layernorm."""
+
+    def __post_init__(self) -> None:
+        _check("model.depth", self.depth, self.depth >= 1, "an integer >= 1")
+        _check("model.width", self.width, self.width >= 1, "an integer >= 1")
+        _choice("model.activation", self.activation, ACTIVATIONS)
+        _choice("model.norm", self.norm, NORMS)
+
+
+@dataclass
+class InitCfg:
+    """How every Linear layer is re-initialised right after it is created."""
+
+    name: str = "default"
+    """The preset's name (the ``init=`` group choice); recorded in the run table."""
+    scheme: str = "default"
+    """default (PyTorch's own Linear init, untouched), xavier, kaiming, normal, uniform, orthogonal."""
+    distribution: str = "uniform"
+    """xavier/kaiming: uniform or normal variant."""
+    gain: float = 1.0
+    """xavier/orthogonal: gain."""
+    a: float = 0.0
+    """kaiming: negative slope used in the gain (PyTorch's default 0)."""
+    mode: str = "fan_in"
+    """kaiming: fan_in or fan_out."""
+    nonlinearity: str = "leaky_relu"
+    """kaiming: nonlinearity for the gain (PyTorch's default leaky_relu, which with a=0 is ReLU's)."""
+    mean: float = 0.0
+    """normal: mean of the weights."""
+    std: float = 0.01
+    """normal: standard deviation of the weights."""
+    bound: float = 0.05
+    """uniform: weights drawn from U(-bound, bound)."""
+    bias: Optional[float] = None
+    """null keeps PyTorch's default bias init (as the article does); a number fills every bias with it."""
+
+    def __post_init__(self) -> None:
+        _choice("init.scheme", self.scheme, INIT_SCHEMES)
+        _choice("init.distribution", self.distribution, DISTRIBUTIONS)
+        _choice("init.mode", self.mode, FAN_MODES)
+        _choice("init.nonlinearity", self.nonlinearity, NONLINEARITIES)
+        _check("init.gain", self.gain, _finite(self.gain) and self.gain > 0, "a finite number > 0")
+        _check("init.std", self.std, _finite(self.std) and self.std >= 0, "a finite number >= 0")
+        _check("init.bound", self.bound, _finite(self.bound) and self.bound >= 0, "a finite number >= 0")
+        _check("init.a", self.a, _finite(self.a), "a finite number")
+        _check("init.mean", self.mean, _finite(self.mean), "a finite number")
+        _check("init.bias", self.bias, self.bias is None or _finite(self.bias), "null or a finite number")
+
+
+@dataclass
+class OptimCfg:
+    """The optimiser, applied per run."""
+
+    name: str = "sgd"
+    """sgd or adam (semantics of torch.optim.SGD / torch.optim.Adam)."""
+    lr: float = 0.01
+    """Learning rate, > 0."""
+    momentum: float = 0.0
+    """SGD momentum in [0, 1)."""
+    weight_decay: float = 0.0
+    """L2 penalty added to the gradient (torch.optim semantics), >= 0."""
+    beta1: float = 0.9
+    """Adam: first-moment decay."""
+    beta2: float = 0.999
+    """Adam: second-moment decay."""
+    eps: float = 1e-8
+    """Adam: denominator epsilon."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _check("optim.lr", self.lr, _finite(self.lr) and self.lr > 0, "a finite number > 0")
+        _check("optim.momentum", self.momentum, _finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
+        _check("optim.weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+        _check("optim.beta1", self.beta1, _finite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)")
+        _check("optim.beta2", self.beta2, _finite(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)")
+        _check("optim.eps", self.eps, _finite(self.eps) and self.eps > 0, "a finite number > 0")
+
+
+@dataclass
+class TrainCfg:
+    """The training loop."""
+
+    steps: int = 500
+    """Optimiser steps."""
+    batch_size: Optional[int] = None
+    """null = full batch; else minibatches of this size, reshuffled every epoch, last partial batch dropped."""
+    clip_norm: Optional[float] = None
+    """null = no clipping; else clip the total gradient norm like torch.nn.utils.clip_grad_norm_."""
+    seed: int = 0
+    """torch.manual_seed(seed) right before the layers are built; also seeds minibatch order."""
+    log_every: int = 1
+    """Record statistics every this many steps (step 0 and the last step always)."""
+    dtype: str = "float32"
+    """float32 or float64 arithmetic (parameters and data are drawn in float32 either way)."""
+
+    def __post_init__(self) -> None:
+        _check("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        _check("train.batch_size", self.batch_size, self.batch_size is None or self.batch_size >= 1, "null or an integer >= 1")
+        _check("train.clip_norm", self.clip_norm, self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm >= 0), "null or a finite number >= 0")
+        _check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
+        _choice("train.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataCfg:
+    """The training data (full-batch regression by default)."""
+
+    name: str = "regression"
+    """regression: the article's 100 points; scaled: features whose scales differ by orders of magnitude."""
+    n_samples: int = 100
+    """Number of points."""
+    seed: int = 0
+    """numpy seed of the data (the article's is 0)."""
+    noise: float = 0.5
+    """Standard deviation of the target noise."""
+    n_features: int = 1
+    """Input features (regression: 1, as in the article)."""
+    scale_min: float = 1.0
+    """scaled: smallest feature scale."""
+    scale_max: float = 1.0
+    """scaled: largest feature scale (scales are log-spaced from scale_min to scale_max)."""
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        _check("data.n_samples", self.n_samples, self.n_samples >= 1, "an integer >= 1")
+        _check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
+        _check("data.noise", self.noise, _finite(self.noise) and self.noise >= 0, "a finite number >= 0")
+        _check("data.scale_min", self.scale_min, _finite(self.scale_min) and self.scale_min > 0, "a finite number > 0")
+        _check("data.scale_max", self.scale_max, _finite(self.scale_max) and self.scale_max >= self.scale_min, "a finite number >= data.scale_min")
+        if self.name == "regression":
+            _check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
+
+
+@dataclass
+class VerdictCfg:
+    """Thresholds on grad_ratio_log10 (log10 of |dL/dh| at the first Linear over the last, at step 0)."""
+
+    vanish_below: float = -2.0
+    """Below this the run's gradients are 'vanishing' (first layer gets < 1/100 of the last's signal)."""
+    explode_above: float = 2.0
+    """Above this the run's gradients are 'exploding'."""
+
+    def __post_init__(self) -> None:
+        _check("verdict.vanish_below", self.vanish_below, _finite(self.vanish_below) and self.vanish_below < 0, "a finite number < 0")
+        _check("verdict.explode_above", self.explode_above, _finite(self.explode_above) and self.explode_above > 0, "a finite number > 0")
+
+
+@dataclass
+class RunCfg:
+    """Everything one run needs."""
+
+    model: ModelCfg = field(default_factory=ModelCfg)
+    init: InitCfg = field(default_factory=InitCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    verdict: VerdictCfg = field(default_factory=VerdictCfg)
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+    quiet: bool = False
+    """No progress bars."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys added with ``+key=value`` (e.g. a tag); recorded as columns."""
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
+        if self.model.norm == "batchnorm":
+            bs = self.train.batch_size or self.data.n_samples
+            _check("train.batch_size", self.train.batch_size, bs >= 2, "null or >= 2 with model.norm=batchnorm (batch statistics)")
+        if self.train.batch_size is not None:
+            _check("train.batch_size", self.train.batch_size, self.train.batch_size <= self.data.n_samples,
+                   f"null or <= data.n_samples ({self.data.n_samples})")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelCfg, "init": InitCfg, "optim": OptimCfg,
+    "train": TrainCfg, "data": DataCfg, "verdict": VerdictCfg,
+}
+TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool}
+# Top-level keys Hydra or the runner itself may add, never recorded as extra columns.
+_IGNORED_TOP = {"hydra"}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    hint = annotation
+    optional = False
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}=null is not valid; it must be a {hint.__name__}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} is not valid; it must be {'null or ' if optional else ''}a {hint.__name__}")
+
+
+def build_section(name: str, values: dict[str, Any]) -> Any:
+    """Construct one section's dataclass from plain values, with one-line errors for bad keys or types."""
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{name}.{key} is not a known key; valid keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def build_run_cfg(values: dict[str, Any]) -> RunCfg:
+    """Build a validated :class:`RunCfg` from a plain nested dict (the resolved config, ``hydra`` removed)."""
+    sections = {}
+    top = {}
+    extra = {}
+    for key, value in values.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}={value!r} is not valid; it must be a config group ({key}.<key>=...)")
+            sections[key] = build_section(key, value)
+        elif key in TOP_LEVEL:
+            top[key] = _coerce(key, value, TOP_LEVEL[key])
+        elif key not in _IGNORED_TOP:
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{key} is not a known key; valid keys: {', '.join([*SECTIONS, *TOP_LEVEL])} (or +name=<scalar> to tag runs)")
+            extra[key] = value
+    return RunCfg(**sections, **top, extra=extra)
+
+
+def to_run_cfg(cfg: Any) -> RunCfg:
+    """Convert Hydra's composed config (a ``DictConfig``) into a :class:`RunCfg`. The one conversion point."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    return build_run_cfg(values)
+
+
+def flatten(cfg: RunCfg) -> dict[str, Any]:
+    """Every config value as a column named like its override key (``model.depth``, ``init``, ``optim.lr``...).
+
+    The ``init`` and ``data`` presets are named by their ``name`` field alone (``init``, ``data``).
+    ``quiet`` is a display option and not recorded; ``device`` is recorded as the device actually used.
+    """
+    out: dict[str, Any] = {}
+    for section in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            col = section if (key == "name" and section in ("init", "data")) else f"{section}.{key}"
+            out[col] = value
+    out.update(cfg.extra)
+    return out
+
+
+def config_hash(cfg: RunCfg) -> str:
+    """A stable 16-hex-digit hash of everything that determines a run's result."""
+    payload = dataclasses.asdict(cfg)
+    payload.pop("quiet")
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]

@@ -1,0 +1,144 @@
+"""The MLP, with its parameters stacked along a leading run axis.
+
+A single run is a stack of one. Every parameter is a tensor of shape ``(R, ...)``,
+and the forward pass uses batched matmuls, so R independent networks train as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradsweep.config import InitCfg, ModelCfg
+from gradsweep.init import apply_init
+
+RELU_FAMILY = ("relu", "leaky_relu", "prelu", "elu", "gelu", "selu")
+SATURATING = ("sigmoid", "tanh")
+BN_EPS = 1e-5  # nn.BatchNorm1d's and nn.LayerNorm's default eps
+PRELU_INIT = 0.25  # nn.PReLU's default
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One row of the per-layer statistics: a Linear layer or a norm layer of block ``index``."""
+
+    index: int
+    """Block number, 1..depth for hidden blocks, depth + 1 for the readout."""
+    kind: str
+    """'linear' or 'norm'."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index}"
+
+
+def layers(cfg: ModelCfg) -> list[Layer]:
+    """The layers that get statistics, in forward order."""
+    out = []
+    for i in range(1, cfg.depth + 1):
+        out.append(Layer(i, "linear"))
+        if cfg.norm != "none":
+            out.append(Layer(i, "norm"))
+    out.append(Layer(cfg.depth + 1, "linear"))
+    return out
+
+
+def _linear_dims(cfg: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
+    dims = [in_dim] + [cfg.width] * cfg.depth + [out_dim]
+    return list(zip(dims[:-1], dims[1:]))
+
+
+def build_params(
+    cfg: ModelCfg,
+    inits: list[InitCfg],
+    seeds: list[int],
+    in_dim: int,
+    out_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """Draw the initial parameters of R runs and stack them, as leaf tensors on ``device``.
+
+    Run r's layers are drawn exactly as the article's code draws them: ``torch.manual_seed(seeds[r])``,
+    then each ``nn.Linear`` built in float32 in order and re-initialised by ``inits[r]`` right after it
+    is built, before the next. Torch's global RNG is restored afterwards.
+    """
+    per_run: list[dict[str, torch.Tensor]] = []
+    for init, seed in zip(inits, seeds, strict=True):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            p: dict[str, torch.Tensor] = {}
+            for i, (fan_in, fan_out) in enumerate(_linear_dims(cfg, in_dim, out_dim), start=1):
+                lin = nn.Linear(fan_in, fan_out)
+                apply_init(lin, init)
+                p[f"linear{i}.weight"] = lin.weight.detach()
+                p[f"linear{i}.bias"] = lin.bias.detach()
+        for i in range(1, cfg.depth + 1):
+            if cfg.norm != "none":
+                p[f"norm{i}.weight"] = torch.ones(cfg.width)
+                p[f"norm{i}.bias"] = torch.zeros(cfg.width)
+            if cfg.activation == "prelu":
+                p[f"act{i}.weight"] = torch.full((1,), PRELU_INIT)
+        per_run.append(p)
+    return {
+        name: torch.stack([p[name] for p in per_run]).to(device=device, dtype=dtype).requires_grad_()
+        for name in per_run[0]
+    }
+
+
+def activate(x: torch.Tensor, name: str, prelu_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply activation ``name`` elementwise; PReLU takes a per-run slope of shape (R, 1)."""
+    if name == "identity":
+        return x
+    if name == "prelu":
+        # F.prelu's formula, max(0, x) + w * min(0, x), with one slope per run.
+        w = prelu_weight.view(-1, *([1] * (x.dim() - 1)))
+        return torch.clamp(x, min=0) + w * torch.clamp(x, max=0)
+    if name == "leaky_relu":
+        return F.leaky_relu(x)
+    return getattr(torch, name)(x) if name in ("sigmoid", "tanh", "relu") else getattr(F, name)(x)
+
+
+def normalize(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """BatchNorm (training mode: this batch's statistics, per run) or LayerNorm on x of shape (R, B, W)."""
+    dim = 1 if kind == "batchnorm" else 2
+    mean = x.mean(dim=dim, keepdim=True)
+    var = x.var(dim=dim, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + BN_EPS) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+
+@dataclass
+class Forward:
+    """What one forward pass leaves behind for the statistics."""
+
+    out: torch.Tensor
+    """Network output, (R, B, out)."""
+    outputs: list[torch.Tensor]
+    """Each layer's output (Linear: its pre-activation h_l; norm: its normalised output), in ``layers`` order."""
+    act_inputs: list[torch.Tensor]
+    """Per hidden block, what the activation received (R, B, W)."""
+    acts: list[torch.Tensor]
+    """Per hidden block, the activation's output (before the residual add)."""
+
+
+def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor) -> Forward:
+    """Run R networks on their inputs x of shape (R, B, in)."""
+    outputs, act_inputs, acts = [], [], []
+    a = x
+    for i in range(1, cfg.depth + 1):
+        h = torch.baddbmm(params[f"linear{i}.bias"].unsqueeze(1), a, params[f"linear{i}.weight"].transpose(1, 2))
+        outputs.append(h)
+        if cfg.norm != "none":
+            h = normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"])
+            outputs.append(h)
+        act_inputs.append(h)
+        z = activate(h, cfg.activation, params.get(f"act{i}.weight"))
+        acts.append(z)
+        a = z + a if (cfg.residual and a.shape[-1] == z.shape[-1]) else z
+    last = cfg.depth + 1
+    out = torch.baddbmm(params[f"linear{last}.bias"].unsqueeze(1), a, params[f"linear{last}.weight"].transpose(1, 2))
+    outputs.append(out)
+    return Forward(out, outputs, act_inputs, acts)

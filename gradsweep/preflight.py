@@ -1,0 +1,120 @@
+"""Check the command line before Hydra creates any directory.
+
+Hydra reports a bad group choice or a bad value only once it composes the job, after the sweep
+directory exists, and in several lines. This module reads the same overrides with Hydra's own
+parser, checks every value of every sweep against the schemas, composes the first job once, and
+turns the first problem found into one line naming the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "init", "optim", "train", "data", "verdict")
+
+
+def group_options(group: str) -> list[str]:
+    """The presets of a config group, from the YAML files in ``conf/<group>/``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _values(override: Any) -> list[Any]:
+    """Every value an override takes: one, or each of its sweep (interval sweeps: none to check)."""
+    if override.is_delete():
+        return []
+    if override.is_sweep_override():
+        try:
+            return list(override.sweep_iterator())
+        except Exception:  # interval() sweeps are for samplers and cannot be listed
+            return []
+    return [override.value()]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    base = _compose_first_job(parsed)
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.package is not None:
+            continue
+        for value in _values(o):
+            if key in GROUPS:
+                if isinstance(value, dict):
+                    continue
+                valid = group_options(key)
+                if value not in valid:
+                    raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
+            elif "." in key and key.split(".", 1)[0] in SECTIONS:
+                section, field = key.split(".", 1)
+                values = dict(base.get(section, {}))
+                values[field] = value
+                build_section(section, values)
+            elif key in TOP_LEVEL:
+                build_run_cfg({**base, key: value})
+    if base:
+        cfg = build_run_cfg(base)
+        if cfg.device == "cuda":
+            from gradsweep.train import resolve_device
+
+            resolve_device("cuda")
+
+
+def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
+    """Compose the sweep's first job with Hydra's compose API, as a plain dict (``hydra`` removed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    first = []
+    for o in parsed:
+        if o.is_sweep_override():
+            values = _values(o)
+            if not values:
+                continue
+            text = _format(values[0])
+            prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(o.type.name, "")
+            first.append(f"{prefix}{o.get_key_element()}={text}")
+        else:
+            first.append(o.input_line)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=first)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    return values
+
+
+def _format(value: Any) -> str:
+    from hydra.core.override_parser.types import Override
+
+    return Override._get_value_element_as_str(value)
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if "Could not find" in text and "/" in text:
+        group = text.rsplit("'", 2)[-2].split("/")[0]
+        if group in GROUPS:
+            name = text.rsplit("'", 2)[-2].split("/", 1)[1]
+            return f"{group}={name!r} is not valid; valid values: {', '.join(group_options(group))}"
+    return text
+

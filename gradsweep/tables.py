@@ -1,0 +1,240 @@
+"""The parquet schema (its one definition), the run tables built from a training trace, and ``load_sweep``.
+
+Every run directory holds two zstd parquet files:
+
+``runs.parquet``
+    One row per run: ``run_id``, ``job_num``, ``override_dirname``, every config value flattened to a
+    column named like its override key (``model.depth``, ``init``, ``optim.lr``, ``train.clip_norm``, ...;
+    ``+key=value`` additions too), then the results in ``RESULT_COLUMNS``.
+``steps.parquet``
+    One row per logged step and layer (Linear layers 1..depth+1, norm layers), columns ``STEP_COLUMNS``.
+    Rows stop at the step where a run diverged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from gradsweep.config import SECTIONS, RunCfg, VerdictCfg, config_hash, flatten
+from gradsweep.stats import LAYER_STATS
+
+RUNS_FILE = "runs.parquet"
+STEPS_FILE = "steps.parquet"
+VERDICTS = ("healthy", "vanishing", "exploding", "diverged")
+
+ID_COLUMNS: dict[str, pa.DataType] = {
+    "run_id": pa.string(),  # hash of the run's full resolved config (gradsweep.config.config_hash)
+    "job_num": pa.int64(),  # Hydra's job number in a multirun; null for a single run
+    "override_dirname": pa.string(),  # Hydra's override_dirname (the sweep overrides of this job)
+}
+
+RESULT_COLUMNS: dict[str, pa.DataType] = {
+    "device": pa.string(),  # the device the run trained on (cpu, cuda:0, ...)
+    "initial_loss": pa.float64(),  # loss at step 0, before any update
+    "final_loss": pa.float64(),  # loss on the whole data set after the last step (NaN/inf if diverged)
+    "min_loss": pa.float64(),  # smallest finite loss seen (logged steps and the final evaluation)
+    "diverged_step": pa.int64(),  # first step with a non-finite loss or gradient norm; = train.steps if only the final loss is; null if none
+    "grad_ratio_log10": pa.float64(),  # log10(|dL/dh_1| / |dL/dh_{depth+1}|) at step 0: < 0 vanishing, > 0 exploding
+    "grad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
+    "wgrad_ratio_log10": pa.float64(),  # log10(|dL/dW_1| / |dL/dW_{depth+1}|) at step 0
+    "wgrad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
+    "verdict": pa.string(),  # healthy | vanishing | exploding | diverged (thresholds: verdict.*)
+    "wall_s": pa.float64(),  # wall-clock seconds of the training call that trained this run
+    "group_size": pa.int64(),  # how many runs trained together in that call
+}
+
+STEP_COLUMNS: dict[str, pa.DataType] = {
+    "run_id": pa.string(),
+    "step": pa.int64(),  # optimiser step; statistics are taken before that step's update
+    "layer": pa.int64(),  # block number: 1..depth hidden blocks, depth + 1 the readout
+    "kind": pa.string(),  # linear | norm
+    "loss": pa.float64(),  # the run's loss at this step (repeated on each layer's row)
+    "grad_norm": pa.float64(),  # total gradient norm over all parameters, before clipping
+    "clipped": pa.bool_(),  # whether clipping scaled this step's gradients
+    **{name: (pa.int64() if name == "wgrad_nonfinite" else pa.float64()) for name in LAYER_STATS},
+}
+STEPS_SCHEMA = pa.schema(list(STEP_COLUMNS.items()))
+
+_PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def config_columns() -> dict[str, pa.DataType]:
+    """Arrow types of the flattened config columns, derived from the dataclass schemas."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if typing.get_origin(hint) is typing.Union:
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            col = section if (f.name == "name" and section in ("init", "data")) else f"{section}.{f.name}"
+            out[col] = _PA_TYPES[hint]
+    return out
+
+
+def verdicts(ratio: np.ndarray, diverged: np.ndarray, cfg: VerdictCfg | list[VerdictCfg]) -> np.ndarray:
+    """healthy / vanishing / exploding / diverged from grad_ratio_log10 and the divergence flag.
+
+    A ratio of NaN (no signal at either end, 0/0) counts as vanishing.
+    """
+    cfgs = cfg if isinstance(cfg, list) else [cfg] * len(ratio)
+    lo = np.array([c.vanish_below for c in cfgs])
+    hi = np.array([c.explode_above for c in cfgs])
+    with np.errstate(invalid="ignore"):
+        return np.select([diverged, ratio > hi, (ratio < lo) | np.isnan(ratio)],
+                         ["diverged", "exploding", "vanishing"], "healthy").astype(object)
+
+
+def _log10_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log10(a / b)
+
+
+def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs and steps tables of a trained group (``trace`` is a ``train.GroupTrace``).
+
+    ``meta[r]`` may give ``job_num`` and ``override_dirname`` for run r.
+    """
+    from gradsweep.model import layers
+
+    lays = layers(cfgs[0].model)
+    T, R = trace.loss.shape
+    L = len(lays)
+    S = {name: i for i, name in enumerate(LAYER_STATS)}
+    run_ids = np.array([config_hash(c) for c in cfgs], dtype=object)
+    div = trace.diverged_step
+    valid = (div[None, :] < 0) | (trace.steps[:, None] < div[None, :])  # (T, R) steps before divergence
+
+    # Per-layer rows, run-major: (R, T, L) flattened, then the rows after divergence dropped.
+    lay = trace.layer.transpose(1, 0, 2, 3)  # (R, T, L, S)
+    keep = ((div[:, None] < 0) | (trace.steps[None, :] <= div[:, None]))  # (R, T) up to and including it
+    keep_rows = np.repeat(keep.reshape(-1), L)
+    cols: dict[str, Any] = {
+        "run_id": np.repeat(run_ids, T * L),
+        "step": np.tile(np.repeat(trace.steps, L), R),
+        "layer": np.tile(np.array([la.index for la in lays]), R * T),
+        "kind": np.tile(np.array([la.kind for la in lays], dtype=object), R * T),
+        "loss": np.repeat(trace.loss.T.reshape(-1), L),
+        "grad_norm": np.repeat(trace.grad_norm.T.reshape(-1), L),
+        "clipped": np.repeat(trace.clipped.T.reshape(-1), L),
+    }
+    flat = lay.reshape(R * T * L, len(LAYER_STATS))
+    for name, i in S.items():
+        cols[name] = flat[:, i].astype(np.int64) if name == "wgrad_nonfinite" else flat[:, i]
+    steps = pd.DataFrame({k: v[keep_rows] for k, v in cols.items()})
+
+    first, last = 0, L - 1  # linear1 and the readout
+    h = trace.layer[:, :, :, S["hgrad_norm"]]
+    w = trace.layer[:, :, :, S["wgrad_norm"]]
+    ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
+    wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
+    with np.errstate(invalid="ignore"), _quiet_nan():
+        median = np.nanmedian(np.where(valid, ratio_t, np.nan), axis=0)
+        wmedian = np.nanmedian(np.where(valid, wratio_t, np.nan), axis=0)
+        losses = np.where(valid & np.isfinite(trace.loss), trace.loss, np.nan)
+        final_ok = np.where(np.isfinite(trace.final_loss), trace.final_loss, np.nan)
+        min_loss = np.nanmin(np.vstack([losses, final_ok[None, :]]), axis=0)
+    diverged = div >= 0
+    verdict = verdicts(ratio_t[0], diverged, [c.verdict for c in cfgs])
+    meta = meta or [{} for _ in cfgs]
+    rows = []
+    for r, cfg in enumerate(cfgs):
+        rows.append({
+            "run_id": run_ids[r],
+            "job_num": meta[r].get("job_num"),
+            "override_dirname": meta[r].get("override_dirname", ""),
+            **flatten(cfg),
+            "device": trace.device,
+            "initial_loss": trace.loss[0, r],
+            "final_loss": trace.final_loss[r],
+            "min_loss": min_loss[r],
+            "diverged_step": int(div[r]) if diverged[r] else None,
+            "grad_ratio_log10": ratio_t[0, r],
+            "grad_ratio_log10_median": median[r],
+            "wgrad_ratio_log10": wratio_t[0, r],
+            "wgrad_ratio_log10_median": wmedian[r],
+            "verdict": verdict[r],
+            "wall_s": trace.wall_s,
+            "group_size": R,
+        })
+    return pd.DataFrame(rows), steps
+
+
+class _quiet_nan:
+    """Silence numpy's 'All-NaN slice' warnings: an all-NaN column is a legitimate NaN result here."""
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def runs_schema(runs: pd.DataFrame) -> pa.Schema:
+    """The runs table's schema: fixed types for the known columns, inferred ones for ``+key`` extras."""
+    known = {**ID_COLUMNS, **config_columns(), **RESULT_COLUMNS}
+    fields = []
+    for col in runs.columns:
+        typ = known.get(col) or pa.Array.from_pandas(runs[col]).type
+        fields.append(pa.field(col, typ))
+    return pa.schema(fields)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_tables(run_dir: str | Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """Write ``runs.parquet`` and ``steps.parquet`` into ``run_dir``, each appearing atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_t = pa.Table.from_pandas(steps[list(STEP_COLUMNS)], schema=STEPS_SCHEMA, preserve_index=False)
+    runs_t = pa.Table.from_pandas(runs, schema=runs_schema(runs), preserve_index=False)
+    # steps first: a runs.parquet is the mark of a complete run, so it must never precede its steps.
+    _write_atomic(steps_t, run_dir / STEPS_FILE)
+    _write_atomic(runs_t, run_dir / RUNS_FILE)
+
+
+def _natural_key(path: Path) -> list:
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path.as_posix())]
+
+
+def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a sweep directory (or one run's directory) into ``(runs, steps)`` pandas DataFrames.
+
+    ``runs`` gains a ``run_dir`` column: the run's directory relative to ``path``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    run_files = sorted(root.rglob(RUNS_FILE), key=_natural_key)
+    if not run_files:
+        raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
+    tables = []
+    for f in run_files:
+        t = pq.read_table(f)
+        rel = f.parent.relative_to(root).as_posix()
+        tables.append(t.append_column("run_dir", pa.array([rel] * t.num_rows, pa.string())))
+    runs = pa.concat_tables(tables, promote_options="default").to_pandas()
+    step_files = [str(f.parent / STEPS_FILE) for f in run_files if (f.parent / STEPS_FILE).exists()]
+    steps = pads.dataset(step_files, schema=STEPS_SCHEMA, format="parquet").to_table().to_pandas()
+    return runs.reset_index(drop=True), steps.reset_index(drop=True)

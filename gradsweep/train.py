@@ -1,0 +1,194 @@
+"""The training loop: R runs of one architecture trained side by side as one stacked model.
+
+A single run is a group of one; the fused sweep launcher hands whole groups to the same loop.
+Nothing here syncs with the device per step: statistics accumulate on the device and are copied
+to the host once per block of logged steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradsweep.config import ConfigError, RunCfg
+from gradsweep.data import make_data
+from gradsweep.model import build_params, forward, layers
+from gradsweep.optim import StackedOptimizer, clip, clip_vector, run_norms
+from gradsweep.stats import LAYER_STATS, layer_stats, norms_of, weight_names
+
+log = logging.getLogger(__name__)
+
+HOST_COPY_EVERY = 64  # logged steps kept on the device before one copy to the host
+
+
+@functools.cache
+def resolve_device(requested: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU (logged once per process); ``cuda`` without a GPU is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not valid here: no CUDA GPU is available; valid values: auto, cpu")
+    if requested == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("device=auto: training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU")
+        return device
+    return torch.device(requested)
+
+
+def group_key(cfg: RunCfg) -> tuple:
+    """Everything that fixes a run's computation shape or code path; runs with equal keys train as one group."""
+    return (
+        dataclasses.astuple(cfg.model),
+        dataclasses.astuple(cfg.data),
+        cfg.optim.name,
+        cfg.train.steps,
+        cfg.train.batch_size,
+        cfg.train.log_every,
+        cfg.train.dtype,
+        cfg.device,
+    )
+
+
+@dataclass
+class GroupTrace:
+    """What training a group recorded, as host arrays. T logged steps, R runs, L layers."""
+
+    steps: np.ndarray
+    """(T,) the logged step numbers."""
+    loss: np.ndarray
+    """(T, R) the loss at each logged step, before that step's update."""
+    grad_norm: np.ndarray
+    """(T, R) total gradient norm before clipping."""
+    clipped: np.ndarray
+    """(T, R) whether clipping scaled the gradients."""
+    layer: np.ndarray | None
+    """(T, R, L, len(LAYER_STATS)) per-layer statistics, or None when not collected."""
+    final_loss: np.ndarray
+    """(R,) loss on the whole data set after the last step."""
+    diverged_step: np.ndarray
+    """(R,) first step with a non-finite loss or gradient norm (``steps`` = the final evaluation); -1 if none."""
+    wall_s: float
+    """Wall-clock seconds for the whole group."""
+    device: str
+
+
+def _logged(step: int, total: int, every: int) -> bool:
+    return step % every == 0 or step == total - 1
+
+
+def _batches(cfgs: list[RunCfg], n: int):
+    """Yield the (R, B) sample indices of each step; None means the full batch for every run.
+
+    Each run shuffles with its own generator seeded by train.seed, reshuffles every epoch and
+    drops the last partial batch, so its order never depends on the other runs of its group.
+    """
+    bs = cfgs[0].train.batch_size
+    if bs is None or bs >= n:
+        while True:
+            yield None
+    gens = [torch.Generator().manual_seed(c.train.seed) for c in cfgs]
+    while True:
+        perms = torch.stack([torch.randperm(n, generator=g) for g in gens])
+        for start in range(0, n - bs + 1, bs):
+            yield perms[:, start:start + bs]
+
+
+def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: bool | None = None) -> GroupTrace:
+    """Train every run of ``cfgs`` (which must share :func:`group_key`) as one stacked model."""
+    first = cfgs[0]
+    if any(group_key(c) != group_key(first) for c in cfgs):
+        raise ValueError("train_group needs runs that share group_key(); split them first")
+    device = resolve_device(first.device)
+    dtype = getattr(torch, first.train.dtype)
+    model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
+    t0 = time.perf_counter()
+
+    x, y = make_data(first.data)
+    x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+    R, n = len(cfgs), x.shape[0]
+    params = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
+                          x.shape[1], y.shape[1], dtype, device)
+    names = list(params)
+    plist = [params[k] for k in names]
+    lays = layers(model_cfg)
+    w_idx = [names.index(w) for w in weight_names(lays)]
+    opt = StackedOptimizer(plist, [c.optim for c in cfgs])
+    max_norm = clip_vector([c.train.clip_norm for c in cfgs], x)
+
+    alive = torch.ones(R, dtype=torch.bool, device=device)
+    diverged = torch.full((R,), -1, dtype=torch.long, device=device)
+    rec_scalar, rec_layer, host_scalar, host_layer, logged = [], [], [], [], []
+    x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
+    batches = _batches(cfgs, n)
+    show = (not first.quiet) if progress is None else progress
+    bar = tqdm(total=steps, desc=f"train {R} run{'s' if R > 1 else ''}", disable=not show, leave=False, unit="step")
+
+    def flush() -> None:
+        if rec_scalar:
+            host_scalar.append(torch.stack(rec_scalar).cpu())
+            if collect_stats:
+                host_layer.append(torch.stack(rec_layer).cpu())
+            rec_scalar.clear()
+            rec_layer.clear()
+
+    for step in range(steps):
+        idx = next(batches)
+        if idx is None:
+            xb, yb = x_full, y_full
+        else:
+            idx = idx.to(device, non_blocking=True)
+            xb, yb = x[idx], y[idx]
+        log_now = _logged(step, steps, every)
+        stats_now = collect_stats and log_now
+        fwd = forward(params, model_cfg, xb)
+        loss = (fwd.out - yb).square().mean(dim=(1, 2))
+        inputs = plist + (fwd.outputs if stats_now else [])
+        grads = torch.autograd.grad(loss.sum(), inputs)
+        pgrads, ograds = list(grads[:len(plist)]), list(grads[len(plist):])
+        total = run_norms(pgrads)
+        ok = torch.isfinite(loss) & torch.isfinite(total)
+        diverged = torch.where(alive & ~ok, step, diverged)
+        alive = alive & ok
+        with torch.no_grad():
+            wgrads = [pgrads[i] for i in w_idx]
+            wnorms = norms_of([plist[i] for i in w_idx]) if stats_now else None
+            clipped_grads, clipped = clip(pgrads, total, max_norm)
+            updates = opt.step(clipped_grads, alive)
+            if log_now:
+                rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
+                logged.append(step)
+            if stats_now:
+                unorms = norms_of([updates[i] for i in w_idx])
+                unorms = torch.where(alive.unsqueeze(1), unorms, torch.nan)
+                rec_layer.append(layer_stats(lays, model_cfg.activation, fwd, ograds, wgrads, wnorms, unorms))
+        bar.update(1)
+        if len(rec_scalar) >= HOST_COPY_EVERY:
+            flush()
+            if not bool(alive.any()):  # one sync per block: stop once every run has diverged
+                break
+    flush()
+    bar.close()
+
+    with torch.no_grad():
+        final = (forward(params, model_cfg, x_full).out - y_full).square().mean(dim=(1, 2))
+    diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
+    scal = torch.cat(host_scalar).numpy()
+    return GroupTrace(
+        steps=np.asarray(logged, dtype=np.int64),
+        loss=scal[:, :, 0].astype(np.float64),
+        grad_norm=scal[:, :, 1].astype(np.float64),
+        clipped=scal[:, :, 2] > 0,
+        layer=torch.cat(host_layer).numpy().astype(np.float64) if collect_stats else None,
+        final_loss=final.cpu().numpy().astype(np.float64),
+        diverged_step=diverged.cpu().numpy(),
+        wall_s=time.perf_counter() - t0,
+        device=str(device),
+    )
+
+
+__all__ = ["GroupTrace", "LAYER_STATS", "group_key", "resolve_device", "train_group"]

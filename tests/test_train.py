@@ -1,0 +1,114 @@
+"""Training and statistics against plain PyTorch (torch.optim, clip_grad_norm_, param.grad, tensor.grad)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+from reference import RefMLP, article_data, article_linears, reference_training
+from torch import nn
+
+from gradsweep.stats import LAYER_STATS
+from gradsweep.train import _batches, train_group
+
+S = {name: i for i, name in enumerate(LAYER_STATS)}
+REINIT = {"default": None, "kaiming": nn.init.kaiming_uniform_, "large": lambda w: nn.init.normal_(w, 0.0, 10.0)}
+
+
+def _compare(cfg, ref_kwargs, reinit=None, rtol=1e-9, batches=None):
+    m = cfg.model
+    trace = train_group([cfg])
+    x, y = article_data()
+    model = RefMLP(article_linears(cfg.train.seed, m.depth, m.width, reinit), m.activation, m.norm, m.residual).double()
+    ref = reference_training(model, x.double(), y.double(), cfg.train.steps, activation=m.activation,
+                             batches=batches, **ref_kwargs)
+    np.testing.assert_allclose(trace.loss[:, 0], ref["loss"], rtol=rtol)
+    np.testing.assert_allclose(trace.grad_norm[:, 0], ref["grad_norm"], rtol=rtol)
+    np.testing.assert_array_equal(trace.clipped[:, 0], ref["clipped"].astype(bool))
+    lay = trace.layer[:, 0]  # (T, L, S)
+    for name in ("wgrad_norm", "wgrad_rms", "wgrad_max", "wgrad_zero_frac", "hgrad_norm", "weight_norm", "out_rms"):
+        np.testing.assert_allclose(lay[:, :, S[name]], ref[name], rtol=rtol, atol=1e-300, err_msg=name)
+    np.testing.assert_allclose(lay[:, :, S["update_ratio"]], ref["update_ratio"], rtol=1e-6, err_msg="update_ratio")
+    hidden = [k for k in range(lay.shape[1]) if k % (2 if m.norm != "none" else 1) == 0][: m.depth]
+    np.testing.assert_allclose(lay[:, hidden, S["act_rms"]], ref["act_rms"], rtol=rtol)
+    if ref["saturated_frac"].size:
+        np.testing.assert_array_equal(lay[:, hidden, S["saturated_frac"]], ref["saturated_frac"])
+    if ref["dead_frac"].size:
+        np.testing.assert_array_equal(lay[:, hidden, S["dead_frac"]], ref["dead_frac"])
+    assert np.all(lay[:, :, S["wgrad_nonfinite"]] == 0)
+    return trace
+
+
+@pytest.mark.parametrize("init", ["default", "kaiming"])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_sgd_statistics_match_plain_pytorch(init, activation):
+    cfg = make_cfg(model={"depth": 4, "activation": activation},
+                   init={"name": init, "scheme": init}, train={"steps": 25, "dtype": "float64", "seed": 3})
+    _compare(cfg, {"lr": 0.01}, REINIT[init])
+
+
+def test_clipping_equals_clip_grad_norm():
+    # The article's clipping experiment at small scale: std-10 weights, lr 0.1, clip at 10.
+    cfg = make_cfg(model={"depth": 3}, init={"name": "large", "scheme": "normal", "std": 10.0},
+                   optim={"lr": 0.1}, train={"steps": 20, "dtype": "float64", "clip_norm": 10.0})
+    trace = _compare(cfg, {"lr": 0.1, "clip_norm": 10.0}, REINIT["large"])
+    assert trace.clipped[:, 0].any()
+
+
+def test_momentum_and_weight_decay():
+    cfg = make_cfg(model={"depth": 3, "norm": "batchnorm"}, optim={"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3},
+                   train={"steps": 15, "dtype": "float64"})
+    _compare(cfg, {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3})
+
+
+def test_adam_with_layernorm_and_residual():
+    cfg = make_cfg(model={"depth": 3, "norm": "layernorm", "residual": True, "activation": "prelu"},
+                   optim={"name": "adam", "lr": 0.01, "weight_decay": 0.01}, train={"steps": 15, "dtype": "float64"})
+    _compare(cfg, {"optim": "adam", "lr": 0.01, "weight_decay": 0.01})
+
+
+def test_minibatches_follow_the_runs_own_order():
+    cfg = make_cfg(model={"depth": 2}, train={"steps": 12, "dtype": "float64", "batch_size": 32, "seed": 4})
+    gen = _batches([cfg], 100)
+    batches = [next(gen)[0] for _ in range(12)]
+    # 3 batches per epoch (last partial batch dropped), a fresh permutation every epoch.
+    assert sorted(torch.cat(batches[:3]).tolist()) == sorted(set(torch.cat(batches[:3]).tolist()))
+    g = torch.Generator().manual_seed(4)
+    assert torch.equal(batches[0], torch.randperm(100, generator=g)[:32])
+    _compare(cfg, {"lr": 0.01}, batches=batches)
+
+
+def test_group_of_runs_equals_each_run_alone():
+    cfgs = [make_cfg(model={"depth": 3}, optim={"lr": lr}, train={"steps": 30, "seed": s, "dtype": "float64", "clip_norm": c})
+            for lr, s, c in [(0.01, 0, None), (0.05, 1, 1.0), (0.02, 2, None)]]
+    together = train_group(cfgs)
+    for r, cfg in enumerate(cfgs):
+        alone = train_group([cfg])
+        np.testing.assert_allclose(together.loss[:, r], alone.loss[:, 0], rtol=1e-12)
+        np.testing.assert_allclose(together.layer[:, r], alone.layer[:, 0], rtol=1e-12)
+
+
+def test_divergence_is_data_and_freezes_only_that_run():
+    cfgs = [make_cfg(model={"depth": 6}, init={"name": "large", "scheme": "normal", "std": 10.0}, optim={"lr": 0.1},
+                     train={"steps": 40}),
+            make_cfg(model={"depth": 6}, train={"steps": 40, "seed": 1})]
+    trace = train_group(cfgs)
+    alone = train_group([cfgs[1]])
+    d = trace.diverged_step[0]
+    assert 0 <= d < 40
+    assert not np.isfinite(trace.loss[d, 0]) or not np.isfinite(trace.grad_norm[d, 0])
+    assert trace.diverged_step[1] == -1
+    assert np.array_equal(trace.loss[:, 1], alone.loss[:, 0])  # bit for bit
+
+
+def test_log_every_keeps_first_and_last_step():
+    trace = train_group([make_cfg(model={"depth": 2}, train={"steps": 10, "log_every": 4})])
+    assert trace.steps.tolist() == [0, 4, 8, 9]
+    assert trace.layer.shape == (4, 1, 3, len(LAYER_STATS))
+
+
+def test_float32_close_to_float64():
+    t32 = train_group([make_cfg(model={"depth": 4}, train={"steps": 50})])
+    t64 = train_group([make_cfg(model={"depth": 4}, train={"steps": 50, "dtype": "float64"})])
+    np.testing.assert_allclose(t32.loss, t64.loss, rtol=1e-4)
