@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "gelu", "selu", "identity")
 NORMS = ("none", "batchnorm", "layernorm")
@@ -91,7 +92,7 @@ class InitCfg:
     """normal: standard deviation of the weights."""
     bound: float = 0.05
     """uniform: weights drawn from U(-bound, bound)."""
-    bias: Optional[float] = None
+    bias: float | None = None
     """null keeps PyTorch's default bias init (as the article does); a number fills every bias with it."""
 
     def __post_init__(self) -> None:
@@ -130,7 +131,8 @@ class OptimCfg:
         _choice("optim.name", self.name, OPTIMIZERS)
         _check("optim.lr", self.lr, _finite(self.lr) and self.lr > 0, "a finite number > 0")
         _check("optim.momentum", self.momentum, _finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
-        _check("optim.weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+        _check("optim.weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0,
+               "a finite number >= 0")
         _check("optim.beta1", self.beta1, _finite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)")
         _check("optim.beta2", self.beta2, _finite(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)")
         _check("optim.eps", self.eps, _finite(self.eps) and self.eps > 0, "a finite number > 0")
@@ -142,9 +144,9 @@ class TrainCfg:
 
     steps: int = 500
     """Optimiser steps."""
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     """null = full batch; else minibatches of this size, reshuffled every epoch, last partial batch dropped."""
-    clip_norm: Optional[float] = None
+    clip_norm: float | None = None
     """null = no clipping; else clip the total gradient norm like torch.nn.utils.clip_grad_norm_."""
     seed: int = 0
     """torch.manual_seed(seed) right before the layers are built; also seeds minibatch order."""
@@ -156,7 +158,8 @@ class TrainCfg:
     def __post_init__(self) -> None:
         _check("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
         _check("train.batch_size", self.batch_size, self.batch_size is None or self.batch_size >= 1, "null or an integer >= 1")
-        _check("train.clip_norm", self.clip_norm, self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm >= 0), "null or a finite number >= 0")
+        _check("train.clip_norm", self.clip_norm, self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm >= 0),
+               "null or a finite number >= 0")
         _check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
         _choice("train.dtype", self.dtype, DTYPES)
 
@@ -186,7 +189,8 @@ class DataCfg:
         _check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
         _check("data.noise", self.noise, _finite(self.noise) and self.noise >= 0, "a finite number >= 0")
         _check("data.scale_min", self.scale_min, _finite(self.scale_min) and self.scale_min > 0, "a finite number > 0")
-        _check("data.scale_max", self.scale_max, _finite(self.scale_max) and self.scale_max >= self.scale_min, "a finite number >= data.scale_min")
+        _check("data.scale_max", self.scale_max, _finite(self.scale_max) and self.scale_max >= self.scale_min,
+               "a finite number >= data.scale_min")
         if self.name == "regression":
             _check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
 
@@ -201,8 +205,10 @@ class VerdictCfg:
     """Above this the run's gradients are 'exploding'."""
 
     def __post_init__(self) -> None:
-        _check("verdict.vanish_below", self.vanish_below, _finite(self.vanish_below) and self.vanish_below < 0, "a finite number < 0")
-        _check("verdict.explode_above", self.explode_above, _finite(self.explode_above) and self.explode_above > 0, "a finite number > 0")
+        _check("verdict.vanish_below", self.vanish_below, _finite(self.vanish_below) and self.vanish_below < 0,
+               "a finite number < 0")
+        _check("verdict.explode_above", self.explode_above, _finite(self.explode_above) and self.explode_above > 0,
+               "a finite number > 0")
 
 
 @dataclass
@@ -226,7 +232,8 @@ class RunCfg:
         _choice("device", self.device, DEVICES)
         if self.model.norm == "batchnorm":
             bs = self.train.batch_size or self.data.n_samples
-            _check("train.batch_size", self.train.batch_size, bs >= 2, "null or >= 2 with model.norm=batchnorm (batch statistics)")
+            _check("train.batch_size", self.train.batch_size, bs >= 2,
+                   "null or >= 2 with model.norm=batchnorm (batch statistics)")
         if self.train.batch_size is not None:
             _check("train.batch_size", self.train.batch_size, self.train.batch_size <= self.data.n_samples,
                    f"null or <= data.n_samples ({self.data.n_samples})")
@@ -241,25 +248,28 @@ TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool}
 _IGNORED_TOP = {"hydra"}
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are expected."""
     hint = annotation
     optional = False
-    if typing.get_origin(hint) is typing.Union:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))
         hint = args[0]
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{key}=null is not valid; it must be a {hint.__name__}")
+        raise ConfigError(f"{key}=null is not valid; it must be {_TYPE_WORDS[hint]}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}={value!r} is not valid; it must be {'null or ' if optional else ''}a {hint.__name__}")
+    raise ConfigError(f"{key}={value!r} is not valid; it must be {'null or ' if optional else ''}{_TYPE_WORDS[hint]}")
 
 
 def build_section(name: str, values: dict[str, Any]) -> Any:
@@ -289,7 +299,8 @@ def build_run_cfg(values: dict[str, Any]) -> RunCfg:
             top[key] = _coerce(key, value, TOP_LEVEL[key])
         elif key not in _IGNORED_TOP:
             if isinstance(value, (dict, list)):
-                raise ConfigError(f"{key} is not a known key; valid keys: {', '.join([*SECTIONS, *TOP_LEVEL])} (or +name=<scalar> to tag runs)")
+                valid = ", ".join([*SECTIONS, *TOP_LEVEL])
+                raise ConfigError(f"{key} is not a known key; valid keys: {valid} (or +name=<scalar> to tag runs)")
             extra[key] = value
     return RunCfg(**sections, **top, extra=extra)
 

@@ -6,6 +6,7 @@ and the forward pass uses batched matmuls, so R independent networks train as on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,46 @@ def _linear_dims(cfg: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, in
     return list(zip(dims[:-1], dims[1:]))
 
 
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each parameter lives along the flat axis of a (R, P) parameter matrix."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> ParamLayout:
+        offsets, pos = [], 0
+        for t in tensors.values():
+            offsets.append(pos)
+            pos += t.numel()
+        return cls(tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()), tuple(offsets), pos)
+
+    def span(self, name: str) -> slice:
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i] + math.prod(self.shapes[i]))
+
+    def segment_ids(self, device: torch.device | str) -> torch.Tensor:
+        """(P,) the index of the parameter each flat column belongs to."""
+        sizes = torch.tensor([math.prod(s) for s in self.shapes])
+        return torch.repeat_interleave(torch.arange(len(self.names)), sizes).to(device)
+
+
+@dataclass
+class Stack:
+    """The parameters of R runs: one (R, P) matrix, and per parameter a (R, ...) view of it.
+
+    The views are the autograd leaves; an in-place update of ``flat`` updates them all at once, so
+    clipping and the optimiser act on one matrix however deep the network.
+    """
+
+    flat: torch.Tensor
+    layout: ParamLayout
+    params: dict[str, torch.Tensor]
+
+
 def build_params(
     cfg: ModelCfg,
     inits: list[InitCfg],
@@ -59,8 +100,8 @@ def build_params(
     out_dim: int,
     dtype: torch.dtype,
     device: torch.device | str,
-) -> dict[str, torch.Tensor]:
-    """Draw the initial parameters of R runs and stack them, as leaf tensors on ``device``.
+) -> Stack:
+    """Draw the initial parameters of R runs and stack them on ``device``.
 
     Run r's layers are drawn exactly as the article's code draws them: ``torch.manual_seed(seeds[r])``,
     then each ``nn.Linear`` built in float32 in order and re-initialised by ``inits[r]`` right after it
@@ -83,10 +124,13 @@ def build_params(
             if cfg.activation == "prelu":
                 p[f"act{i}.weight"] = torch.full((1,), PRELU_INIT)
         per_run.append(p)
-    return {
-        name: torch.stack([p[name] for p in per_run]).to(device=device, dtype=dtype).requires_grad_()
-        for name in per_run[0]
-    }
+    layout = ParamLayout.of(per_run[0])
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in p.values()]) for p in per_run]).to(device=device, dtype=dtype)
+    R = flat.shape[0]
+    params = {}
+    for name, shape in zip(layout.names, layout.shapes):
+        params[name] = flat[:, layout.span(name)].view(R, *shape).requires_grad_()
+    return Stack(flat, layout, params)
 
 
 def activate(x: torch.Tensor, name: str, prelu_weight: torch.Tensor | None = None) -> torch.Tensor:

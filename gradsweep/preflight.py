@@ -8,6 +8,7 @@ turns the first problem found into one line naming the key, the value and what i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +44,29 @@ def check_overrides(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
+    for o in parsed:  # names first: an unknown key or preset is reported before anything is composed
+        key = o.key_or_group
+        if key.startswith("hydra") or o.package is not None:
+            continue
+        section, _, field = key.partition(".")
+        if field and section in SECTIONS and "." not in field:
+            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            if field not in known:
+                raise ConfigError(f"{key} is not a known key; valid keys: {', '.join(section + '.' + k for k in known)}")
+        elif key in GROUPS:
+            valid = group_options(key)
+            for value in _values(o):
+                if not isinstance(value, dict) and value not in valid:
+                    raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
     base = _compose_first_job(parsed)
-    for o in parsed:
+    for o in parsed:  # then every value of every sweep, checked in the context of the first job
         key = o.key_or_group
         if key.startswith("hydra") or o.package is not None:
             continue
         for value in _values(o):
-            if key in GROUPS:
-                if isinstance(value, dict):
-                    continue
-                valid = group_options(key)
-                if value not in valid:
-                    raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
-            elif "." in key and key.split(".", 1)[0] in SECTIONS:
+            if "." in key and key.split(".", 1)[0] in SECTIONS:
                 section, field = key.split(".", 1)
-                values = dict(base.get(section, {}))
-                values[field] = value
-                build_section(section, values)
+                build_section(section, {**base.get(section, {}), field: value})
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
     if base:

@@ -1,14 +1,16 @@
 """Per-layer gradient statistics of stacked runs, computed on the device without a host sync.
 
-Every function returns tensors with a leading run axis; :func:`layer_stats` stacks one step's
-statistics into a (R, n_layers, n_stats) tensor whose last axis follows ``LAYER_STATS``.
+Reductions run over the whole (R, P) gradient matrix at once, with segment sums keyed by the
+parameter each column belongs to, so one step's statistics cost a few dozen tensor ops however
+deep the network is. :meth:`StatsPlan.collect` returns a (R, n_layers, n_stats) tensor whose last
+axis follows ``LAYER_STATS``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradsweep.model import RELU_FAMILY, SATURATING, Forward, Layer
+from gradsweep.model import RELU_FAMILY, SATURATING, Forward, Layer, ParamLayout
 
 SATURATION_TOL = 1e-2  # a sigmoid/tanh unit within this of its bounds counts as saturated
 
@@ -28,77 +30,72 @@ LAYER_STATS = (
 )
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(x.flatten(1).square().mean(dim=1))
+class StatsPlan:
+    """Index tensors prepared once per group, so that each step's statistics are pure tensor ops."""
 
+    def __init__(self, layout: ParamLayout, layers: list[Layer], activation: str, dtype: torch.dtype,
+                 device: torch.device | str):
+        # Each layer's output width: a Linear weight is (out, in), a norm gain is (width,).
+        widths = [layout.shapes[layout.names.index(f"{la.name}.weight")][0] for la in layers]
+        self.n_params = len(layout.names)
+        self.seg = layout.segment_ids(device)
+        self.w_idx = torch.tensor([layout.names.index(f"{la.name}.weight") for la in layers], device=device)
+        self.w_numel = torch.tensor([float(torch.Size(layout.shapes[i]).numel()) for i in self.w_idx.tolist()],
+                                    dtype=dtype, device=device)
+        self.widths = torch.tensor([float(w) for w in widths], dtype=dtype, device=device)
+        self.fseg = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(widths)).to(device)
+        self.hidden_rows = torch.tensor([k for k, la in enumerate(layers) if la.kind == "linear"][:-1], device=device)
+        self.n_layers = len(layers)
+        self.activation = activation
 
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+    def _seg_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], self.n_params, dtype=x.dtype, device=x.device).index_add_(1, self.seg, x)
 
+    def weight_sq(self, flat: torch.Tensor) -> torch.Tensor:
+        """(R, n_layers) squared norm of each layer's weight; taken before the update."""
+        return self._seg_sum(flat * flat)[:, self.w_idx]
 
-def _saturated(act: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "sigmoid":
-        sat = (act < SATURATION_TOL) | (act > 1 - SATURATION_TOL)
-    else:
-        sat = act.abs() > 1 - SATURATION_TOL
-    return sat.flatten(1).to(act.dtype).mean(dim=1)
+    def collect(self, fwd: Forward, out_grads: list[torch.Tensor], grad: torch.Tensor, weight_sq: torch.Tensor,
+                update: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
+        """One step's statistics, (R, n_layers, len(LAYER_STATS)).
 
+        ``out_grads[k]`` is dL/d(output of layer k), L the run's mean loss; ``grad`` the unclipped (R, P)
+        gradient; ``update`` the applied (R, P) update; ``updated`` (R,) whether the run was updated.
+        """
+        R, dt = grad.shape[0], grad.dtype
+        nan = torch.full((R, self.n_layers), float("nan"), dtype=dt, device=grad.device)
+        w = self.w_idx
+        g2 = self._seg_sum(grad * grad)[:, w]
+        gmax = torch.zeros(R, self.n_params, dtype=dt, device=grad.device).scatter_reduce_(
+            1, self.seg.expand(R, -1), grad.abs(), "amax")[:, w]
+        zeros = self._seg_sum((grad == 0).to(dt))[:, w]
+        nonfinite = self._seg_sum((~torch.isfinite(grad)).to(dt))[:, w]
+        u_norm = torch.sqrt(self._seg_sum(update * update)[:, w])
+        w_norm = torch.sqrt(weight_sq)
+        ratio = torch.where(updated.unsqueeze(1), u_norm / w_norm, nan)
 
-def _dead(act_input: torch.Tensor) -> torch.Tensor:
-    # (R, B, W): a unit is dead when no sample of the batch puts it on the positive side.
-    return (act_input <= 0).all(dim=1).to(act_input.dtype).mean(dim=1)
+        def per_layer_sq(ts: list[torch.Tensor]) -> torch.Tensor:  # sum over batch and units of each layer
+            cat = torch.cat(ts, dim=2)
+            return torch.zeros(R, self.n_layers, dtype=dt, device=cat.device).index_add_(
+                1, self.fseg, (cat * cat).sum(dim=1))
 
+        batch = fwd.out.shape[1]
+        hgrad = torch.sqrt(per_layer_sq(out_grads))
+        out_rms = torch.sqrt(per_layer_sq(fwd.outputs) / (batch * self.widths))
 
-def weight_names(layers: list[Layer]) -> list[str]:
-    """The parameter holding each layer's weight (norm layers: their gain)."""
-    return [f"{layer.name}.weight" for layer in layers]
-
-
-def layer_stats(
-    layers: list[Layer],
-    activation: str,
-    fwd: Forward,
-    out_grads: list[torch.Tensor],
-    weight_grads: list[torch.Tensor],
-    weight_norms: torch.Tensor,
-    update_norms: torch.Tensor,
-) -> torch.Tensor:
-    """One step's statistics, (R, len(layers), len(LAYER_STATS)).
-
-    ``out_grads[k]`` is dL/d(output of layer k) with L the run's mean loss; ``weight_grads[k]`` is the
-    unclipped gradient of its weight; ``weight_norms`` and ``update_norms`` are (R, len(layers)).
-    """
-    ref = fwd.out
-    nan = torch.full((ref.shape[0],), float("nan"), dtype=ref.dtype, device=ref.device)
-    rows = []
-    for k, layer in enumerate(layers):
-        g = weight_grads[k].flatten(1)
-        gnorm = _norm(g)
-        block_act = layer.kind == "linear" and layer.index <= len(fwd.acts)
-        if block_act:
-            i = layer.index - 1
-            act_rms = _rms(fwd.acts[i])
-            saturated = _saturated(fwd.acts[i], activation) if activation in SATURATING else nan
-            dead = _dead(fwd.act_inputs[i]) if activation in RELU_FAMILY else nan
-        else:
-            act_rms = saturated = dead = nan
-        rows.append(torch.stack([
-            gnorm,
-            gnorm / g.shape[1] ** 0.5,
-            g.abs().amax(dim=1),
-            (g == 0).to(g.dtype).mean(dim=1),
-            (~torch.isfinite(g)).sum(dim=1).to(g.dtype),
-            _norm(out_grads[k]),
-            weight_norms[:, k],
-            update_norms[:, k] / weight_norms[:, k],
-            _rms(fwd.outputs[k]),
-            act_rms,
-            saturated,
-            dead,
-        ], dim=1))
-    return torch.stack(rows, dim=1)
-
-
-def norms_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-run L2 norms of a list of (R, ...) tensors, as (R, len(tensors))."""
-    return torch.stack([_norm(t) for t in tensors], dim=1)
+        act_rms = saturated = dead = nan
+        if fwd.acts:
+            acts = torch.stack(fwd.acts, dim=1)  # (R, depth, B, W)
+            act_rms = nan.index_copy(1, self.hidden_rows, torch.sqrt(acts.square().mean(dim=(2, 3))))
+            if self.activation in SATURATING:
+                lo = -1.0 if self.activation == "tanh" else 0.0
+                sat = (acts < lo + SATURATION_TOL) | (acts > 1 - SATURATION_TOL)
+                saturated = nan.index_copy(1, self.hidden_rows, sat.to(dt).mean(dim=(2, 3)))
+            if self.activation in RELU_FAMILY:
+                # A unit is dead when no sample of the batch puts it on the positive side.
+                off = torch.stack(fwd.act_inputs, dim=1).amax(dim=2) <= 0
+                dead = nan.index_copy(1, self.hidden_rows, off.to(dt).mean(dim=2))
+        return torch.stack([
+            torch.sqrt(g2), torch.sqrt(g2 / self.w_numel), gmax, zeros / self.w_numel, nonfinite,
+            hgrad, w_norm, ratio, out_rms, act_rms, saturated, dead,
+        ], dim=2)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "initial_loss": pa.float64(),  # loss at step 0, before any update
     "final_loss": pa.float64(),  # loss on the whole data set after the last step (NaN/inf if diverged)
     "min_loss": pa.float64(),  # smallest finite loss seen (logged steps and the final evaluation)
-    "diverged_step": pa.int64(),  # first step with a non-finite loss or gradient norm; = train.steps if only the final loss is; null if none
+    # first step with a non-finite loss or gradient norm (= train.steps if only the final loss is); null if none
+    "diverged_step": pa.int64(),
     "grad_ratio_log10": pa.float64(),  # log10(|dL/dh_1| / |dL/dh_{depth+1}|) at step 0: < 0 vanishing, > 0 exploding
     "grad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
     "wgrad_ratio_log10": pa.float64(),  # log10(|dL/dW_1| / |dL/dW_{depth+1}|) at step 0
@@ -75,7 +78,7 @@ def config_columns() -> dict[str, pa.DataType]:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             hint = typing.get_type_hints(cls)[f.name]
-            if typing.get_origin(hint) is typing.Union:
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
                 hint = next(a for a in typing.get_args(hint) if a is not type(None))
             col = section if (f.name == "name" and section in ("init", "data")) else f"{section}.{f.name}"
             out[col] = _PA_TYPES[hint]
@@ -138,7 +141,8 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
     w = trace.layer[:, :, :, S["wgrad_norm"]]
     ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
     wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
-    with np.errstate(invalid="ignore"), _quiet_nan():
+    with warnings.catch_warnings():  # all-NaN columns (a run diverged at step 0) are legitimate NaN results
+        warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(np.where(valid, ratio_t, np.nan), axis=0)
         wmedian = np.nanmedian(np.where(valid, wratio_t, np.nan), axis=0)
         losses = np.where(valid & np.isfinite(trace.loss), trace.loss, np.nan)
@@ -167,21 +171,12 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
             "wall_s": trace.wall_s,
             "group_size": R,
         })
-    return pd.DataFrame(rows), steps
-
-
-class _quiet_nan:
-    """Silence numpy's 'All-NaN slice' warnings: an all-NaN column is a legitimate NaN result here."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
+    runs = pd.DataFrame(rows)
+    known = {**ID_COLUMNS, **config_columns(), **RESULT_COLUMNS}
+    for col in runs.columns:  # nullable integers as pandas Int64, the same as load_sweep returns
+        if known.get(col) == pa.int64():
+            runs[col] = runs[col].astype("Int64")
+    return runs, steps
 
 
 def runs_schema(runs: pd.DataFrame) -> pa.Schema:
@@ -234,7 +229,8 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
         t = pq.read_table(f)
         rel = f.parent.relative_to(root).as_posix()
         tables.append(t.append_column("run_dir", pa.array([rel] * t.num_rows, pa.string())))
-    runs = pa.concat_tables(tables, promote_options="default").to_pandas()
+    # Nullable integers (job_num, diverged_step, train.batch_size) stay integers, with <NA> for null.
+    runs = pa.concat_tables(tables, promote_options="default").to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     step_files = [str(f.parent / STEPS_FILE) for f in run_files if (f.parent / STEPS_FILE).exists()]
     steps = pads.dataset(step_files, schema=STEPS_SCHEMA, format="parquet").to_table().to_pandas()
     return runs.reset_index(drop=True), steps.reset_index(drop=True)

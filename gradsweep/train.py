@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from gradsweep.config import ConfigError, RunCfg
 from gradsweep.data import make_data
 from gradsweep.model import build_params, forward, layers
-from gradsweep.optim import StackedOptimizer, clip, clip_vector, run_norms
-from gradsweep.stats import LAYER_STATS, layer_stats, norms_of, weight_names
+from gradsweep.optim import StackedOptimizer, clip, clip_vector
+from gradsweep.stats import LAYER_STATS, StatsPlan
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,12 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     x, y = make_data(first.data)
     x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
     R, n = len(cfgs), x.shape[0]
-    params = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
-                          x.shape[1], y.shape[1], dtype, device)
-    names = list(params)
-    plist = [params[k] for k in names]
-    lays = layers(model_cfg)
-    w_idx = [names.index(w) for w in weight_names(lays)]
-    opt = StackedOptimizer(plist, [c.optim for c in cfgs])
-    max_norm = clip_vector([c.train.clip_norm for c in cfgs], x)
+    stack = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
+                         x.shape[1], y.shape[1], dtype, device)
+    params, plist = stack.params, list(stack.params.values())
+    plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
+    opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
+    max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
 
     alive = torch.ones(R, dtype=torch.bool, device=device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=device)
@@ -149,23 +147,22 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         loss = (fwd.out - yb).square().mean(dim=(1, 2))
         inputs = plist + (fwd.outputs if stats_now else [])
         grads = torch.autograd.grad(loss.sum(), inputs)
-        pgrads, ograds = list(grads[:len(plist)]), list(grads[len(plist):])
-        total = run_norms(pgrads)
+        # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
+        grad = torch.cat([g.flatten(1) for g in grads[:len(plist)]], dim=1)
+        ograds = list(grads[len(plist):])
+        total = torch.linalg.vector_norm(grad, dim=1)
         ok = torch.isfinite(loss) & torch.isfinite(total)
         diverged = torch.where(alive & ~ok, step, diverged)
         alive = alive & ok
         with torch.no_grad():
-            wgrads = [pgrads[i] for i in w_idx]
-            wnorms = norms_of([plist[i] for i in w_idx]) if stats_now else None
-            clipped_grads, clipped = clip(pgrads, total, max_norm)
-            updates = opt.step(clipped_grads, alive)
+            weight_sq = plan.weight_sq(stack.flat) if stats_now else None
+            clipped_grad, clipped = clip(grad, total, max_norm)
+            update = opt.step(clipped_grad, alive)
             if log_now:
                 rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
                 logged.append(step)
             if stats_now:
-                unorms = norms_of([updates[i] for i in w_idx])
-                unorms = torch.where(alive.unsqueeze(1), unorms, torch.nan)
-                rec_layer.append(layer_stats(lays, model_cfg.activation, fwd, ograds, wgrads, wnorms, unorms))
+                rec_layer.append(plan.collect(fwd, ograds, grad, weight_sq, update, alive))
         bar.update(1)
         if len(rec_scalar) >= HOST_COPY_EVERY:
             flush()

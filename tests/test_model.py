@@ -36,7 +36,7 @@ PRESETS = {
 @pytest.mark.parametrize("seed", [0, 7])
 def test_initial_parameters_bit_for_bit(init, seed):
     cfg = make_cfg(init=PRESETS[init], train={"seed": seed})
-    params = build_params(cfg.model, [cfg.init], [seed], 1, 1, torch.float32, "cpu")
+    params = build_params(cfg.model, [cfg.init], [seed], 1, 1, torch.float32, "cpu").params
     ref = article_linears(seed, cfg.model.depth, cfg.model.width, REINIT[init])
     for i, lin in enumerate(ref, start=1):
         assert torch.equal(params[f"linear{i}.weight"][0], lin.weight), f"linear{i}.weight"
@@ -45,7 +45,7 @@ def test_initial_parameters_bit_for_bit(init, seed):
 
 def test_stacked_runs_each_match_their_own_seed():
     cfgs = [make_cfg(init=PRESETS["xavier"], train={"seed": s}) for s in (3, 1, 3)]
-    params = build_params(cfgs[0].model, [c.init for c in cfgs], [3, 1, 3], 1, 1, torch.float64, "cpu")
+    params = build_params(cfgs[0].model, [c.init for c in cfgs], [3, 1, 3], 1, 1, torch.float64, "cpu").params
     for r, seed in enumerate((3, 1, 3)):
         ref = article_linears(seed, 10, 10, nn.init.xavier_uniform_)
         assert torch.equal(params["linear1.weight"][r], ref[0].weight.double())
@@ -62,7 +62,7 @@ def test_global_rng_untouched():
 
 def test_bias_constant_and_gain():
     cfg = make_cfg(init={"name": "xavier", "scheme": "xavier", "distribution": "normal", "gain": 2.0, "bias": 0.0})
-    params = build_params(cfg.model, [cfg.init], [0], 1, 1, torch.float32, "cpu")
+    params = build_params(cfg.model, [cfg.init], [0], 1, 1, torch.float32, "cpu").params
     ref = article_linears(0, 10, 10, lambda w: nn.init.xavier_normal_(w, gain=2.0))
     assert torch.equal(params["linear2.weight"][0], ref[1].weight)
     assert torch.count_nonzero(params["linear2.bias"]) == 0
@@ -73,7 +73,7 @@ def test_bias_constant_and_gain():
 def test_forward_matches_plain_pytorch(activation, norm, residual):
     cfg = make_cfg(model={"depth": 4, "width": 6, "activation": activation, "norm": norm, "residual": residual},
                    data={"name": "scaled", "n_features": 3, "scale_min": 0.1, "scale_max": 10.0})
-    params = build_params(cfg.model, [cfg.init], [5], 3, 1, torch.float64, "cpu")
+    params = build_params(cfg.model, [cfg.init], [5], 3, 1, torch.float64, "cpu").params
     ref = RefMLP(article_linears(5, 4, 6, in_dim=3), activation, norm, residual).double()
     x = torch.randn(32, 3, dtype=torch.float64)
     got = forward(params, cfg.model, x.unsqueeze(0))
@@ -86,7 +86,7 @@ def test_forward_matches_plain_pytorch(activation, norm, residual):
 
 def test_residual_skips_only_where_shapes_allow():
     cfg = make_cfg(model={"depth": 3, "width": 4, "activation": "identity", "residual": True})
-    params = build_params(cfg.model, [cfg.init], [0], 1, 1, torch.float64, "cpu")
+    params = build_params(cfg.model, [cfg.init], [0], 1, 1, torch.float64, "cpu").params
     x = torch.randn(1, 5, 1, dtype=torch.float64)
     fwd = forward(params, cfg.model, x)
     # Block 1 maps 1 -> 4 (no skip); blocks 2 and 3 add their input.

@@ -1,0 +1,123 @@
+"""The command line: bad input refused in one line before anything is written, and real Hydra runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gradsweep import load_sweep
+from gradsweep.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+BAD = [
+    (["model.activation=swish"], "model.activation='swish'", "sigmoid, tanh, relu"),
+    (["init=he"], "init='he'", "default, kaiming, large"),
+    (["optim.name=rmsprop"], "optim.name='rmsprop'", "sgd, adam"),
+    (["optim=rmsprop"], "optim='rmsprop'", "adam, sgd"),
+    (["model.depth=0"], "model.depth=0", ">= 1"),
+    (["model.width=0"], "model.width=0", ">= 1"),
+    (["optim.lr=0"], "optim.lr=0.0", "> 0"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1", "> 0"),
+    (["train.clip_norm=-1"], "train.clip_norm=-1.0", ">= 0"),
+    (["train.steps=0"], "train.steps=0", ">= 1"),
+    (["model.depth=abc"], "model.depth='abc'", "an integer"),
+    (["model.foo=1"], "model.foo", "model.depth, model.width"),
+    (["+model.foo=1"], "model.foo", "model.depth, model.width"),
+    (["data=mnist"], "data='mnist'", "regression, scaled"),
+    (["train.dtype=float16"], "train.dtype='float16'", "float32, float64"),
+    (["model.norm=groupnorm"], "model.norm='groupnorm'", "none, batchnorm, layernorm"),
+    (["device=tpu"], "device='tpu'", "auto, cpu, cuda"),
+    (["model.norm=batchnorm", "train.batch_size=1"], "train.batch_size=1", ">= 2"),
+    (["-m", "model.depth=2,0"], "model.depth=0", ">= 1"),
+    (["-m", "init=xavier,bogus"], "init='bogus'", "xavier"),
+    (["-m", "optim.lr=range(-1,1,1)"], "optim.lr=-1", "> 0"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["device=cuda"], "device='cuda'", "auto, cpu"))
+
+
+@pytest.mark.parametrize("argv,names,valid", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(argv, names, valid, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "train.steps=2", "quiet=true"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("gradsweep: error: ") and names in err and valid in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "gradsweep", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_help_and_cfg(tmp_path):
+    out = _run(["--help"], tmp_path)
+    assert out.returncode == 0 and "init: default, kaiming, large, normal, orthogonal, uniform, xavier" in out.stdout
+    out = _run(["--cfg", "job", "model.depth=3", "init=kaiming"], tmp_path)
+    assert out.returncode == 0 and "depth: 3" in out.stdout and "scheme: kaiming" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_from_another_directory(tmp_path):
+    # The issue's exact command, run from a directory that is not the repository.
+    out = _run(["-m", "model.depth=2,10,30", "init=xavier,kaiming"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    assert len(sweeps) == 1
+    runs, steps = load_sweep(sweeps[0])
+    assert len(runs) == 6
+    assert sorted(zip(runs["model.depth"], runs["init"])) == sorted(
+        (d, i) for d in (2, 10, 30) for i in ("xavier", "kaiming"))
+    assert runs.job_num.tolist() == list(range(6))
+    assert len(steps) == sum(500 * (d + 1) for d in runs["model.depth"])
+    assert set(runs.verdict) <= {"healthy", "vanishing", "exploding", "diverged"}
+    deep = runs[runs["model.depth"] == 30].set_index("init")
+    assert deep.loc["xavier", "verdict"] == "vanishing" and deep.loc["kaiming", "verdict"] == "healthy"
+
+
+@pytest.mark.slow
+def test_override_grammar_and_single_run(tmp_path):
+    out = _run(["-m", "optim.lr=range(0.01,0.03,0.01)", "model.depth=choice(2,3)", "+tag=grammar", "train.steps=3",
+                "quiet=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs, _ = load_sweep(tmp_path / "sweep")
+    assert len(runs) == 4 and set(runs.tag) == {"grammar"}
+    assert sorted(zip(runs["optim.lr"], runs["model.depth"])) == [(0.01, 2), (0.01, 3), (0.02, 2), (0.02, 3)]
+    assert (tmp_path / "sweep" / "0" / "gradsweep.log").exists()
+
+    out = _run(["train.steps=4", "quiet=true", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs, steps = load_sweep(tmp_path / "one")
+    assert len(runs) == 1 and pd.isna(runs.job_num[0]) and len(steps) == 4 * 11
+
+
+@pytest.mark.slow
+def test_same_seed_same_parquet(tmp_path):
+    for name in ("a", "b"):
+        out = _run(["train.steps=20", "model.activation=tanh", "quiet=true", f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    (ra, sa), (rb, sb) = load_sweep(tmp_path / "a"), load_sweep(tmp_path / "b")
+    pd.testing.assert_frame_equal(sa, sb)
+    pd.testing.assert_frame_equal(ra.drop(columns="wall_s"), rb.drop(columns="wall_s"))
+
+
+@pytest.mark.slow
+def test_a_bad_job_inside_a_sweep_fails_the_sweep_in_one_line(tmp_path):
+    # data.n_features=4 is fine with data=scaled (the first job) and not with data=regression (the second).
+    out = _run(["-m", "data=scaled,regression", "data.n_features=4", "train.steps=2", "quiet=true",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 2
+    assert "gradsweep: error: data.n_features=4 is not valid" in out.stderr
+    assert (tmp_path / "sweep" / "0" / "runs.parquet").exists() and not (tmp_path / "sweep" / "1" / "runs.parquet").exists()

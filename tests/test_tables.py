@@ -1,0 +1,113 @@
+"""The parquet tables: schema, divergence trimming, load_sweep, and readers other than pandas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_cfg
+
+from gradsweep import load_sweep
+from gradsweep.config import VerdictCfg, config_hash
+from gradsweep.tables import RESULT_COLUMNS, STEP_COLUMNS, build_tables, verdicts, write_tables
+from gradsweep.train import train_group
+
+
+def _group():
+    cfgs = [make_cfg(model={"depth": 6}, init={"name": "large", "scheme": "normal", "std": 10.0}, optim={"lr": 0.1},
+                     train={"steps": 30}),
+            make_cfg(model={"depth": 6}, train={"steps": 30, "seed": 1}, optim={"lr": 0.02})]
+    return cfgs, train_group(cfgs)
+
+
+def test_tables_shape_and_divergence_trimming():
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace, [{"job_num": 0, "override_dirname": "a"}, {"job_num": 1}])
+    assert list(runs.columns[:3]) == ["run_id", "job_num", "override_dirname"]
+    assert set(RESULT_COLUMNS) <= set(runs.columns)
+    assert list(steps.columns) == list(STEP_COLUMNS)
+    d = int(runs.loc[0, "diverged_step"])
+    assert runs.loc[0, "verdict"] == "diverged" and pd.isna(runs.loc[1, "diverged_step"])
+    first = steps[steps.run_id == runs.loc[0, "run_id"]]
+    assert first.step.max() == d  # rows stop at the step where the run diverged
+    assert len(first) == (d + 1) * 7 and len(steps[steps.run_id == runs.loc[1, "run_id"]]) == 30 * 7
+    assert runs.loc[1, "run_id"] == config_hash(cfgs[1])
+    assert runs.loc[0, "model.depth"] == 6 and runs.loc[0, "init"] == "large" and runs.loc[0, "init.std"] == 10.0
+    assert np.isclose(runs.loc[1, "min_loss"], min(steps[steps.run_id == runs.loc[1, "run_id"]].loss.min(),
+                                                    runs.loc[1, "final_loss"]))
+
+
+def test_grad_ratio_is_first_over_last_backprop_signal():
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace)
+    s0 = steps[(steps.run_id == runs.loc[1, "run_id"]) & (steps.step == 0)].set_index("layer")
+    expected = np.log10(s0.loc[1, "hgrad_norm"] / s0.loc[7, "hgrad_norm"])
+    assert runs.loc[1, "grad_ratio_log10"] == pytest.approx(expected, rel=1e-12)
+    expected_w = np.log10(s0.loc[1, "wgrad_norm"] / s0.loc[7, "wgrad_norm"])
+    assert runs.loc[1, "wgrad_ratio_log10"] == pytest.approx(expected_w, rel=1e-12)
+
+
+def test_verdicts():
+    v = VerdictCfg(vanish_below=-2, explode_above=2)
+    got = verdicts(np.array([0.0, -2.5, 3.0, 1.0, np.nan, -np.inf]), np.array([0, 0, 0, 1, 0, 0], bool), v)
+    assert got.tolist() == ["healthy", "vanishing", "exploding", "diverged", "vanishing", "vanishing"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_backprop_ratio_tells_xavier_from_kaiming_at_depth_30(seed):
+    # The trap in the issue: the verdict rests on the backpropagated signal, which vanishes under Xavier
+    # for a deep ReLU net and stays put under Kaiming.
+    cfgs = [make_cfg(model={"depth": 30}, init={"name": n, "scheme": n}, train={"steps": 1, "seed": seed})
+            for n in ("xavier", "kaiming")]
+    runs, _ = build_tables(cfgs, train_group(cfgs))
+    assert runs.verdict.tolist() == ["vanishing", "healthy"]
+    assert runs.loc[0, "grad_ratio_log10"] < runs.loc[1, "grad_ratio_log10"] - 2
+
+
+def test_write_and_load_roundtrip(tmp_path):
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace)
+    for r in range(2):
+        write_tables(tmp_path / "sweep" / str(r), runs.iloc[[r]], steps[steps.run_id == runs.run_id[r]])
+    (tmp_path / "sweep" / "multirun.yaml").write_text("not a run\n")
+    got_runs, got_steps = load_sweep(tmp_path / "sweep")
+    assert got_runs.run_dir.tolist() == ["0", "1"]
+    assert len(got_steps) == len(steps)
+    pd.testing.assert_frame_equal(got_steps, steps.reset_index(drop=True), check_dtype=False)
+    assert str(got_runs["diverged_step"].dtype) == "Int64" and pd.isna(got_runs.loc[1, "diverged_step"])
+    one_runs, one_steps = load_sweep(tmp_path / "sweep" / "1")
+    assert len(one_runs) == 1 and one_runs.run_dir.tolist() == ["."] and set(one_steps.run_id) == {runs.run_id[1]}
+    schema = pq.read_schema(tmp_path / "sweep" / "0" / "runs.parquet")
+    assert str(schema.field("model.depth").type) == "int64" and str(schema.field("train.clip_norm").type) == "double"
+    assert pq.ParquetFile(tmp_path / "sweep" / "0" / "steps.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
+    assert not list((tmp_path / "sweep").rglob(".*tmp*"))
+
+
+def test_other_readers(tmp_path):
+    polars = pytest.importorskip("polars")
+    duckdb = pytest.importorskip("duckdb")
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace)
+    write_tables(tmp_path, runs, steps)
+    assert polars.read_parquet(tmp_path / "steps.parquet").height == len(steps)
+    rows = duckdb.sql(f"select verdict, \"model.depth\" from '{tmp_path / 'runs.parquet'}' order by verdict").fetchall()
+    assert rows == sorted(zip(runs.verdict, runs["model.depth"]))
+
+
+def test_load_sweep_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_sweep(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no gradsweep runs"):
+        load_sweep(tmp_path)
+
+
+def test_extra_tag_columns_survive_mixed_sweeps(tmp_path):
+    a = make_cfg(model={"depth": 2}, train={"steps": 3})
+    b = make_cfg(model={"depth": 2}, train={"steps": 3, "seed": 5})
+    b.extra["tag"] = "baseline"
+    for i, cfg in enumerate((a, b)):
+        runs, steps = build_tables([cfg], train_group([cfg]))
+        write_tables(tmp_path / str(i), runs, steps)
+    got, _ = load_sweep(tmp_path)
+    assert pd.isna(got.loc[0, "tag"]) and got.loc[1, "tag"] == "baseline"
