@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
-    if not any(getattr(args, flag) for flag in _INFO_FLAGS) and args.config_name is None:
+    own_config = args.config_name is None and args.config_dir is None and args.config_path is None
+    if own_config and not any(getattr(args, flag) for flag in _INFO_FLAGS):
         try:
             check_overrides(args.overrides)
         except ConfigError as e:

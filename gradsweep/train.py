@@ -21,7 +21,7 @@ from gradsweep.config import ConfigError, RunCfg
 from gradsweep.data import make_data
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
-from gradsweep.stats import LAYER_STATS, StatsPlan
+from gradsweep.stats import StatsPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class GroupTrace:
     clipped: np.ndarray
     """(T, R) whether clipping scaled the gradients."""
     layer: np.ndarray | None
-    """(T, R, L, len(LAYER_STATS)) per-layer statistics, or None when not collected."""
+    """(T, R, L, len(stats.LAYER_STATS)) per-layer statistics, or None when not collected."""
     final_loss: np.ndarray
     """(R,) loss on the whole data set after the last step."""
     diverged_step: np.ndarray
@@ -187,5 +187,3 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         device=str(device),
     )
 
-
-__all__ = ["GroupTrace", "LAYER_STATS", "group_key", "resolve_device", "train_group"]

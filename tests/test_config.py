@@ -1,0 +1,65 @@
+"""The YAML presets against the schemas, and the one conversion from Hydra's config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gradsweep.config import ConfigError, InitCfg, RunCfg, build_run_cfg, config_hash, flatten, to_run_cfg
+from gradsweep.preflight import group_options
+
+
+def test_defaults_compose_to_the_schema_defaults(composed):
+    cfg = to_run_cfg(composed())
+    assert cfg == dataclasses.replace(RunCfg(), extra={})
+
+
+@pytest.mark.parametrize("group", ["init", "data", "optim", "model", "train", "verdict"])
+def test_every_preset_is_valid(composed, group):
+    for option in group_options(group):
+        to_run_cfg(composed([f"{group}={option}"]))
+
+
+def test_article_init_presets(composed):
+    kaiming = to_run_cfg(composed(["init=kaiming"])).init
+    # kaiming_uniform_'s own defaults, as the article calls it.
+    assert (kaiming.scheme, kaiming.distribution, kaiming.a, kaiming.mode, kaiming.nonlinearity) == (
+        "kaiming", "uniform", 0.0, "fan_in", "leaky_relu")
+    xavier = to_run_cfg(composed(["init=xavier"])).init
+    assert (xavier.scheme, xavier.distribution, xavier.gain, xavier.bias) == ("xavier", "uniform", 1.0, None)
+    large = to_run_cfg(composed(["init=large"])).init
+    assert (large.name, large.scheme, large.std, large.mean) == ("large", "normal", 10.0, 0.0)
+
+
+def test_flatten_names_columns_like_override_keys(composed):
+    flat = flatten(to_run_cfg(composed(["init=xavier", "optim.lr=0.1", "+tag=x"])))
+    assert flat["init"] == "xavier" and flat["optim.lr"] == 0.1 and flat["tag"] == "x"
+    assert flat["model.depth"] == 10 and flat["train.clip_norm"] is None and flat["data"] == "regression"
+    assert "quiet" not in flat and "init.name" not in flat
+
+
+def test_config_hash_ignores_display_options():
+    a, b = build_run_cfg({"quiet": True}), build_run_cfg({"quiet": False})
+    assert config_hash(a) == config_hash(b) != config_hash(build_run_cfg({"train": {"seed": 1}}))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"model": {"depth": 1.5}}, "model.depth=1.5 is not valid; it must be an integer"),
+    ({"model": {"residual": "yes"}}, "model.residual='yes' is not valid; it must be true or false"),
+    ({"optim": {"momentum": 1.0}}, "optim.momentum=1.0 is not valid; it must be in [0, 1)"),
+    ({"train": {"steps": None}}, "train.steps=null is not valid; it must be an integer"),
+    ({"data": {"name": "scaled", "scale_min": 10.0, "scale_max": 1.0}}, "data.scale_max=1.0"),
+    ({"train": {"batch_size": 200}}, "train.batch_size=200 is not valid; it must be null or <= data.n_samples (100)"),
+    ({"model": 3}, "model=3 is not valid; it must be a config group"),
+    ({"nested": {"a": 1}}, "nested is not a known key"),
+    ({"init": {"gain": float("inf")}}, "init.gain=inf"),
+])
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError) as e:
+        build_run_cfg(values)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_int_accepted_for_float():
+    assert InitCfg(gain=2).gain == 2 and build_run_cfg({"optim": {"lr": 1}}).optim.lr == 1.0
