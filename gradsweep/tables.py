@@ -14,6 +14,7 @@ Every run directory holds two zstd parquet files:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -72,6 +73,7 @@ STEPS_SCHEMA = pa.schema(list(STEP_COLUMNS.items()))
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
+@functools.cache
 def config_columns() -> dict[str, pa.DataType]:
     """Arrow types of the flattened config columns, derived from the dataclass schemas."""
     out = {}
@@ -213,24 +215,40 @@ def _natural_key(path: Path) -> list:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path.as_posix())]
 
 
+def _run_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    files = sorted(root.rglob(RUNS_FILE), key=_natural_key)
+    if not files:
+        raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
+    return files
+
+
+def load_runs(path: str | os.PathLike) -> pd.DataFrame:
+    """The runs table of a sweep directory (or one run's directory), with ``run_dir`` relative to ``path``."""
+    root = Path(path)
+    tables = []
+    for f in _run_files(root):
+        t = pq.read_table(f)
+        rel = f.parent.relative_to(root).as_posix()
+        tables.append(t.append_column("run_dir", pa.array([rel] * t.num_rows, pa.string())))
+    # Nullable integers (job_num, diverged_step, train.batch_size) stay integers, with <NA> for null.
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).reset_index(drop=True)
+
+
+def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter: Any = None) -> pd.DataFrame:
+    """The steps table of a sweep, read with pyarrow: only ``columns``, only rows matching ``filter``
+    (a ``pyarrow.compute`` expression), all files of the sweep in one multi-threaded scan."""
+    root = Path(path)
+    files = [str(f.parent / STEPS_FILE) for f in _run_files(root) if (f.parent / STEPS_FILE).exists()]
+    dataset = pads.dataset(files, schema=STEPS_SCHEMA, format="parquet")
+    return dataset.to_table(columns=columns, filter=filter).to_pandas().reset_index(drop=True)
+
+
 def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read a sweep directory (or one run's directory) into ``(runs, steps)`` pandas DataFrames.
 
     ``runs`` gains a ``run_dir`` column: the run's directory relative to ``path``.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory")
-    run_files = sorted(root.rglob(RUNS_FILE), key=_natural_key)
-    if not run_files:
-        raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
-    tables = []
-    for f in run_files:
-        t = pq.read_table(f)
-        rel = f.parent.relative_to(root).as_posix()
-        tables.append(t.append_column("run_dir", pa.array([rel] * t.num_rows, pa.string())))
-    # Nullable integers (job_num, diverged_step, train.batch_size) stay integers, with <NA> for null.
-    runs = pa.concat_tables(tables, promote_options="default").to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    step_files = [str(f.parent / STEPS_FILE) for f in run_files if (f.parent / STEPS_FILE).exists()]
-    steps = pads.dataset(step_files, schema=STEPS_SCHEMA, format="parquet").to_table().to_pandas()
-    return runs.reset_index(drop=True), steps.reset_index(drop=True)
+    return load_runs(path), load_steps(path)

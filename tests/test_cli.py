@@ -13,6 +13,7 @@ import torch
 
 from gradsweep import load_sweep
 from gradsweep.cli import main
+from gradsweep.layout import aggregate, infer_layout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,17 @@ def test_the_readme_sweep_from_another_directory(tmp_path):
     assert set(runs.verdict) <= {"healthy", "vanishing", "exploding", "diverged"}
     deep = runs[runs["model.depth"] == 30].set_index("init")
     assert deep.loc["xavier", "verdict"] == "vanishing" and deep.loc["kaiming", "verdict"] == "healthy"
+
+    # The README's report step: no argument, the newest sweep in this directory.
+    out = subprocess.run([sys.executable, "-m", "gradsweep.report", "--quiet"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = sweeps[0] / "report"
+    for name in ("heatmap_ratio.png", "heatmap_loss.png", "heatmap_verdict.png", "flow_maps.png", "loss_curves.png",
+                 "index.html", "summary.csv"):
+        assert (report / name).stat().st_size > 0, name
+    cells = aggregate(runs, infer_layout(runs), "grad_ratio_log10")
+    assert infer_layout(runs).keys == ["model.depth", "init"] and len(cells) == 6
 
 
 @pytest.mark.slow

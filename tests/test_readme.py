@@ -19,7 +19,7 @@ def _first_commands() -> list[str]:
 
 def test_first_two_commands():
     main_job, tests = _first_commands()[:2]
-    assert "python -m gradsweep -m model.depth=2,10,30 init=xavier,kaiming" in main_job
+    assert "python -m gradsweep -m model.depth=2,10,30 init=xavier,kaiming && python -m gradsweep.report" in main_job
     assert tests.endswith("pytest")
     assert tests in (REPO / ".ci" / "run").read_text()
 

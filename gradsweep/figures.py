@@ -1,0 +1,261 @@
+"""The report's figures: where-it-breaks heatmaps, gradient-flow maps, loss curves.
+
+Every function takes already aggregated frames (no per-run Python loops over rows) and returns a
+matplotlib Figure; the caller saves it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+from gradsweep.layout import Layout  # noqa: E402
+from gradsweep.tables import VERDICTS  # noqa: E402
+
+# Okabe-Ito, safe for the common colour-vision deficiencies.
+VERDICT_COLORS = {"healthy": "#009E73", "vanishing": "#0072B2", "exploding": "#D55E00", "diverged": "#4D4D4D"}
+RATIO_CMAP = "RdBu_r"  # ColorBrewer diverging, colour-blind safe: blue = vanishing, red = exploding
+DIVERGED_FACE = "#4D4D4D"
+MISSING_FACE = "#F0F0F0"
+ZERO_SIGNAL = "#56B4E9"  # Okabe-Ito sky blue: outside magma, so a zero signal never reads as a small one
+MAX_ANNOTATED_CELLS = 600  # per panel; beyond it the colours speak alone
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{v:g}"
+    return str(v)
+
+
+def _panels(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    if (cells["facet"] == "").all():
+        return [("", cells)]
+    return list(cells.groupby("facet", sort=False))
+
+
+def _grid(n: int, panel_w: float, panel_h: float, extra_w: float = 0.0) -> tuple[plt.Figure, list[plt.Axes]]:
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(panel_w * ncols + extra_w, 40), min(panel_h * nrows + 1.0, 60)),
+                             squeeze=False, layout="constrained")
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _pivot(panel: pd.DataFrame, layout: Layout, col: str, x_values, y_values) -> pd.DataFrame:
+    xs = panel[layout.x] if layout.x else pd.Series("all runs", index=panel.index)
+    ys = panel[layout.y] if layout.y else pd.Series("all runs", index=panel.index)
+    table = pd.DataFrame({"x": xs.to_numpy(), "y": ys.to_numpy(), "v": panel[col].to_numpy()})
+    return table.pivot_table(index="y", columns="x", values="v", aggfunc="first", dropna=False).reindex(
+        index=y_values, columns=x_values)
+
+
+def _axis_values(cells: pd.DataFrame, key: str | None) -> list:
+    if key is None:
+        return ["all runs"]
+    return sorted(cells[key].dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v)) + (
+        ["null"] if cells[key].isna().any() else [])
+
+
+def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: str = "",
+            vanish: float = -2.0, explode: float = 2.0) -> plt.Figure:
+    """A where-it-breaks heatmap of aggregated ``cells`` (layout.aggregate): kind = ratio, loss or verdict."""
+    cells = cells.copy()
+    for key in (layout.x, layout.y):
+        if key is not None:
+            cells[key] = cells[key].where(cells[key].notna(), "null")
+    x_values, y_values = _axis_values(cells, layout.x), _axis_values(cells, layout.y)
+    panels = _panels(cells)
+    nx, ny = len(x_values), len(y_values)
+    fig, axes = _grid(len(panels), panel_w=max(3.2, 0.95 * nx + 1.6), panel_h=max(2.0, 0.5 * ny + 1.3),
+                      extra_w=0.5 if kind == "verdict" else 3.0)
+    annotate = nx * ny <= MAX_ANNOTATED_CELLS
+    same_n = cells["n"].nunique() == 1  # then the count goes in the title, not in every cell
+    if same_n and int(cells["n"].iloc[0]) > 1:
+        title += f" ({int(cells['n'].iloc[0])} runs per cell)"
+    fontsize = 10 if nx * ny <= 40 else 8 if nx * ny <= 150 else 6
+
+    finite = cells["value"].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if kind == "ratio":
+        span = max(3.0, math.ceil(np.abs(finite).max()) if finite.size else 3.0)
+        span = min(span, 12.0)
+        cmap, norm = plt.get_cmap(RATIO_CMAP), mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    elif kind == "loss":
+        pos = finite[finite > 0]
+        lo, hi = (pos.min(), pos.max()) if pos.size else (1e-3, 1.0)
+        if hi <= lo * 1.0001:
+            lo, hi = lo / 2, hi * 2
+        cmap, norm = plt.get_cmap("viridis"), mcolors.LogNorm(vmin=lo, vmax=hi)
+    else:
+        cmap = mcolors.ListedColormap([VERDICT_COLORS[v] for v in VERDICTS])
+        norm = mcolors.BoundaryNorm(np.arange(-0.5, len(VERDICTS)), len(VERDICTS))
+
+    mappable = None
+    for ax, (facet, panel) in zip(axes, panels):
+        values = _pivot(panel, layout, "value", x_values, y_values)
+        verdicts = _pivot(panel, layout, "verdict", x_values, y_values)
+        n = _pivot(panel, layout, "n", x_values, y_values)
+        ndiv = _pivot(panel, layout, "n_diverged", x_values, y_values)
+        if kind == "verdict":
+            grid = verdicts.apply(lambda col: col.map({v: i for i, v in enumerate(VERDICTS)})).astype(float)
+        else:
+            grid = values.astype(float)
+            if kind == "ratio":  # -inf (no signal at all reaches layer 1) drawn at the end of the scale, labelled
+                grid = grid.clip(lower=-span, upper=span)
+        ax.set_facecolor(MISSING_FACE)
+        mappable = ax.pcolormesh(np.ma.masked_invalid(grid.to_numpy()), cmap=cmap, norm=norm, edgecolors="white",
+                                 linewidth=1.0)
+        for (i, j), verdict in np.ndenumerate(verdicts.to_numpy()):
+            cell_n = n.to_numpy()[i, j]
+            if pd.isna(cell_n):
+                if annotate:
+                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize - 1, color="#777777")
+                continue
+            all_diverged = ndiv.to_numpy()[i, j] == cell_n
+            if all_diverged and kind != "verdict":
+                ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", lw=0))
+            if not annotate:
+                continue
+            text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(cell_n), int(ndiv.to_numpy()[i, j]), not same_n)
+            rgba = (mcolors.to_rgba(DIVERGED_FACE) if all_diverged or kind == "verdict" and verdict == "diverged"
+                    else mappable.to_rgba(grid.to_numpy()[i, j]) if np.isfinite(grid.to_numpy()[i, j]) else (1, 1, 1, 1))
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=fontsize, color=_ink(rgba))
+        xlabels = [_fmt(v) for v in x_values]
+        ax.set_xticks(np.arange(nx) + 0.5, xlabels, rotation=90 if nx * max(map(len, xlabels)) > 60 else 0)
+        ax.set_yticks(np.arange(ny) + 0.5, [_fmt(v) for v in y_values])
+        ax.set_xlabel(layout.x or "")
+        ax.set_ylabel(layout.y or "")
+        ax.set_xlim(0, nx)
+        ax.set_ylim(ny, 0)
+        ax.set_title(facet, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    if kind == "verdict":
+        fig.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS], loc="outside lower center",
+                   ncol=4, frameon=False, fontsize=9)
+        return fig
+    bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02, aspect=25)
+    bar.set_label(label, fontsize=9)
+    if kind == "ratio":
+        step = max(1, int(span) // 4)
+        ticks = [t for t in range(-int(span), int(span) + 1) if t % step == 0]
+        bar.set_ticks(ticks, labels=[_ratio_words(t, vanish, explode) for t in ticks], fontsize=8)
+    handles = [Patch(facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", label="all runs diverged"),
+               Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="no run")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def _ratio_words(t: int, vanish: float, explode: float) -> str:
+    if t == 0:
+        return "0  equal"
+    words = f"1e{abs(t)}x {'weaker' if t < 0 else 'stronger'}" if abs(t) > 3 else \
+        f"{10 ** abs(t):,}x {'weaker' if t < 0 else 'stronger'}"
+    tag = ", vanishing" if t <= vanish else ", exploding" if t >= explode else ""
+    return f"{t:+d}: {words}{tag}"
+
+
+def _cell_text(kind: str, value: float, verdict: str, n: int, n_div: int, show_n: bool) -> str:
+    if kind == "verdict":
+        text = verdict
+    elif n_div == n:
+        text = "diverged"
+    elif np.isneginf(value):
+        text = "-inf"
+    elif np.isposinf(value):
+        text = "+inf"
+    else:
+        text = f"{value:+.2f}" if kind == "ratio" else f"{value:.3g}"
+    extra = []
+    if n_div and (kind == "verdict" or n_div != n):
+        extra.append(f"{n_div}/{n} div")
+    elif show_n:
+        extra.append(f"n={n}")
+    return text + ("\n" + ", ".join(extra) if extra else "")
+
+
+def _ink(rgba) -> str:
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) -> plt.Figure:
+    """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear layers."""
+    ids = list(titles)
+    fig, axes = _grid(len(ids), panel_w=4.6, panel_h=3.3, extra_w=1.2)
+    h = flow["hgrad_norm"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = np.log10(h)
+    finite = vals[np.isfinite(vals)]
+    lo, hi = (np.percentile(finite, 1), np.percentile(finite, 99)) if finite.size else (-1.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 1, hi + 1
+    # A signal of exactly 0 (every unit below is dead) is drawn in its own colour, not as missing data.
+    vals = np.where(h == 0, lo - 1e6, vals)
+    cmap = plt.get_cmap("magma").with_extremes(under=ZERO_SIGNAL)
+    flow = flow.assign(log_h=vals)
+    mappable = None
+    for ax, run_id in zip(axes, ids):
+        one = flow[flow.run_id == run_id]
+        grid = one.pivot_table(index="layer", columns="step", values="log_h", aggfunc="first")
+        steps, layers_ = grid.columns.to_numpy(), grid.index.to_numpy()
+        x_edges = np.append(steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)) - 0.5
+        y_edges = np.append(layers_, layers_[-1] + 1) - 0.5
+        mappable = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid.to_numpy()), cmap=cmap,
+                                 vmin=lo, vmax=hi, shading="flat")
+        ax.set_facecolor(MISSING_FACE)
+        row = runs.set_index("run_id").loc[run_id]
+        if pd.notna(row["diverged_step"]):
+            ax.axvline(int(row["diverged_step"]), color="#00BFFF", lw=1.5, ls="--")
+            ax.text(int(row["diverged_step"]), layers_[-1] + 0.4, " diverged", color="#0077AA", fontsize=8, va="top")
+        ax.set_title(titles[run_id], fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("Linear layer (1 = input side)")
+        ax.set_yticks(layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)])
+    fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=30, extend="min").set_label(
+        "log10 |dL/dh| (backpropagated signal)", fontsize=9)
+    fig.legend(handles=[Patch(color=ZERO_SIGNAL, label="exactly 0: no signal reaches the layer (dead units)"),
+                        Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="not recorded (after divergence)")],
+               loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout) -> plt.Figure:
+    """Median loss over seeds per cell against step; panels by y (and facets), colour by x; x marks where
+    diverged runs end."""
+    panel_key = curves["panel"]
+    panels = list(dict.fromkeys(panel_key))
+    fig, axes = _grid(len(panels), panel_w=4.8, panel_h=3.4)
+    hue_values = list(dict.fromkeys(sorted(curves["hue"].unique(), key=lambda v: (isinstance(v, str), v))))
+    palette = dict(zip(hue_values, sns.color_palette("viridis" if len(hue_values) > 8 else "colorblind",
+                                                     len(hue_values))))
+    pos = curves["loss"].to_numpy(dtype=float)
+    pos = pos[np.isfinite(pos) & (pos > 0)]
+    log_y = pos.size > 0 and pos.max() / pos.min() > 100
+    for ax, panel in zip(axes, panels):
+        sub = curves[curves["panel"] == panel]
+        for hue, line in sub.groupby("hue", sort=False):
+            ax.plot(line["step"], line["loss"], color=palette[hue], lw=1.4, label=_fmt(hue))
+        end = ends[ends["panel"] == panel]
+        if len(end):
+            ax.scatter(end["step"], end["loss"], marker="x", color="#D55E00", s=40, zorder=5, label="diverged (run ends)")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (median over seeds)")
+        ax.grid(alpha=0.3)
+        if len(hue_values) <= 12:
+            ax.legend(title=layout.x or "", fontsize=7, title_fontsize=8, loc="best")
+    return fig

@@ -1,0 +1,135 @@
+"""Which config keys a sweep varied, how to lay them out, and the per-cell aggregates over seeds.
+
+Pure pandas on the runs table, so the report's decisions can be tested without drawing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS, VERDICTS
+
+REPLICATE_KEYS = ("train.seed",)  # aggregated over, never an axis
+PREFERRED_X = "model.depth"
+PREFERRED_Y = ("init", "model.activation", "model.norm", "optim.name", "data")  # in this order, before other categoricals
+STATISTICS = {
+    # name: (column, human label)
+    "grad_ratio": ("grad_ratio_log10", "log10 |dL/dh| first Linear / last Linear"),
+    "wgrad_ratio": ("wgrad_ratio_log10", "log10 |dL/dW| first Linear / last Linear"),
+}
+AT = {"init": "", "training": "_median"}  # the statistic at step 0, or its median over training
+SEVERITY = {"diverged": 3, "exploding": 2, "vanishing": 1, "healthy": 0}  # ties in a cell go to the worse verdict
+
+
+def config_keys(runs: pd.DataFrame) -> list[str]:
+    """The columns of ``runs`` that are config values (``+key`` tags included), in table order."""
+    not_config = {*ID_COLUMNS, *RESULT_COLUMNS, "run_dir"}
+    return [c for c in runs.columns if c not in not_config]
+
+
+def _determines(runs: pd.DataFrame, a: str, b: str) -> bool:
+    """True when every value of column ``a`` comes with a single value of column ``b``."""
+    return bool((runs.groupby(a, dropna=False)[b].nunique(dropna=False) <= 1).all())
+
+
+def swept_keys(runs: pd.DataFrame) -> list[str]:
+    """Config keys that take more than one value, without replicate keys and without keys that merely
+    follow another swept key (``init.scheme`` follows ``init``)."""
+    varied = [k for k in config_keys(runs) if k not in REPLICATE_KEYS and runs[k].nunique(dropna=False) > 1]
+    keep: list[str] = []
+    for k in varied:
+        # A key that another kept key determines adds nothing; of two that determine each other,
+        # keep the shorter name (a preset like 'init' over its field 'init.scheme').
+        if any(_determines(runs, j, k) for j in keep):
+            continue
+        keep = [j for j in keep if not (_determines(runs, k, j) and len(k) < len(j))] + [k]
+    return [k for k in varied if k in keep]
+
+
+def is_numeric(runs: pd.DataFrame, key: str) -> bool:
+    return pd.api.types.is_numeric_dtype(runs[key]) and not pd.api.types.is_bool_dtype(runs[key])
+
+
+@dataclass
+class Layout:
+    """Where each swept key goes in the heatmaps."""
+
+    x: str | None
+    y: str | None
+    facets: list[str] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in (self.x, self.y, *self.facets) if k is not None]
+
+
+def infer_layout(runs: pd.DataFrame, x: str | None = None, y: str | None = None,
+                 facets: list[str] | None = None) -> Layout:
+    """``model.depth`` (or the first numeric swept key) on x, a categorical key on y, the rest as facets.
+
+    Any of x, y, facets given by the caller wins; the rest is filled from the swept keys left over.
+    """
+    swept = swept_keys(runs)
+    for key in (x, y, *(facets or [])):
+        if key is not None and key not in runs.columns:
+            raise ValueError(f"{key!r} is not a column of this sweep; swept keys: {', '.join(swept) or '(none)'}")
+    taken = {k for k in (x, y, *(facets or [])) if k}
+    free = [k for k in swept if k not in taken]
+    if x is None and free:
+        numeric = [k for k in free if is_numeric(runs, k)]
+        x = PREFERRED_X if PREFERRED_X in free else (numeric[0] if numeric else free[0])
+        free.remove(x)
+    if y is None and free:
+        categorical = [k for k in free if not is_numeric(runs, k)]
+        categorical.sort(key=lambda k: PREFERRED_Y.index(k) if k in PREFERRED_Y else len(PREFERRED_Y))
+        y = categorical[0] if categorical else free[0]
+        free.remove(y)
+    return Layout(x, y, list(facets) if facets is not None else free)
+
+
+def facet_labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """'k1=v1, k2=v2' for every row, built column-wise (no Python loop over rows)."""
+    if not keys:
+        return pd.Series("", index=df.index)
+    parts = [k + "=" + df[k].astype(object).astype(str) for k in keys]
+    label = parts[0]
+    for part in parts[1:]:
+        label = label + ", " + part
+    return label
+
+
+def aggregate(runs: pd.DataFrame, layout: Layout, column: str) -> pd.DataFrame:
+    """One row per cell (x, y, facets): the median of ``column`` over the cell's non-diverged runs,
+    how many runs and how many diverged, and the cell's verdict (the most common, ties to the worse)."""
+    keys = layout.keys
+    df = runs.copy()
+    df["_diverged"] = df["verdict"] == "diverged"
+    df["_value"] = np.where(df["_diverged"], np.nan, df[column].astype(float))
+    if not keys:
+        df["_all"] = "all runs"
+        keys = ["_all"]
+    grouped = df.groupby(keys, dropna=False, sort=True)
+    out = grouped.agg(value=("_value", _median), n=("verdict", "size"), n_diverged=("_diverged", "sum")).reset_index()
+    out["verdict"] = grouped["verdict"].agg(_cell_verdict).to_numpy()
+    out["facet"] = facet_labels(out, layout.facets)
+    return out
+
+
+def _median(s: pd.Series) -> float:
+    v = s.to_numpy(dtype=float)
+    v = v[~np.isnan(v)]
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def _cell_verdict(s: pd.Series) -> str:
+    counts = s.value_counts()
+    top = counts.max()
+    return max((v for v in counts.index if counts[v] == top), key=lambda v: SEVERITY.get(v, -1))
+
+
+def verdict_counts(runs: pd.DataFrame) -> dict[str, int]:
+    counts = runs["verdict"].value_counts()
+    return {v: int(counts.get(v, 0)) for v in VERDICTS}

@@ -1,0 +1,197 @@
+"""``python -m gradsweep.report [sweep_dir]``: a sweep's parquet turned into what a person looks at.
+
+Writes ``<sweep_dir>/report/``: where-it-breaks heatmaps (gradient ratio, final loss, verdict),
+gradient-flow maps, loss curves, ``summary.csv`` and a self-contained ``index.html``; prints a
+short text summary. Without ``sweep_dir`` it reports the newest sweep under ``./outputs/multirun``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from gradsweep.layout import AT, SEVERITY, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
+from gradsweep.tables import load_runs, load_steps
+
+FLOW_MAPS_DEFAULT = 4  # one per verdict present, worst first
+
+
+class ReportError(Exception):
+    """A report that cannot be made: one line for the user."""
+
+
+def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
+    """The newest sweep directory under ``root`` (outputs/multirun/<date>/<time>)."""
+    sweeps = [p for p in root.glob("*/*") if p.is_dir()]
+    if not sweeps:
+        raise ReportError(f"no sweep found under {root}; give the sweep directory: python -m gradsweep.report <sweep_dir>")
+    return max(sweeps, key=lambda p: p.stat().st_mtime)
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """The command that made the sweep, from Hydra's own record of it."""
+    from omegaconf import OmegaConf
+
+    for path, multirun in ((sweep_dir / "multirun.yaml", True), (sweep_dir / ".hydra" / "overrides.yaml", False)):
+        if path.exists():
+            node = OmegaConf.load(path)
+            task = list(node.hydra.overrides.task) if multirun else list(node)
+            return "python -m gradsweep " + ("-m " if multirun else "") + " ".join(task)
+    return ""
+
+
+def pick_flow_runs(runs: pd.DataFrame, n: int) -> list[str]:
+    """One run per verdict present, worst verdict first; within a verdict the most extreme ratio."""
+    chosen: list[str] = []
+    ranked = runs.assign(_sev=runs["verdict"].map(SEVERITY).fillna(-1),
+                         _ext=runs["grad_ratio_log10"].abs().fillna(np.inf))
+    for verdict, sub in sorted(ranked.groupby("verdict"), key=lambda kv: -SEVERITY.get(kv[0], -1)):
+        key = "diverged_step" if verdict == "diverged" else "_ext"
+        best = sub.sort_values(key, ascending=(verdict == "diverged")).iloc[0]
+        chosen.append(best["run_id"])
+    rest = ranked[~ranked.run_id.isin(chosen)].sort_values(["_sev", "_ext"], ascending=False)
+    chosen += rest.run_id.head(max(0, n - len(chosen))).tolist()
+    return chosen[:max(n, 1)]
+
+
+def _title(run_id: str, row: pd.Series, keys: list[str]) -> str:
+    parts = [f"{k}={row[k]}" for k in keys] or [f"run {run_id}"]
+    return ", ".join(parts) + f"\n{row['verdict']}, ratio {row['grad_ratio_log10']:+.2f}"
+
+
+def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per cell and step, the median loss over seeds; and where each diverged run ends."""
+    meta = runs[["run_id", "verdict", *layout.keys]].copy()
+    hue = layout.x
+    panel_keys = [k for k in (layout.y, *layout.facets) if k]
+    meta["hue"] = meta[hue] if hue else "all runs"
+    meta["panel"] = facet_labels(meta, panel_keys)
+    df = loss.merge(meta[["run_id", "hue", "panel", "verdict"]], on="run_id")
+    curves = df.groupby(["panel", "hue", "step"], sort=True)["loss"].median().reset_index()
+    div = df[df.verdict == "diverged"]
+    finite = div[np.isfinite(div["loss"])]
+    ends = finite.sort_values("step").groupby("run_id").tail(1)[["panel", "step", "loss"]]
+    return curves, ends
+
+
+def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
+                facets: list[str] | None = None, stat: str = "grad_ratio", at: str = "init",
+                flow_runs: list[str] | None = None, n_flow: int = FLOW_MAPS_DEFAULT, quiet: bool = False) -> Path:
+    """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest)."""
+    from gradsweep import figures
+    from gradsweep.html import write_index
+
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: no such directory")
+    try:
+        runs = load_runs(sweep_dir)
+    except FileNotFoundError as e:
+        raise ReportError(str(e)) from None
+    out = Path(out) if out else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    column = STATISTICS[stat][0] + AT[at]
+    try:
+        layout = infer_layout(runs, x, y, facets)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
+    images: list[tuple[str, str, str]] = []  # (file, title, caption)
+    bar = tqdm(total=6, desc="report", unit="part", disable=quiet, leave=False)
+
+    def save(fig, name: str, title: str, caption: str) -> None:
+        fig.savefig(out / name, dpi=110)
+        figures.plt.close(fig)
+        images.append((name, title, caption))
+        bar.update(1)
+
+    cells = aggregate(runs, layout, column)
+    at_words = "at initialisation (step 0)" if at == "init" else "median over training"
+    save(figures.heatmap(cells, layout, "ratio", f"Where gradients vanish or explode\n{STATISTICS[stat][1]}, {at_words}",
+                         label="log10 ratio, first Linear over last\n<- vanishing      exploding ->",
+                         vanish=vanish, explode=explode),
+         "heatmap_ratio.png", "Gradient ratio",
+         f"Median over seeds of {column}. Blue: the first layer receives less signal than the readout (vanishing); "
+         f"red: more (exploding). Verdict thresholds: {vanish:+g} and {explode:+g}.")
+    loss_cells = aggregate(runs, layout, "final_loss")
+    save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)"),
+         "heatmap_loss.png", "Final loss", "Loss on the whole data set after the last step; diverged runs left out.")
+    save(figures.heatmap(cells, layout, "verdict", "Verdict (most common over seeds)"),
+         "heatmap_verdict.png", "Verdict", "Each cell's most common verdict; ties go to the worse one.")
+
+    chosen = flow_runs or pick_flow_runs(runs, n_flow)
+    flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
+                      (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen))
+    by_id = runs.set_index("run_id")
+    unknown = [rid for rid in chosen if rid not in by_id.index]
+    if unknown:
+        raise ReportError(f"--run {unknown[0]!r} is not a run of this sweep; run_ids are in summary.csv")
+    titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
+    save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
+         "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
+
+    loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1)
+    curves, ends = _loss_frames(runs, loss, layout)
+    save(figures.loss_curves(curves, ends, layout), "loss_curves.png", "Loss curves",
+         "Median loss over seeds per configuration; x marks the last finite loss of each diverged run.")
+
+    swept = swept_keys(runs)
+    ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "grad_ratio_log10", "grad_ratio_log10_median",
+               "wgrad_ratio_log10", "wgrad_ratio_log10_median", "initial_loss", "final_loss", "min_loss",
+               "diverged_step"]
+    ordered = list(dict.fromkeys(c for c in ordered if c in runs.columns))
+    summary = runs[ordered + [c for c in runs.columns if c not in ordered]]
+    summary.to_csv(out / "summary.csv", index=False)
+    index = write_index(out, runs=summary, shown=ordered, images=images, command=sweep_command(sweep_dir),
+                        counts=verdict_counts(runs), layout=layout, sweep_dir=sweep_dir)
+    bar.update(1)
+    bar.close()
+    (out / "summary.txt").write_text(text_summary(runs, layout, index) + "\n")
+    return index
+
+
+def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
+    counts = verdict_counts(runs)
+    lines = [f"{len(runs)} runs: " + ", ".join(f"{n} {v}" for v, n in counts.items()),
+             f"layout: x={layout.x}, y={layout.y}" + (f", facets={', '.join(layout.facets)}" if layout.facets else "")]
+    bad = runs[runs.verdict != "healthy"].sort_values("grad_ratio_log10", key=lambda s: -s.abs())
+    for _, r in bad.head(5).iterrows():
+        lines.append(f"  {r['verdict']:9s} ratio {r['grad_ratio_log10']:+7.2f}  " + (r["override_dirname"] or r["run_id"]))
+    lines.append(f"report: {index}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m gradsweep.report", description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dir", nargs="?", help="a sweep (or single run) directory; default: the newest under outputs/multirun")
+    ap.add_argument("--out", help="where to write the report (default <sweep_dir>/report)")
+    ap.add_argument("--x", help="config key on the x axis (default model.depth or the first numeric swept key)")
+    ap.add_argument("--y", help="config key on the y axis (default the first categorical swept key)")
+    ap.add_argument("--facet", action="append", help="config key to facet by (repeatable; default: the remaining swept keys)")
+    ap.add_argument("--stat", choices=sorted(STATISTICS), default="grad_ratio", help="the heatmap's statistic")
+    ap.add_argument("--at", choices=sorted(AT), default="init", help="at step 0 or the median over training")
+    ap.add_argument("--run", action="append", dest="runs", help="run_id for a gradient-flow map (repeatable)")
+    ap.add_argument("--flow-maps", type=int, default=FLOW_MAPS_DEFAULT, help="how many gradient-flow maps by default")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        sweep_dir = Path(args.sweep_dir) if args.sweep_dir else latest_sweep()
+        index = make_report(sweep_dir, args.out, args.x, args.y, args.facet, args.stat, args.at, args.runs,
+                            args.flow_maps, args.quiet)
+    except ReportError as e:
+        print(f"gradsweep.report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((index.parent / "summary.txt").read_text(), end="")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

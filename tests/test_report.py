@@ -1,0 +1,120 @@
+"""The report end to end on real sweeps: full, partial, diverged, one run, five swept keys; the HTML in Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sweeps import grid, write_sweep
+
+from gradsweep.report import main, make_report
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+FILES = ["heatmap_ratio.png", "heatmap_loss.png", "heatmap_verdict.png", "flow_maps.png", "loss_curves.png",
+         "summary.csv", "index.html"]
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """depth x init x seed with one job missing and the std-10 init diverging at lr 0.1."""
+    root = tmp_path_factory.mktemp("partial")
+    points = grid(**{"model.depth": [2, 6], "init": ["kaiming", "large"], "train.seed": [0, 1]})
+    write_sweep(root, points, steps=30)
+    for job in ("0", "1"):  # depth 2 with kaiming: as if both its jobs never finished
+        shutil.rmtree(root / job)
+    return root
+
+
+def test_partial_sweep_with_diverged_runs(partial):
+    index = make_report(partial, quiet=True)
+    out = index.parent
+    assert all((out / f).stat().st_size > 0 for f in FILES)
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 6 and "diverged" in set(summary.verdict)
+    assert list(summary.columns[:4]) == ["run_dir", "run_id", "model.depth", "init"]
+    html = index.read_text()
+    assert "(no Hydra record of the command)" in html  # written by the tests, not by Hydra
+    assert "diverged" in html and html.count("<img") == 5 and "http" not in html.replace("http-equiv", "")
+
+
+def test_single_run(tmp_path):
+    write_sweep(tmp_path, [{}], steps=5)
+    index = make_report(tmp_path / "0", quiet=True)
+    assert all((index.parent / f).exists() for f in FILES)
+    assert len(pd.read_csv(index.parent / "summary.csv")) == 1
+
+
+def test_five_keys_and_options(tmp_path):
+    points = grid(**{"model.depth": [2, 3], "init": ["xavier", "kaiming"], "optim.lr": [0.01, 0.05],
+                     "model.activation": ["relu", "tanh"], "train.clip_norm": [None, 1.0]})
+    write_sweep(tmp_path, points, steps=4)
+    index = make_report(tmp_path, out=tmp_path / "r1", quiet=True)
+    assert index.parent == tmp_path / "r1"
+    index = make_report(tmp_path, out=tmp_path / "r2", x="optim.lr", y="model.activation", facets=["init"],
+                        stat="wgrad_ratio", at="training", n_flow=2, quiet=True)
+    assert (index.parent / "heatmap_ratio.png").exists()
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    for args in ([str(tmp_path / "missing")], [str(tmp_path)], [str(tmp_path), "--x", "model.nope"]):
+        if args[-1] == "model.nope":
+            write_sweep(tmp_path, [{}], steps=2)
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gradsweep.report: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_prints_a_summary(partial):
+    out = subprocess.run([sys.executable, "-m", "gradsweep.report", str(partial), "--quiet"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "6 runs:" in out.stdout and "diverged" in out.stdout and "index.html" in out.stdout
+
+
+def test_html_in_headless_chromium(partial):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    index = make_report(partial, quiet=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        requests: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(index.as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        assert len(images) == 5 and all(ok and width > 100 for ok, width in images)
+        # Sorting: the verdict header sorts ascending, then descending.
+        verdicts = sorted(pd.read_csv(index.parent / "summary.csv").verdict)
+        col = page.evaluate("Array.from(document.querySelectorAll('th')).map(t => t.textContent).indexOf('verdict')")
+        header = page.locator("th").nth(col)
+        first = page.locator("tbody tr").first.locator("td").nth(col)
+        header.click()
+        assert first.inner_text() == verdicts[0]
+        header.click()
+        assert first.inner_text() == verdicts[-1]
+        page.screenshot(path=str(ARTIFACTS / "report_index.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def test_one_swept_key(tmp_path):
+    write_sweep(tmp_path, grid(**{"model.activation": ["sigmoid", "relu", "tanh"]}), steps=5)
+    index = make_report(tmp_path, quiet=True)
+    assert "x = <code>model.activation</code>, y = <code>None</code>" in index.read_text()
