@@ -30,9 +30,9 @@ def summarize(sweep_dir: str) -> str:
     """A short text summary of a sweep: runs per verdict, then (for small sweeps) one line per run."""
     import pandas as pd
 
-    from gradsweep.tables import VERDICTS, load_sweep
+    from gradsweep.tables import VERDICTS, load_runs
 
-    runs, _ = load_sweep(sweep_dir)
+    runs = load_runs(sweep_dir, write_index=True)
     counts = runs.verdict.value_counts()
     lines = [f"{len(runs)} runs in {sweep_dir}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)]
     if len(runs) <= SUMMARY_ROWS:

@@ -121,7 +121,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
             cell_n = n.to_numpy()[i, j]
             if pd.isna(cell_n):
                 if annotate:
-                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize - 1, color="#777777")
+                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize - 1, color="#777777",
+                            in_layout=False)
                 continue
             all_diverged = ndiv.to_numpy()[i, j] == cell_n
             if all_diverged and kind != "verdict":
@@ -131,7 +132,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
             text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(cell_n), int(ndiv.to_numpy()[i, j]), not same_n)
             rgba = (mcolors.to_rgba(DIVERGED_FACE) if all_diverged or kind == "verdict" and verdict == "diverged"
                     else mappable.to_rgba(grid.to_numpy()[i, j]) if np.isfinite(grid.to_numpy()[i, j]) else (1, 1, 1, 1))
-            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=fontsize, color=_ink(rgba))
+            # Cell labels sit inside their cell: keeping them out of the layout engine spares it a bbox per cell.
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=fontsize, color=_ink(rgba), in_layout=False)
         xlabels = [_fmt(v) for v in x_values]
         ax.set_xticks(np.arange(nx) + 0.5, xlabels, rotation=90 if nx * max(map(len, xlabels)) > 60 else 0)
         ax.set_yticks(np.arange(ny) + 0.5, [_fmt(v) for v in y_values])
@@ -176,7 +178,7 @@ def _cell_text(kind: str, value: float, verdict: str, n: int, n_div: int, show_n
     elif np.isposinf(value):
         text = "+inf"
     else:
-        text = f"{value:+.2f}" if kind == "ratio" else f"{value:.3g}"
+        text = (f"{value:+.2f}" if abs(value) >= 0.005 else "0.00") if kind == "ratio" else f"{value:.3g}"
     extra = []
     if n_div and (kind == "verdict" or n_div != n):
         extra.append(f"{n_div}/{n} div")
@@ -231,8 +233,8 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     return fig
 
 
-def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout) -> plt.Figure:
-    """Median loss over seeds per cell against step; panels by y (and facets), colour by x; x marks where
+def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, pooled: str = "seeds") -> plt.Figure:
+    """Median loss (over ``pooled``) against step; panels by y (and facets), colour by x; x marks where
     diverged runs end."""
     panel_key = curves["panel"]
     panels = list(dict.fromkeys(panel_key))
@@ -254,8 +256,10 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout) -> plt
             ax.set_yscale("log")
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (median over seeds)")
+        ax.set_ylabel(f"loss (median over {pooled})" if len(pooled) < 30 else "loss (median)")
         ax.grid(alpha=0.3)
         if len(hue_values) <= 12:
             ax.legend(title=layout.x or "", fontsize=7, title_fontsize=8, loc="best")
+    if pooled != "seeds":
+        fig.suptitle(f"median over {pooled}", fontsize=9)
     return fig

@@ -94,7 +94,7 @@ def facet_labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     """'k1=v1, k2=v2' for every row, built column-wise (no Python loop over rows)."""
     if not keys:
         return pd.Series("", index=df.index)
-    parts = [k + "=" + df[k].astype(object).astype(str) for k in keys]
+    parts = [k + "=" + df[k].astype(object).where(df[k].notna(), "null").map(str) for k in keys]
     label = parts[0]
     for part in parts[1:]:
         label = label + ", " + part

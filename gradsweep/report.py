@@ -66,19 +66,24 @@ def _title(run_id: str, row: pd.Series, keys: list[str]) -> str:
     return ", ".join(parts) + f"\n{row['verdict']}, ratio {row['grad_ratio_log10']:+.2f}"
 
 
-def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per cell and step, the median loss over seeds; and where each diverged run ends."""
+MAX_LOSS_PANELS = 12  # beyond this many (y x facet) panels the facets are pooled into the median
+
+
+def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Per panel, line and step the median loss; where each diverged run ends; and what the median pools."""
     meta = runs[["run_id", "verdict", *layout.keys]].copy()
-    hue = layout.x
     panel_keys = [k for k in (layout.y, *layout.facets) if k]
-    meta["hue"] = meta[hue] if hue else "all runs"
+    pooled = "seeds"
+    if panel_keys and meta.groupby(panel_keys, dropna=False).ngroups > MAX_LOSS_PANELS:
+        pooled = "seeds and " + ", ".join(layout.facets)
+        panel_keys = [layout.y] if layout.y else []
+    meta["hue"] = meta[layout.x] if layout.x else "all runs"
     meta["panel"] = facet_labels(meta, panel_keys)
     df = loss.merge(meta[["run_id", "hue", "panel", "verdict"]], on="run_id")
-    curves = df.groupby(["panel", "hue", "step"], sort=True)["loss"].median().reset_index()
-    div = df[df.verdict == "diverged"]
-    finite = div[np.isfinite(div["loss"])]
-    ends = finite.sort_values("step").groupby("run_id").tail(1)[["panel", "step", "loss"]]
-    return curves, ends
+    curves = df.groupby(["panel", "hue", "step"], sort=True, dropna=False)["loss"].median().reset_index()
+    div = df[(df.verdict == "diverged") & np.isfinite(df["loss"])]
+    ends = div.sort_values("step").groupby("run_id").tail(1)[["panel", "step", "loss"]]
+    return curves, ends, pooled
 
 
 def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
@@ -92,7 +97,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir}: no such directory")
     try:
-        runs = load_runs(sweep_dir)
+        runs = load_runs(sweep_dir, write_index=True)
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     out = Path(out) if out else sweep_dir / "report"
@@ -138,9 +143,9 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
 
     loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1)
-    curves, ends = _loss_frames(runs, loss, layout)
-    save(figures.loss_curves(curves, ends, layout), "loss_curves.png", "Loss curves",
-         "Median loss over seeds per configuration; x marks the last finite loss of each diverged run.")
+    curves, ends, pooled = _loss_frames(runs, loss, layout)
+    save(figures.loss_curves(curves, ends, layout, pooled), "loss_curves.png", "Loss curves",
+         f"Median loss over {pooled} per configuration; x marks the last finite loss of each diverged run.")
 
     swept = swept_keys(runs)
     ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "grad_ratio_log10", "grad_ratio_log10_median",

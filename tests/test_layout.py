@@ -83,3 +83,9 @@ def test_ties_go_to_the_worse_verdict():
     runs = pd.DataFrame({"model.depth": [2, 2], "train.seed": [0, 1], "grad_ratio_log10": [0.0, -3.0],
                          "verdict": ["healthy", "vanishing"]})
     assert aggregate(runs, infer_layout(runs), "grad_ratio_log10")["verdict"].tolist() == ["vanishing"]
+
+
+def test_null_values_get_their_own_facet(five):
+    lay = infer_layout(five)
+    cells = aggregate(five, lay, "grad_ratio_log10")
+    assert cells["facet"].nunique() == 8 and cells["facet"].str.contains("train.clip_norm=null").sum() == 16

@@ -111,3 +111,27 @@ def test_extra_tag_columns_survive_mixed_sweeps(tmp_path):
         write_tables(tmp_path / str(i), runs, steps)
     got, _ = load_sweep(tmp_path)
     assert pd.isna(got.loc[0, "tag"]) and got.loc[1, "tag"] == "baseline"
+
+
+def test_runs_index_is_used_only_while_fresh(tmp_path):
+    import os
+
+    from gradsweep.tables import RUNS_INDEX, load_runs
+
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace)
+    for r in range(2):
+        write_tables(tmp_path / str(r), runs.iloc[[r]], steps[steps.run_id == runs.run_id[r]])
+    first = load_runs(tmp_path, write_index=True)
+    index = tmp_path / RUNS_INDEX
+    assert index.exists()
+    pd.testing.assert_frame_equal(load_runs(tmp_path), first)
+    # A run rewritten after the index: the index is stale and not used.
+    changed = runs.iloc[[1]].assign(verdict="healthy")
+    write_tables(tmp_path / "1", changed, steps[steps.run_id == runs.run_id[1]])
+    os.utime(index, ns=(0, 0))
+    assert load_runs(tmp_path).verdict.tolist() == [runs.verdict[0], "healthy"]
+    # A run added after the index (a resumed sweep): not in the index, so the files are read.
+    write_tables(tmp_path / "2", runs.iloc[[0]], steps[steps.run_id == runs.run_id[0]])
+    os.utime(index)  # even with the index newest, its list of runs no longer matches
+    assert load_runs(tmp_path).run_dir.tolist() == ["0", "1", "2"]
