@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,6 +58,57 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+LRS = "0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5,1.0"
+CLIPS = "null,0.1,1,10,100"
+
+
+def _cli_sweep(args: list[str], sweep_dir: Path) -> float:
+    """Run ``python -m gradsweep -m ...`` end to end; return its wall-clock seconds."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gradsweep", "-m", *args, "quiet=true", f"hydra.sweep.dir={sweep_dir}"],
+                   check=True, capture_output=True, text=True)
+    return time.perf_counter() - t0
+
+
+def _training_s(sweep_dir: Path) -> float:
+    """Seconds spent inside train_group: every run of a group records the group's wall_s."""
+    from gradsweep.tables import load_runs
+
+    runs = load_runs(sweep_dir)
+    return float(runs.drop_duplicates(["wall_s", "group_size"])["wall_s"].sum())
+
+
+def sweep_bench(steps: int, basic_runs: int, out: Path) -> None:
+    """The same sweep end to end from the command line: Hydra's basic launcher (a stated subset, scaled
+    linearly) against the fused default; per-job overhead from two fused sweep sizes."""
+    full = [f"optim.lr={LRS}", f"train.clip_norm={CLIPS}", "init=default,xavier,kaiming,large", "train.seed=range(0,5)",
+            f"train.steps={steps}"]
+    small = [f"optim.lr={LRS}", f"train.clip_norm={CLIPS}", "init=default,xavier", "train.seed=0",
+             f"train.steps={steps}"]
+    subset = [f"optim.lr={LRS}", f"train.clip_norm={CLIPS}", "init=kaiming", "train.seed=0", f"train.steps={steps}"]
+    subset = subset if basic_runs >= 50 else [f"optim.lr={LRS}", "train.clip_norm=null", "init=kaiming",
+                                              "train.seed=0", f"train.steps={steps}"]
+    n_full, n_small, n_basic = 1000, 100, 50 if basic_runs >= 50 else 10
+    shutil.rmtree(out, ignore_errors=True)
+    basic_s = _cli_sweep([*subset, "hydra/launcher=basic", "hydra/sweeper=basic"], out / "basic")
+    fused_small_s = _cli_sweep(small, out / "fused-small")
+    fused_s = _cli_sweep(full, out / "fused")
+    basic_train = _training_s(out / "basic")
+    fused_train = _training_s(out / "fused")
+    per_job = ((fused_s - fused_train) - (fused_small_s - _training_s(out / "fused-small"))) / (n_full - n_small)
+    basic_scaled = basic_s * n_full / n_basic
+    print(f"\nend to end, {n_full:,} runs x {steps} steps (10 lr x 5 clip x 4 init x 5 seeds), article shape, "
+          f"statistics every step, from the command line:")
+    print(f"{'path':52s} {'wall s':>9s} {'run-steps/s':>12s} {'non-training s/run':>19s}")
+    print(f"{f'hydra/launcher=basic ({n_basic} runs, x{n_full // n_basic} linear)':52s} {basic_scaled:9.1f} "
+          f"{n_full * steps / basic_scaled:12,.0f} {(basic_s - basic_train) / n_basic * 1e3:16.1f} ms")
+    print(f"{'fused (default launcher and sweeper)':52s} {fused_s:9.1f} {n_full * steps / fused_s:12,.0f} "
+          f"{(fused_s - fused_train) / n_full * 1e3:16.1f} ms")
+    print(f"fused / basic: {basic_scaled / fused_s:.1f}x faster end to end; fused per-job overhead "
+          f"(marginal, {n_small} -> {n_full} runs, process start excluded): {per_job * 1e3:.2f} ms/run; "
+          f"training inside the fused sweep: {fused_train:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=500)
@@ -62,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group", type=int, default=100, help="runs in the stacked-group rows")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sweep-steps", type=int, default=200, help="steps per run in the end-to-end sweep (0: skip it)")
+    ap.add_argument("--basic-runs", type=int, default=50, help="runs of the basic-launcher subset (50 or 10)")
+    ap.add_argument("--out", default="outputs/bench", help="where the end-to-end sweeps are written")
     args = ap.parse_args(argv)
     s, d, w, dev = args.steps, args.depth, args.width, args.device
 
@@ -92,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, _, ref, _ in rows:
         vs = f"{rate[name] / rate[ref]:16.2f}x" if ref else f"{'':17s}"
         print(f"{name:58s} {rate[name]:12,.0f} {rate[name] / base:13.2f}x {vs}")
+    if args.sweep_steps:
+        sweep_bench(args.sweep_steps, args.basic_runs, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig
 
 from gradsweep.config import ConfigError
@@ -40,7 +41,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row = runs.iloc[0]
     log.info("%s: verdict=%s grad_ratio_log10=%.3g final_loss=%.4g (%s)", hc.job.override_dirname or "run",
              row["verdict"], row["grad_ratio_log10"], row["final_loss"], hc.runtime.output_dir)
-    return {k: row[k] for k in ("run_id", "verdict", "final_loss", "grad_ratio_log10", "diverged_step")}
+    return job_result(row)
+
+
+run.gradsweep_fusable = True  # the fused launcher trains this task's jobs in stacked groups
+
+
+def job_result(row: Any) -> dict[str, Any]:
+    """A job's return value (its ``JobReturn.return_value``): the headline of its runs-table row."""
+    return {k: (None if k == "diverged_step" and row[k] is pd.NA else row[k])
+            for k in ("run_id", "verdict", "final_loss", "grad_ratio_log10", "diverged_step")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Init schemes, chosen by name from a registry, applied to one ``nn.Linear`` right after it is built."""
+"""Init schemes, chosen by name from a registry, applied to a Linear layer's tensors right after they are drawn."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ INIT_SCHEMES: dict[str, Callable[[torch.Tensor, InitCfg], None]] = {
 }
 
 
-def apply_init(layer: nn.Linear, cfg: InitCfg) -> None:
-    """Re-initialise ``layer`` in place: its weight by ``cfg.scheme``, its bias if ``cfg.bias`` is set."""
+def apply_init(weight: torch.Tensor, bias: torch.Tensor | None, cfg: InitCfg) -> None:
+    """Re-initialise a Linear layer's tensors in place: the weight by ``cfg.scheme``, the bias if ``cfg.bias`` is set."""
     with torch.no_grad():
-        INIT_SCHEMES[cfg.scheme](layer.weight, cfg)
-        if cfg.bias is not None and layer.bias is not None:
-            nn.init.constant_(layer.bias, cfg.bias)
+        INIT_SCHEMES[cfg.scheme](weight, cfg)
+        if cfg.bias is not None and bias is not None:
+            nn.init.constant_(bias, cfg.bias)

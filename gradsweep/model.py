@@ -52,6 +52,18 @@ def _linear_dims(cfg: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, in
     return list(zip(dims[:-1], dims[1:]))
 
 
+def new_linear(fan_in: int, fan_out: int, init: InitCfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias ``nn.Linear(fan_in, fan_out)`` draws (its ``reset_parameters``, the same calls on
+    the same RNG), then re-initialised by ``init``: without building a module, which costs more than the draw."""
+    weight, bias = torch.empty(fan_out, fan_in), torch.empty(fan_out)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+    apply_init(weight, bias, init)
+    return weight, bias
+
+
 @dataclass(frozen=True)
 class ParamLayout:
     """Where each parameter lives along the flat axis of a (R, P) parameter matrix."""
@@ -108,22 +120,21 @@ def build_params(
     is built, before the next. Torch's global RNG is restored afterwards.
     """
     per_run: list[dict[str, torch.Tensor]] = []
-    for init, seed in zip(inits, seeds, strict=True):
-        with torch.random.fork_rng(devices=[]):
+    dims = _linear_dims(cfg, in_dim, out_dim)
+    with torch.random.fork_rng(devices=[]):
+        for init, seed in zip(inits, seeds, strict=True):
             torch.manual_seed(seed)
             p: dict[str, torch.Tensor] = {}
-            for i, (fan_in, fan_out) in enumerate(_linear_dims(cfg, in_dim, out_dim), start=1):
-                lin = nn.Linear(fan_in, fan_out)
-                apply_init(lin, init)
-                p[f"linear{i}.weight"] = lin.weight.detach()
-                p[f"linear{i}.bias"] = lin.bias.detach()
+            for i, (fan_in, fan_out) in enumerate(dims, start=1):
+                p[f"linear{i}.weight"], p[f"linear{i}.bias"] = new_linear(fan_in, fan_out, init)
+            per_run.append(p)
+    for p in per_run:
         for i in range(1, cfg.depth + 1):
             if cfg.norm != "none":
                 p[f"norm{i}.weight"] = torch.ones(cfg.width)
                 p[f"norm{i}.bias"] = torch.zeros(cfg.width)
             if cfg.activation == "prelu":
                 p[f"act{i}.weight"] = torch.full((1,), PRELU_INIT)
-        per_run.append(p)
     layout = ParamLayout.of(per_run[0])
     flat = torch.stack([torch.cat([t.reshape(-1) for t in p.values()]) for p in per_run]).to(device=device, dtype=dtype)
     R = flat.shape[0]

@@ -74,27 +74,27 @@ class StatsPlan:
         w_norm = torch.sqrt(weight_sq)
         ratio = torch.where(updated.unsqueeze(1), u_norm / w_norm, nan)
 
-        def per_layer_sq(ts: list[torch.Tensor]) -> torch.Tensor:  # sum over batch and units of each layer
-            cat = torch.cat(ts, dim=2)
-            return torch.zeros(R, self.n_layers, dtype=dt, device=cat.device).index_add_(
-                1, self.fseg, (cat * cat).sum(dim=1))
+        def norms(ts: list[torch.Tensor]) -> torch.Tensor:  # (R, len(ts)): each tensor's norm per run
+            # One reduction per tensor over its contiguous inner dims: cheaper than concatenating them first.
+            return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in ts], dim=1)
 
         batch = fwd.out.shape[1]
-        hgrad = torch.sqrt(per_layer_sq(out_grads))
-        out_rms = torch.sqrt(per_layer_sq(fwd.outputs) / (batch * self.widths))
+        hgrad = norms(out_grads)
+        out_rms = norms(fwd.outputs) / torch.sqrt(batch * self.widths)
 
         act_rms = saturated = dead = nan
         if fwd.acts:
-            acts = torch.stack(fwd.acts, dim=1)  # (R, depth, B, W)
-            act_rms = nan.index_copy(1, self.hidden_rows, torch.sqrt(acts.square().mean(dim=(2, 3))))
+            width = fwd.acts[0].shape[2]
+            act_rms = nan.index_copy(1, self.hidden_rows, norms(fwd.acts) / (batch * width) ** 0.5)
             if self.activation in SATURATING:
                 lo = -1.0 if self.activation == "tanh" else 0.0
-                sat = (acts < lo + SATURATION_TOL) | (acts > 1 - SATURATION_TOL)
-                saturated = nan.index_copy(1, self.hidden_rows, sat.to(dt).mean(dim=(2, 3)))
+                sat = [((a < lo + SATURATION_TOL) | (a > 1 - SATURATION_TOL)).flatten(1).to(dt).mean(dim=1)
+                       for a in fwd.acts]
+                saturated = nan.index_copy(1, self.hidden_rows, torch.stack(sat, dim=1))
             if self.activation in RELU_FAMILY:
                 # A unit is dead when no sample of the batch puts it on the positive side.
-                off = torch.stack(fwd.act_inputs, dim=1).amax(dim=2) <= 0
-                dead = nan.index_copy(1, self.hidden_rows, off.to(dt).mean(dim=2))
+                off = [(h.amax(dim=1) <= 0).to(dt).mean(dim=1) for h in fwd.act_inputs]
+                dead = nan.index_copy(1, self.hidden_rows, torch.stack(off, dim=1))
         return torch.stack([
             torch.sqrt(g2), torch.sqrt(g2 / self.w_numel), gmax, zeros / self.w_numel, nonfinite,
             hgrad, w_norm, ratio, out_rms, act_rms, saturated, dead,

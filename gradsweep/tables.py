@@ -205,15 +205,58 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_tables(run_dir: str | Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
-    """Write ``runs.parquet`` and ``steps.parquet`` into ``run_dir``, each appearing atomically."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _to_arrow(runs: pd.DataFrame, steps: pd.DataFrame) -> tuple[pa.Table, pa.Table]:
     steps_t = pa.Table.from_pandas(steps[list(STEP_COLUMNS)], schema=STEPS_SCHEMA, preserve_index=False)
     runs_t = pa.Table.from_pandas(runs, schema=runs_schema(runs), preserve_index=False)
+    return runs_t, steps_t
+
+
+def _write_run(run_dir: Path, runs_t: pa.Table, steps_t: pa.Table) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
     # steps first: a runs.parquet is the mark of a complete run, so it must never precede its steps.
     _write_atomic(steps_t, run_dir / STEPS_FILE)
     _write_atomic(runs_t, run_dir / RUNS_FILE)
+
+
+def write_tables(run_dir: str | Path, runs: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """Write ``runs.parquet`` and ``steps.parquet`` into ``run_dir``, each appearing atomically."""
+    _write_run(Path(run_dir), *_to_arrow(runs, steps))
+
+
+def write_group(run_dirs: list[Path], runs: pd.DataFrame, steps: pd.DataFrame) -> list[Exception | None]:
+    """Write each run of a trained group (``build_tables`` order) into its own directory.
+
+    The tables are converted to arrow once and sliced per run (steps rows are run-major). A run
+    whose files cannot be written gets its exception in the returned list; the others are written.
+    """
+    runs_t, steps_t = _to_arrow(runs, steps)
+    counts = steps["run_id"].value_counts(sort=False).reindex(runs["run_id"]).fillna(0).astype(int).to_numpy()
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    failures: list[Exception | None] = []
+    for r, run_dir in enumerate(run_dirs):
+        try:
+            _write_run(Path(run_dir), runs_t.slice(r, 1), steps_t.slice(int(starts[r]), int(counts[r])))
+            failures.append(None)
+        except Exception as e:  # one run's failure is that run's, not the group's
+            failures.append(e)
+    return failures
+
+
+def write_runs_index(root: Path, written: list[tuple[Path, pd.DataFrame]]) -> None:
+    """Write ``root``'s runs index from runs rows already in memory (the fused launcher's, after a sweep).
+
+    It covers the runs under ``root`` only if it lists all of them, which ``load_runs`` checks anyway.
+    """
+    if len(written) < 2:
+        return
+    order = sorted(range(len(written)), key=lambda i: _natural_key(written[i][0] / RUNS_FILE))
+    rows = pd.concat([written[i][1] for i in order], ignore_index=True)
+    table = pa.Table.from_pandas(rows, schema=runs_schema(rows), preserve_index=False)
+    rel = [written[i][0].relative_to(root).as_posix() for i in order]
+    try:
+        _write_atomic(table.append_column("run_dir", pa.array(rel, pa.string())), root / RUNS_INDEX)
+    except OSError:
+        pass
 
 
 def _natural_key(path: Path) -> list:

@@ -103,6 +103,12 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     first = cfgs[0]
     if any(group_key(c) != group_key(first) for c in cfgs):
         raise ValueError("train_group needs runs that share group_key(); split them first")
+    # A stack of one would take torch's matrix-matrix path instead of the batched one, whose rounding
+    # differs: a lone run trains as a stack of two copies, so that a run alone and the same run in
+    # any group compute bit for bit the same numbers (tests/test_train.py checks it).
+    n_runs = len(cfgs)
+    if n_runs == 1:
+        cfgs = cfgs * 2
     device = resolve_device(first.device)
     dtype = getattr(torch, first.train.dtype)
     model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
@@ -174,15 +180,15 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     with torch.no_grad():
         final = (forward(params, model_cfg, x_full).out - y_full).square().mean(dim=(1, 2))
     diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
-    scal = torch.cat(host_scalar).numpy()
+    scal = torch.cat(host_scalar).numpy()[:, :n_runs]
     return GroupTrace(
         steps=np.asarray(logged, dtype=np.int64),
         loss=scal[:, :, 0].astype(np.float64),
         grad_norm=scal[:, :, 1].astype(np.float64),
         clipped=scal[:, :, 2] > 0,
-        layer=torch.cat(host_layer).numpy().astype(np.float64) if collect_stats else None,
-        final_loss=final.cpu().numpy().astype(np.float64),
-        diverged_step=diverged.cpu().numpy(),
+        layer=torch.cat(host_layer).numpy()[:, :n_runs].astype(np.float64) if collect_stats else None,
+        final_loss=final.cpu().numpy()[:n_runs].astype(np.float64),
+        diverged_step=diverged.cpu().numpy()[:n_runs],
         wall_s=time.perf_counter() - t0,
         device=str(device),
     )

@@ -107,7 +107,8 @@ def test_override_grammar_and_single_run(tmp_path):
     runs, _ = load_sweep(tmp_path / "sweep")
     assert len(runs) == 4 and set(runs.tag) == {"grammar"}
     assert sorted(zip(runs["optim.lr"], runs["model.depth"])) == [(0.01, 2), (0.01, 3), (0.02, 2), (0.02, 3)]
-    assert (tmp_path / "sweep" / "0" / "gradsweep.log").exists()
+    assert (tmp_path / "sweep" / "0" / ".hydra" / "config.yaml").exists()
+    assert "group 1/2" in (tmp_path / "sweep" / "gradsweep.log").read_text()  # the fused sweep's one log
 
     out = _run(["train.steps=4", "quiet=true", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -126,10 +127,12 @@ def test_same_seed_same_parquet(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bad_job_inside_a_sweep_fails_the_sweep_in_one_line(tmp_path):
+def test_a_bad_job_inside_a_basic_sweep_fails_it_in_one_line(tmp_path):
     # data.n_features=4 is fine with data=scaled (the first job) and not with data=regression (the second).
+    # Hydra's basic launcher runs jobs one by one, so the first is written before the second fails; the
+    # fused default checks every job first (tests/test_launcher.py).
     out = _run(["-m", "data=scaled,regression", "data.n_features=4", "train.steps=2", "quiet=true",
-                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+                "hydra/launcher=basic", "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert out.returncode == 2
     assert "gradsweep: error: data.n_features=4 is not valid" in out.stderr
     assert (tmp_path / "sweep" / "0" / "runs.parquet").exists() and not (tmp_path / "sweep" / "1" / "runs.parquet").exists()

@@ -1,0 +1,164 @@
+"""The fused launcher's work: compose every job, group runs by architecture, train each group stacked.
+
+Each run still gets what a Hydra job leaves behind: its own directory (``hydra.sweep.subdir``) with
+``.hydra/config.yaml`` and ``.hydra/overrides.yaml``, its ``runs.parquet`` and ``steps.parquet``, its job
+number, ``override_dirname`` and a ``JobReturn``. Tasks other than gradsweep's run job by job exactly as
+Hydra's basic launcher runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import open_dict
+
+log = logging.getLogger("gradsweep.launcher")
+
+_BYTES_PER_VALUE = 8 * 3  # float64, held about three times over while a group's tables are built
+
+
+def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """Hydra's basic launcher loop, for task functions that are not gradsweep's."""
+    returns = []
+    for i, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + i
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = idx
+            cfg.hydra.job.num = idx
+        returns.append(run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=cfg,
+                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    return returns
+
+
+def group_size(cfg: Any, memory_gb: float, cap: int | None) -> int:
+    """How many runs of this architecture fit ``memory_gb`` of recorded statistics (and ``cap``)."""
+    from gradsweep.model import layers
+    from gradsweep.stats import LAYER_STATS
+
+    logged = -(-cfg.train.steps // cfg.train.log_every) + 1
+    per_run = logged * len(layers(cfg.model)) * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
+    fit = max(1, int(memory_gb * 2**30 // per_run))
+    return min(fit, cap) if cap else fit
+
+
+def _subdir(launcher: Any, idx: int, dirname: str, overrides: Sequence[str]) -> str:
+    template = launcher.config.hydra.sweep._get_node("subdir")._value()
+    if template == "${hydra.job.num}":
+        return str(idx)
+    if template == "${hydra.job.override_dirname}":
+        return dirname
+    cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+    with open_dict(cfg):
+        cfg.hydra.job.id = idx
+        cfg.hydra.job.num = idx
+    return str(cfg.hydra.sweep.subdir)
+
+
+def _write_job_files(job_dir: Path, unresolved: dict, overrides: list[str], output_subdir: str | None) -> None:
+    if output_subdir is None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return
+    hydra_dir = job_dir / output_subdir
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    dump = dict(Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), default_flow_style=False, sort_keys=False,
+                allow_unicode=True)
+    (hydra_dir / "config.yaml").write_text(yaml.dump(unresolved, **dump))
+    (hydra_dir / "overrides.yaml").write_text(yaml.dump(list(overrides), **dump))
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    from hydra_plugins.gradsweep_launcher.launcher import fusable
+
+    setup_globals()
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not fusable(launcher.task_function):
+        log.info(f"Launching {len(job_overrides)} jobs one by one (not a gradsweep task)")
+        return run_one_by_one(launcher, job_overrides, initial_job_idx)
+
+    # One log for the whole fused sweep, where Hydra would keep one per job.
+    handler = logging.FileHandler(sweep_dir / f"{config.hydra.job.name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger("gradsweep").addHandler(handler)
+    try:
+        return _launch_fused(launcher, job_overrides, initial_job_idx, sweep_dir)
+    finally:
+        logging.getLogger("gradsweep").removeHandler(handler)
+        handler.close()
+
+
+def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                  sweep_dir: Path) -> list[JobReturn]:
+    from gradsweep.cli import job_result
+    from gradsweep.compose import SweepComposer
+    from gradsweep.config import ConfigError, build_run_cfg
+    from gradsweep.tables import build_tables, write_group, write_runs_index
+    from gradsweep.train import group_key, resolve_device, train_group
+
+    config = launcher.config
+    t0 = time.perf_counter()
+    composer = SweepComposer(launcher.hydra_context.config_loader, config)
+    jobs = [composer.compose(list(ov), initial_job_idx + i) for i, ov in enumerate(job_overrides)]
+    try:  # every job checked before any trains: one bad value fails the sweep with nothing written
+        cfgs = [build_run_cfg(job.task) for job in jobs]
+        for device in {c.device for c in cfgs}:
+            resolve_device(device)
+    except ConfigError as e:
+        print(f"gradsweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    compose_s = time.perf_counter() - t0
+
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(group_key(cfg), []).append(i)
+    chunks = []
+    for members in groups.values():
+        size = group_size(cfgs[members[0]], launcher.memory_gb, launcher.max_group_runs)
+        chunks += [members[k:k + size] for k in range(0, len(members), size)]
+    log.info(f"Launching {len(jobs)} jobs fused: {len(chunks)} group(s) of one architecture each "
+             f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
+
+    returns: list[JobReturn | None] = [None] * len(jobs)
+    written: list[tuple[Path, Any]] = []  # (job dir, its runs row) for the sweep's runs index
+    output_subdir = config.hydra.output_subdir
+    task_name = str(config.hydra.job.name)
+    for g, chunk in enumerate(chunks):
+        group_cfgs = [cfgs[i] for i in chunk]
+        trace = train_group(group_cfgs)
+        rate = len(chunk) * group_cfgs[0].train.steps / trace.wall_s
+        m = group_cfgs[0].model
+        log.info(f"group {g + 1}/{len(chunks)}: {len(chunk)} runs (depth {m.depth}, width {m.width}, {m.activation}), "
+                 f"{trace.device}, {rate:,.0f} run-steps/s")
+        meta = [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk]
+        runs, steps = build_tables(group_cfgs, trace, meta)
+        dirs = []
+        for i in chunk:
+            idx = initial_job_idx + i
+            job_dir = sweep_dir / _subdir(launcher, idx, jobs[i].override_dirname, job_overrides[i])
+            _write_job_files(job_dir, jobs[i].unresolved, jobs[i].overrides, output_subdir)
+            dirs.append(job_dir)
+        failures = write_group(dirs, runs, steps)
+        written += [(dirs[row], runs.iloc[[row]]) for row in range(len(chunk)) if failures[row] is None]
+        for row, i in enumerate(chunk):
+            ret = JobReturn(overrides=jobs[i].overrides, working_dir=os.getcwd(), task_name=task_name)
+            if failures[row] is None:
+                ret.status, ret.return_value = JobStatus.COMPLETED, job_result(runs.iloc[row])
+            else:
+                ret.status, ret.return_value = JobStatus.FAILED, failures[row]
+            returns[i] = ret
+            launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+    write_runs_index(sweep_dir, written)
+    return returns  # type: ignore[return-value]

@@ -1,0 +1,93 @@
+"""The fused launcher: Hydra's conformance suites, and a fused sweep equal to the basic launcher's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from gradsweep import load_sweep
+
+
+@pytest.fixture(autouse=True)
+def hydra_version_base_unset():
+    """Hydra's suites expect a process where no app has set a version_base yet (so jobs chdir, as in 1.1);
+    earlier tests in this session composed gradsweep's config with version_base=1.3."""
+    from hydra import version
+
+    base = version.VersionBase.instance()
+    saved = base.getbase()
+    base.version_base = version._UNSPECIFIED_
+    yield
+    base.version_base = saved
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("gradsweep", [])])
+class TestFusedLauncher(LauncherTestSuite):
+    """Any task that is not gradsweep's runs job by job, as Hydra's basic launcher runs it."""
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags",
+                         [({}, ["-m", "hydra/launcher=gradsweep"]), ({}, ["-m", "hydra/launcher=gradsweep",
+                                                                           "hydra/sweeper=gradsweep"])])
+class TestFusedLauncherIntegration(IntegrationTestSuite):
+    pass
+
+
+def _sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradsweep", "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+SWEEP = ["model.depth=2,5", "init=xavier,kaiming,large", "optim.lr=0.01,0.05", "train.clip_norm=null,1.0",
+         "train.steps=40", "train.dtype=float64", "quiet=true"]
+
+
+@pytest.mark.slow
+def test_fused_sweep_reads_like_the_basic_one(tmp_path):
+    fused = _sweep([*SWEEP, f"hydra.sweep.dir={tmp_path / 'fused'}"], tmp_path)
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    assert "fused" in fused.stderr + fused.stdout
+    basic = _sweep([*SWEEP, "hydra/launcher=basic", "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path / 'basic'}"],
+                   tmp_path)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    (rf, sf), (rb, sb) = load_sweep(tmp_path / "fused"), load_sweep(tmp_path / "basic")
+    assert len(rf) == len(rb) == 24 and (rf["group_size"] > 1).all() and (rb["group_size"] == 1).all()
+    exact = [c for c in rb.columns if c not in ("wall_s", "group_size") and not pd.api.types.is_float_dtype(rb[c])]
+    pd.testing.assert_frame_equal(rf[exact], rb[exact])
+    for col in [c for c in rb.columns if pd.api.types.is_float_dtype(rb[c]) and c != "wall_s"]:
+        np.testing.assert_allclose(rf[col], rb[col], rtol=1e-10, err_msg=col)
+    pd.testing.assert_frame_equal(sf.drop(columns=[c for c in sf.columns if sf[c].dtype == float]),
+                                  sb.drop(columns=[c for c in sb.columns if sb[c].dtype == float]))
+    for col in [c for c in sf.columns if sf[c].dtype == float]:
+        np.testing.assert_allclose(sf[col], sb[col], rtol=1e-10, atol=1e-300, err_msg=col)
+    # The runs index the fused launcher writes from memory reads the same as the run files themselves.
+    from gradsweep.tables import RUNS_INDEX, load_runs
+
+    assert (tmp_path / "fused" / RUNS_INDEX).exists()
+    from_index = load_runs(tmp_path / "fused")
+    (tmp_path / "fused" / RUNS_INDEX).unlink()
+    pd.testing.assert_frame_equal(from_index, load_runs(tmp_path / "fused"))
+    for job in ("0", "23"):  # each run looks like a Hydra job
+        assert (tmp_path / "fused" / job / ".hydra" / "config.yaml").exists()
+        assert (tmp_path / "fused" / job / ".hydra" / "overrides.yaml").read_text() == \
+            (tmp_path / "basic" / job / ".hydra" / "overrides.yaml").read_text()
+        from omegaconf import OmegaConf
+
+        assert OmegaConf.load(tmp_path / "fused" / job / ".hydra" / "config.yaml") == \
+            OmegaConf.load(tmp_path / "basic" / job / ".hydra" / "config.yaml")
+
+
+@pytest.mark.slow
+def test_a_bad_job_fails_the_fused_sweep_before_any_trains(tmp_path):
+    out = _sweep(["data=scaled,regression", "data.n_features=4", "train.steps=2", "quiet=true",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("gradsweep: error: data.n_features=4 is not valid")
+    assert not list((tmp_path / "sweep").rglob("runs.parquet"))
