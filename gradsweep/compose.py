@@ -68,7 +68,8 @@ class SweepComposer:
         self.loader = loader
         self.master = master
         self.parser = OverridesParser.create()
-        self.dirname_cfg = master.hydra.job.config.override_dirname
+        dirname_cfg = master.hydra.job.config.override_dirname
+        self.dirname_args = (list(dirname_cfg.exclude_keys), dirname_cfg.item_sep, dirname_cfg.kv_sep)
         self._parsed: dict[str, Any] = {}
         self._is_group: dict[str, bool] = {}
         self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}
@@ -103,8 +104,7 @@ class SweepComposer:
 
         parsed = [self._parse(line) for line in overrides]
         task_overrides = [o for o in parsed if not o.is_hydra_override()]
-        dirname = get_overrides_dirname(task_overrides, list(self.dirname_cfg.exclude_keys),
-                                        self.dirname_cfg.item_sep, self.dirname_cfg.kv_sep)
+        dirname = get_overrides_dirname(task_overrides, *self.dirname_args)
         lines = [o.input_line for o in task_overrides]
         try:
             unresolved = self._fast(parsed)

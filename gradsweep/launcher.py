@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import open_dict
 
@@ -52,8 +51,7 @@ def group_size(cfg: Any, memory_gb: float, cap: int | None) -> int:
     return min(fit, cap) if cap else fit
 
 
-def _subdir(launcher: Any, idx: int, dirname: str, overrides: Sequence[str]) -> str:
-    template = launcher.config.hydra.sweep._get_node("subdir")._value()
+def _subdir(launcher: Any, template: Any, idx: int, dirname: str, overrides: Sequence[str]) -> str:
     if template == "${hydra.job.num}":
         return str(idx)
     if template == "${hydra.job.override_dirname}":
@@ -63,18 +61,6 @@ def _subdir(launcher: Any, idx: int, dirname: str, overrides: Sequence[str]) -> 
         cfg.hydra.job.id = idx
         cfg.hydra.job.num = idx
     return str(cfg.hydra.sweep.subdir)
-
-
-def _write_job_files(job_dir: Path, unresolved: dict, overrides: list[str], output_subdir: str | None) -> None:
-    if output_subdir is None:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        return
-    hydra_dir = job_dir / output_subdir
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    dump = dict(Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), default_flow_style=False, sort_keys=False,
-                allow_unicode=True)
-    (hydra_dir / "config.yaml").write_text(yaml.dump(unresolved, **dump))
-    (hydra_dir / "overrides.yaml").write_text(yaml.dump(list(overrides), **dump))
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
@@ -132,30 +118,32 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
 
     returns: list[JobReturn | None] = [None] * len(jobs)
-    written: list[tuple[Path, Any]] = []  # (job dir, its runs row) for the sweep's runs index
+    written: list[tuple[list[Path], Any]] = []  # (job dirs, their runs rows) per group, for the sweep's runs index
+    subdir_template = launcher.config.hydra.sweep._get_node("subdir")._value()
     output_subdir = config.hydra.output_subdir
     task_name = str(config.hydra.job.name)
     for g, chunk in enumerate(chunks):
         group_cfgs = [cfgs[i] for i in chunk]
         trace = train_group(group_cfgs)
-        rate = len(chunk) * group_cfgs[0].train.steps / trace.wall_s
+        t_written = time.perf_counter()
+        meta = [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk]
+        runs, steps = build_tables(group_cfgs, trace, meta, arrow=True)
+        dirs = [sweep_dir / _subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname,
+                                    job_overrides[i]) for i in chunk]
+        failures = write_group(dirs, runs, steps, [(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
+                               output_subdir)
+        ok = [f is None for f in failures]
+        written.append(([d for d, good in zip(dirs, ok) if good], runs[ok]))
+        records = runs.to_dict("records")
         m = group_cfgs[0].model
         log.info(f"group {g + 1}/{len(chunks)}: {len(chunk)} runs (depth {m.depth}, width {m.width}, {m.activation}), "
-                 f"{trace.device}, {rate:,.0f} run-steps/s")
-        meta = [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk]
-        runs, steps = build_tables(group_cfgs, trace, meta)
-        dirs = []
-        for i in chunk:
-            idx = initial_job_idx + i
-            job_dir = sweep_dir / _subdir(launcher, idx, jobs[i].override_dirname, job_overrides[i])
-            _write_job_files(job_dir, jobs[i].unresolved, jobs[i].overrides, output_subdir)
-            dirs.append(job_dir)
-        failures = write_group(dirs, runs, steps)
-        written += [(dirs[row], runs.iloc[[row]]) for row in range(len(chunk)) if failures[row] is None]
+                 f"{trace.device}, {len(chunk) * group_cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
+                 f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
+        cwd = os.getcwd()
         for row, i in enumerate(chunk):
-            ret = JobReturn(overrides=jobs[i].overrides, working_dir=os.getcwd(), task_name=task_name)
+            ret = JobReturn(overrides=jobs[i].overrides, working_dir=cwd, task_name=task_name)
             if failures[row] is None:
-                ret.status, ret.return_value = JobStatus.COMPLETED, job_result(runs.iloc[row])
+                ret.status, ret.return_value = JobStatus.COMPLETED, job_result(records[row])
             else:
                 ret.status, ret.return_value = JobStatus.FAILED, failures[row]
             returns[i] = ret

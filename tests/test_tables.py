@@ -135,3 +135,17 @@ def test_runs_index_is_used_only_while_fresh(tmp_path):
     write_tables(tmp_path / "2", runs.iloc[[0]], steps[steps.run_id == runs.run_id[0]])
     os.utime(index)  # even with the index newest, its list of runs no longer matches
     assert load_runs(tmp_path).run_dir.tolist() == ["0", "1", "2"]
+
+
+def test_write_group_isolates_a_failing_run(tmp_path):
+    from gradsweep.tables import write_group
+
+    cfgs, trace = _group()
+    runs, steps = build_tables(cfgs, trace)
+    (tmp_path / "blocked").write_text("a file where the run's directory should be")
+    failures = write_group([tmp_path / "blocked", tmp_path / "ok"], runs, steps)
+    assert isinstance(failures[0], OSError) and failures[1] is None
+    got_runs, got_steps = load_sweep(tmp_path / "ok")
+    assert got_runs.run_id.tolist() == [runs.run_id[1]]
+    pd.testing.assert_frame_equal(got_steps, steps[steps.run_id == runs.run_id[1]].reset_index(drop=True),
+                                  check_dtype=False)
