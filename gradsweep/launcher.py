@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
 from omegaconf import open_dict
 
 log = logging.getLogger("gradsweep.launcher")
@@ -24,20 +24,13 @@ log = logging.getLogger("gradsweep.launcher")
 _BYTES_PER_VALUE = 8 * 3  # float64, held about three times over while a group's tables are built
 
 
-def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    """Hydra's basic launcher loop, for task functions that are not gradsweep's."""
-    returns = []
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
-        with open_dict(cfg):
-            cfg.hydra.job.id = idx
-            cfg.hydra.job.num = idx
-        returns.append(run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=cfg,
-                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
-        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    return returns
+def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    """Hydra's own basic launcher, for task functions that are not gradsweep's."""
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+    basic = BasicLauncher()
+    basic.setup(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=launcher.config)
+    return basic.launch(job_overrides, initial_job_idx)
 
 
 def group_size(cfg: Any, memory_gb: float, cap: int | None) -> int:
@@ -66,14 +59,13 @@ def _subdir(launcher: Any, template: Any, idx: int, dirname: str, overrides: Seq
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     from hydra_plugins.gradsweep_launcher.launcher import fusable
 
+    if not fusable(launcher.task_function):
+        return run_one_by_one(launcher, job_overrides, initial_job_idx)
     setup_globals()
     config = launcher.config
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not fusable(launcher.task_function):
-        log.info(f"Launching {len(job_overrides)} jobs one by one (not a gradsweep task)")
-        return run_one_by_one(launcher, job_overrides, initial_job_idx)
 
     # One log for the whole fused sweep, where Hydra would keep one per job.
     handler = logging.FileHandler(sweep_dir / f"{config.hydra.job.name}.log")

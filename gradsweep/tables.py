@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
@@ -255,7 +255,7 @@ def write_group(run_dirs: list[Path], runs: pd.DataFrame, steps: pd.DataFrame,
     whose files cannot be written gets its exception in the returned list; the others are written.
     """
     runs_t, steps_t = _to_arrow(runs, steps)
-    ids = pa.compute.value_counts(steps_t.column("run_id").combine_chunks())
+    ids = pc.value_counts(steps_t.column("run_id").combine_chunks())
     per_id = dict(zip(ids.field("values").to_pylist(), ids.field("counts").to_pylist()))
     counts = np.array([per_id.get(rid, 0) for rid in runs["run_id"]], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
