@@ -33,7 +33,7 @@ def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initia
     return basic.launch(job_overrides, initial_job_idx)
 
 
-def group_size(cfg: Any, memory_gb: float, cap: int | None) -> int:
+def runs_per_group(cfg: Any, memory_gb: float, cap: int | None) -> int:
     """How many runs of this architecture fit ``memory_gb`` of recorded statistics (and ``cap``)."""
     from gradsweep.model import layers
     from gradsweep.stats import LAYER_STATS
@@ -104,7 +104,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         groups.setdefault(group_key(cfg), []).append(i)
     chunks = []
     for members in groups.values():
-        size = group_size(cfgs[members[0]], launcher.memory_gb, launcher.max_group_runs)
+        size = runs_per_group(cfgs[members[0]], launcher.memory_gb, launcher.max_group_runs)
         chunks += [members[k:k + size] for k in range(0, len(members), size)]
     log.info(f"Launching {len(jobs)} jobs fused: {len(chunks)} group(s) of one architecture each "
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")

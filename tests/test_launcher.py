@@ -91,3 +91,16 @@ def test_a_bad_job_fails_the_fused_sweep_before_any_trains(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("gradsweep: error: data.n_features=4 is not valid")
     assert not list((tmp_path / "sweep").rglob("runs.parquet"))
+
+
+@pytest.mark.slow
+def test_groups_split_at_the_cap_and_give_the_same_numbers(tmp_path):
+    sweep = ["optim.lr=0.01,0.02,0.05,0.1", "train.seed=0,1", "train.steps=15", "quiet=true"]
+    capped = _sweep([*sweep, "hydra.launcher.max_group_runs=3", f"hydra.sweep.dir={tmp_path / 'capped'}"], tmp_path)
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    whole = _sweep([*sweep, f"hydra.sweep.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (rc, sc), (rw, sw) = load_sweep(tmp_path / "capped"), load_sweep(tmp_path / "whole")
+    assert sorted(rc["group_size"]) == [2, 2, 3, 3, 3, 3, 3, 3] and set(rw["group_size"]) == {8}
+    pd.testing.assert_frame_equal(sc, sw)  # bit for bit: a run's numbers do not depend on its group
+    assert "group 3/3" in (tmp_path / "capped" / "gradsweep.log").read_text()
