@@ -1,0 +1,55 @@
+"""CUDA: run only where a GPU is (scripts/gpu_check.sh runs them on a lent machine); skipped elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+
+from gradsweep.train import resolve_device, train_group
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+def _cfgs(device: str, n: int = 8, dtype: str = "float64", steps: int = 100):
+    return [make_cfg(model={"depth": 6}, init={"name": "kaiming", "scheme": "kaiming"}, device=device,
+                     optim={"lr": 0.005 * (1 + r % 4), "momentum": 0.5 if r % 2 else 0.0},
+                     train={"steps": steps, "seed": r, "dtype": dtype, "clip_norm": 1.0 if r % 3 == 0 else None})
+            for r in range(n)]
+
+
+def test_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_cuda_matches_cpu_in_float64():
+    gpu, cpu = train_group(_cfgs("cuda")), train_group(_cfgs("cpu"))
+    np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-9)
+    np.testing.assert_allclose(gpu.layer, cpu.layer, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,rtol,steps", [("float64", 1e-10, 300), ("float32", 1e-4, 100)])
+def test_a_run_in_a_group_equals_the_run_alone_on_cuda(dtype, rtol, steps):
+    cfgs = _cfgs("cuda", n=16, dtype=dtype, steps=steps)
+    together = train_group(cfgs)
+    for r in (0, 5, 15):
+        alone = train_group([cfgs[r]])
+        np.testing.assert_allclose(together.loss[:, r], alone.loss[:, 0], rtol=rtol)
+
+
+def test_no_host_sync_per_step():
+    cfgs = _cfgs("cuda", n=64, dtype="float32", steps=256)
+    train_group(cfgs)  # warm-up
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_group(cfgs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    # Setup, one copy per 64 logged steps, and the end; never one per step.
+    assert len(syncs) < 256 // 4, [str(w.message) for w in syncs[:5]]
