@@ -20,8 +20,6 @@ from tqdm.auto import tqdm
 from gradsweep.layout import AT, SEVERITY, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
 from gradsweep.tables import load_runs, load_steps
 
-FLOW_MAPS_DEFAULT = 4  # one per verdict present, worst first
-
 
 class ReportError(Exception):
     """A report that cannot be made: one line for the user."""
@@ -47,8 +45,9 @@ def sweep_command(sweep_dir: Path) -> str:
     return ""
 
 
-def pick_flow_runs(runs: pd.DataFrame, n: int) -> list[str]:
-    """One run per verdict present, worst verdict first; within a verdict the most extreme ratio."""
+def pick_flow_runs(runs: pd.DataFrame, n: int | None = None) -> list[str]:
+    """One run per verdict present, worst verdict first, within a verdict the most extreme ratio (the
+    earliest divergence); with ``n``, then the next most extreme runs up to ``n`` maps in all."""
     chosen: list[str] = []
     ranked = runs.assign(_sev=runs["verdict"].map(SEVERITY).fillna(-1),
                          _ext=runs["grad_ratio_log10"].abs().fillna(np.inf))
@@ -56,6 +55,8 @@ def pick_flow_runs(runs: pd.DataFrame, n: int) -> list[str]:
         key = "diverged_step" if verdict == "diverged" else "_ext"
         best = sub.sort_values(key, ascending=(verdict == "diverged")).iloc[0]
         chosen.append(best["run_id"])
+    if n is None:
+        return chosen
     rest = ranked[~ranked.run_id.isin(chosen)].sort_values(["_sev", "_ext"], ascending=False)
     chosen += rest.run_id.head(max(0, n - len(chosen))).tolist()
     return chosen[:max(n, 1)]
@@ -88,7 +89,7 @@ def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tupl
 
 def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
                 facets: list[str] | None = None, stat: str = "grad_ratio", at: str = "init",
-                flow_runs: list[str] | None = None, n_flow: int = FLOW_MAPS_DEFAULT, quiet: bool = False) -> Path:
+                flow_runs: list[str] | None = None, n_flow: int | None = None, quiet: bool = False) -> Path:
     """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest)."""
     from gradsweep import figures
     from gradsweep.html import write_index
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stat", choices=sorted(STATISTICS), default="grad_ratio", help="the heatmap's statistic")
     ap.add_argument("--at", choices=sorted(AT), default="init", help="at step 0 or the median over training")
     ap.add_argument("--run", action="append", dest="runs", help="run_id for a gradient-flow map (repeatable)")
-    ap.add_argument("--flow-maps", type=int, default=FLOW_MAPS_DEFAULT, help="how many gradient-flow maps by default")
+    ap.add_argument("--flow-maps", type=int, help="how many gradient-flow maps (default: one per verdict present)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

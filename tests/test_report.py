@@ -118,3 +118,13 @@ def test_one_swept_key(tmp_path):
     write_sweep(tmp_path, grid(**{"model.activation": ["sigmoid", "relu", "tanh"]}), steps=5)
     index = make_report(tmp_path, quiet=True)
     assert "x = <code>model.activation</code>, y = <code>None</code>" in index.read_text()
+
+
+def test_flow_maps_default_to_one_per_verdict_worst_first():
+    from gradsweep.report import pick_flow_runs
+
+    runs = pd.DataFrame({"run_id": list("abcdef"), "verdict": ["healthy", "vanishing", "vanishing", "diverged",
+                                                                 "healthy", "diverged"],
+                         "grad_ratio_log10": [0.1, -3.0, -5.0, 1.0, -0.5, 2.0], "diverged_step": [None, None, None, 7, None, 2]})
+    assert pick_flow_runs(runs) == ["f", "c", "e"]  # diverged earliest, most vanishing, most extreme healthy
+    assert pick_flow_runs(runs, 5) == ["f", "c", "e", "d", "b"]
