@@ -1,6 +1,6 @@
 """The MLP, with its parameters stacked along a leading run axis.
 
-A single run is a stack of one. Every parameter is a tensor of shape ``(R, ...)``,
+Every parameter is a tensor of shape ``(R, ...)`` (R runs; ``train_group`` stacks a lone run with a copy),
 and the forward pass uses batched matmuls, so R independent networks train as one.
 """
 

@@ -1,6 +1,7 @@
 """The training loop: R runs of one architecture trained side by side as one stacked model.
 
-A single run is a group of one; the fused sweep launcher hands whole groups to the same loop.
+A single run is a group of one (trained as two copies, see train_group); the fused launcher hands whole
+groups to the same loop.
 Nothing here syncs with the device per step: statistics accumulate on the device and are copied
 to the host once per block of logged steps.
 """
