@@ -8,6 +8,7 @@ the entry point sees a ``DictConfig``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -272,11 +273,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}={value!r} is not valid; it must be {'null or ' if optional else ''}{_TYPE_WORDS[hint]}")
 
 
+@functools.cache
+def _hints(cls: type) -> tuple[dict[str, Any], list[str]]:
+    """A schema's field types and names (resolving the annotations is slow; a sweep builds thousands of configs)."""
+    return typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+
+
 def build_section(name: str, values: dict[str, Any]) -> Any:
     """Construct one section's dataclass from plain values, with one-line errors for bad keys or types."""
     cls = SECTIONS[name]
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
+    hints, fields = _hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in hints:

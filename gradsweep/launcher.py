@@ -13,9 +13,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
 from omegaconf import open_dict
 
@@ -83,7 +86,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     from gradsweep.cli import job_result
     from gradsweep.compose import SweepComposer
     from gradsweep.config import ConfigError, build_run_cfg
-    from gradsweep.tables import build_tables, write_group, write_runs_index
+    from gradsweep.tables import GROUPS_DIR, build_tables, write_group, write_job_dirs
     from gradsweep.train import group_key, resolve_device, train_group
 
     config = launcher.config
@@ -110,7 +113,6 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
 
     returns: list[JobReturn | None] = [None] * len(jobs)
-    written: list[tuple[list[Path], Any]] = []  # (job dirs, their runs rows) per group, for the sweep's runs index
     subdir_template = launcher.config.hydra.sweep._get_node("subdir")._value()
     output_subdir = config.hydra.output_subdir
     task_name = str(config.hydra.job.name)
@@ -122,10 +124,21 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         runs, steps = build_tables(group_cfgs, trace, meta, arrow=True)
         dirs = [sweep_dir / _subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname,
                                     job_overrides[i]) for i in chunk]
-        failures = write_group(dirs, runs, steps, [(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
-                               output_subdir)
+        group_dir = sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])
+        with ThreadPoolExecutor(1) as pool:  # the group's tables and the runs' job directories, side by side
+            tables = pool.submit(write_group, group_dir, dirs, runs, steps)
+            failures = write_job_dirs(dirs, [(jobs[i].unresolved, jobs[i].overrides) for i in chunk], output_subdir)
+            group_error = tables.exception()
         ok = [f is None for f in failures]
-        written.append(([d for d, good in zip(dirs, ok) if good], runs[ok]))
+        if group_error is None and not all(ok):  # the tables hold only runs whose directory exists
+            ok_ids = pa.array(runs["run_id"][ok].tolist(), pa.string())
+            try:
+                write_group(group_dir, [d for d, k in zip(dirs, ok) if k], runs[ok],
+                            steps.filter(pc.is_in(steps.column("run_id"), value_set=ok_ids)))
+            except Exception as e:
+                group_error = e
+        if group_error is not None:  # the group's tables are every run's: each run fails with them
+            failures = [f or group_error for f in failures]
         records = runs.to_dict("records")
         m = group_cfgs[0].model
         log.info(f"group {g + 1}/{len(chunks)}: {len(chunk)} runs (depth {m.depth}, width {m.width}, {m.activation}), "
@@ -140,5 +153,4 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
                 ret.status, ret.return_value = JobStatus.FAILED, failures[row]
             returns[i] = ret
             launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
-    write_runs_index(sweep_dir, written)
     return returns  # type: ignore[return-value]

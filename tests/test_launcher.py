@@ -104,3 +104,15 @@ def test_groups_split_at_the_cap_and_give_the_same_numbers(tmp_path):
     assert sorted(rc["group_size"]) == [2, 2, 3, 3, 3, 3, 3, 3] and set(rw["group_size"]) == {8}
     pd.testing.assert_frame_equal(sc, sw)  # bit for bit: a run's numbers do not depend on its group
     assert "group 3/3" in (tmp_path / "capped" / "gradsweep.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_be_written_fails_alone(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "1").write_text("a file where job 1's directory should be")
+    out = _sweep(["optim.lr=0.01,0.02,0.05", "train.steps=5", "quiet=true", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert out.returncode != 0  # Hydra's sweeper raises the failed job's error after the batch
+    assert "Error executing job" in out.stderr
+    runs, steps = load_sweep(sweep_dir)
+    assert runs.run_dir.tolist() == ["0", "2"] and set(steps.run_id) == set(runs.run_id)

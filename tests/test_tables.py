@@ -137,15 +137,33 @@ def test_runs_index_is_used_only_while_fresh(tmp_path):
     assert load_runs(tmp_path).run_dir.tolist() == ["0", "1", "2"]
 
 
-def test_write_group_isolates_a_failing_run(tmp_path):
-    from gradsweep.tables import write_group
+def test_group_files_read_like_run_files(tmp_path):
+    from gradsweep.tables import GROUPS_DIR, load_runs, write_group, write_job_dirs
 
     cfgs, trace = _group()
-    runs, steps = build_tables(cfgs, trace)
+    runs, steps = build_tables(cfgs, trace, [{"job_num": 0}, {"job_num": 1}])
+    for r in range(2):  # the per-run layout, as a basic-launcher sweep writes it
+        write_tables(tmp_path / "basic" / str(r), runs.iloc[[r]], steps[steps.run_id == runs.run_id[r]])
+    fused = tmp_path / "fused"
+    dirs = [fused / "1", fused / "0"]  # a group's run order need not be the sweep's
+    order = [1, 0]
+    rows = runs.iloc[order].reset_index(drop=True)
+    part = pd.concat([steps[steps.run_id == runs.run_id[i]] for i in order], ignore_index=True)
+    assert write_job_dirs(dirs, [({"a": 1}, ["x=1"])] * 2, ".hydra") == [None, None]
+    write_group(fused / GROUPS_DIR / "0", dirs, rows, part)
+    (rb, sb), (rf, sf) = load_sweep(tmp_path / "basic"), load_sweep(fused)
+    pd.testing.assert_frame_equal(rf, rb)
+    pd.testing.assert_frame_equal(sf, sb)
+    one_runs, one_steps = load_sweep(fused / "1")  # one run of a fused sweep: its rows from its group's files
+    assert one_runs.run_dir.tolist() == ["."] and one_runs.run_id.tolist() == [runs.run_id[1]]
+    pd.testing.assert_frame_equal(one_steps, sb[sb.run_id == runs.run_id[1]].reset_index(drop=True))
+    assert load_runs(fused / "1", write_index=True).run_id.tolist() == [runs.run_id[1]]
+
+
+def test_a_run_whose_directory_cannot_be_written_fails_alone(tmp_path):
+    from gradsweep.tables import write_job_dirs
+
     (tmp_path / "blocked").write_text("a file where the run's directory should be")
-    failures = write_group([tmp_path / "blocked", tmp_path / "ok"], runs, steps)
+    failures = write_job_dirs([tmp_path / "blocked", tmp_path / "ok"], [({"a": 1}, ["x=1"])] * 2, ".hydra")
     assert isinstance(failures[0], OSError) and failures[1] is None
-    got_runs, got_steps = load_sweep(tmp_path / "ok")
-    assert got_runs.run_id.tolist() == [runs.run_id[1]]
-    pd.testing.assert_frame_equal(got_steps, steps[steps.run_id == runs.run_id[1]].reset_index(drop=True),
-                                  check_dtype=False)
+    assert (tmp_path / "ok" / ".hydra" / "config.yaml").read_text() == "a: 1\n"
