@@ -1,6 +1,8 @@
 """The parquet schema (its one definition), the run tables built from a training trace, and ``load_sweep``.
 
-Every run directory holds two zstd parquet files:
+A run's tables are two zstd parquet files, in its own directory (a single run, Hydra's basic launcher) or
+shared by its group in ``<sweep_dir>/groups/<first job>/`` (the fused launcher, whose runs rows then also
+store ``run_dir``, each run's directory relative to the group's); ``load_runs``/``load_steps`` read both:
 
 ``runs.parquet``
     One row per run: ``run_id``, ``job_num``, ``override_dirname``, every config value flattened to a
