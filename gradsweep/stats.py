@@ -43,7 +43,6 @@ class StatsPlan:
         self.w_numel = torch.tensor([float(torch.Size(layout.shapes[i]).numel()) for i in self.w_idx.tolist()],
                                     dtype=dtype, device=device)
         self.widths = torch.tensor([float(w) for w in widths], dtype=dtype, device=device)
-        self.fseg = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(widths)).to(device)
         self.hidden_rows = torch.tensor([k for k, la in enumerate(layers) if la.kind == "linear"][:-1], device=device)
         self.n_layers = len(layers)
         self.activation = activation
