@@ -320,6 +320,11 @@ def to_run_cfg(cfg: Any) -> RunCfg:
     return build_run_cfg(values)
 
 
+def column_of(section: str, key: str) -> str:
+    """A config value's column name: its override key, and for the init and data presets' names the group alone."""
+    return section if (key == "name" and section in ("init", "data")) else f"{section}.{key}"
+
+
 def flatten(cfg: RunCfg) -> dict[str, Any]:
     """Every config value as a column named like its override key (``model.depth``, ``init``, ``optim.lr``...).
 
@@ -329,8 +334,7 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in SECTIONS:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            col = section if (key == "name" and section in ("init", "data")) else f"{section}.{key}"
-            out[col] = value
+            out[column_of(section, key)] = value
     out.update(cfg.extra)
     return out
 

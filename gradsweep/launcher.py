@@ -1,9 +1,9 @@
 """The fused launcher's work: compose every job, group runs by architecture, train each group stacked.
 
 Each run still gets what a Hydra job leaves behind: its own directory (``hydra.sweep.subdir``) with
-``.hydra/config.yaml`` and ``.hydra/overrides.yaml``, its ``runs.parquet`` and ``steps.parquet``, its job
-number, ``override_dirname`` and a ``JobReturn``. Tasks other than gradsweep's run job by job exactly as
-Hydra's basic launcher runs them.
+``.hydra/config.yaml`` and ``.hydra/overrides.yaml``, its job number, ``override_dirname`` and a ``JobReturn``;
+its rows sit in its group's tables under ``<sweep_dir>/groups/``. Tasks other than gradsweep's go to Hydra's
+own basic launcher.
 """
 
 from __future__ import annotations

@@ -133,17 +133,18 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          "heatmap_verdict.png", "Verdict", "Each cell's most common verdict; ties go to the worse one.")
 
     chosen = flow_runs or pick_flow_runs(runs, n_flow)
-    flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
-                      (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen))
     by_id = runs.set_index("run_id")
     unknown = [rid for rid in chosen if rid not in by_id.index]
     if unknown:
         raise ReportError(f"--run {unknown[0]!r} is not a run of this sweep; run_ids are in summary.csv")
+    run_ids = runs["run_id"].tolist()
+    flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
+                      (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen), run_ids=run_ids)
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
     save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
          "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
 
-    loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1)
+    loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
     curves, ends, pooled = _loss_frames(runs, loss, layout)
     save(figures.loss_curves(curves, ends, layout, pooled), "loss_curves.png", "Loss curves",
          f"Median loss over {pooled} per configuration; x marks the last finite loss of each diverged run.")

@@ -34,7 +34,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from gradsweep.config import SECTIONS, RunCfg, VerdictCfg, config_hash, flatten
+from gradsweep.config import SECTIONS, RunCfg, VerdictCfg, column_of, config_hash, flatten
 from gradsweep.stats import LAYER_STATS
 
 RUNS_FILE = "runs.parquet"
@@ -94,8 +94,7 @@ def config_columns() -> dict[str, pa.DataType]:
             hint = typing.get_type_hints(cls)[f.name]
             if typing.get_origin(hint) in (typing.Union, types.UnionType):
                 hint = next(a for a in typing.get_args(hint) if a is not type(None))
-            col = section if (f.name == "name" and section in ("init", "data")) else f"{section}.{f.name}"
-            out[col] = _PA_TYPES[hint]
+            out[column_of(section, f.name)] = _PA_TYPES[hint]
     return out
 
 
@@ -350,18 +349,19 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).reset_index(drop=True)
 
 
-def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter: Any = None) -> pd.DataFrame:
+def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter: Any = None,
+               run_ids: list[str] | None = None) -> pd.DataFrame:
     """The steps table of a sweep, read with pyarrow: only ``columns``, only rows matching ``filter``
     (a ``pyarrow.compute`` expression), all files of the sweep in one multi-threaded scan.
 
     Rows come run by run in the order of ``load_runs``, whether the sweep wrote a file per run or, fused,
-    a file per group."""
+    a file per group; a caller that holds ``load_runs(path).run_id`` already passes it as ``run_ids``."""
     root = Path(path)
     run_files = _run_files(root)
     files = [str(f.parent / STEPS_FILE) for f in run_files if (f.parent / STEPS_FILE).exists()]
     grouped = any(f.parent.parent.name == GROUPS_DIR for f in run_files)
     if grouped:
-        ids = load_runs(root)["run_id"].tolist()
+        ids = list(run_ids) if run_ids is not None else load_runs(root)["run_id"].tolist()
         keep = pc.field("run_id").isin(ids)
         filter = keep if filter is None else (filter & keep)
         if columns is not None and "run_id" not in columns:
@@ -384,4 +384,5 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     ``runs`` gains a ``run_dir`` column: the run's directory relative to ``path``.
     """
-    return load_runs(path), load_steps(path)
+    runs = load_runs(path)
+    return runs, load_steps(path, run_ids=runs["run_id"].tolist())
