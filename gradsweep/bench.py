@@ -113,10 +113,10 @@ def sweep_bench(steps: int, basic_runs: int, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--width", type=int, default=10)
-    ap.add_argument("--group", type=int, default=100, help="runs in the stacked-group rows")
+    ap.add_argument("--group", type=int, default=1000, help="runs in the stacked-group rows (the benchmark sweep's size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sweep-steps", type=int, default=200, help="steps per run in the end-to-end sweep (0: skip it)")

@@ -29,3 +29,8 @@ def make_data(cfg: DataCfg) -> tuple[torch.Tensor, torch.Tensor]:
     else:  # unreachable: DataCfg validates the name
         raise ValueError(f"data={cfg.name!r} is not valid")
     return torch.from_numpy(x).float(), torch.from_numpy(y).float()
+
+
+def data_shape(cfg: DataCfg) -> tuple[int, int, int]:
+    """(samples, input features, outputs) of ``make_data(cfg)``, without drawing it."""
+    return cfg.n_samples, (1 if cfg.name == "regression" else cfg.n_features), 1

@@ -36,14 +36,54 @@ def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initia
     return basic.launch(job_overrides, initial_job_idx)
 
 
-def runs_per_group(cfg: Any, memory_gb: float, cap: int | None) -> int:
-    """How many runs of this architecture fit ``memory_gb`` of recorded statistics (and ``cap``)."""
+def device_bytes_per_run(cfg: Any) -> int:
+    """An upper estimate of the device memory one run of a group takes while it trains.
+
+    Parameters and everything of their size (gradient, clipped gradient, update, optimiser state, the
+    statistics' terms: 14 copies), the forward pass kept for backward and its gradients (6 tensors of
+    batch x width per block), and the statistics of the steps held on the device between host copies.
+    """
+    from gradsweep.data import data_shape
+    from gradsweep.model import _linear_dims, layers
+    from gradsweep.stats import LAYER_STATS
+    from gradsweep.train import HOST_COPY_EVERY
+
+    n, in_dim, out_dim = data_shape(cfg.data)
+    dims = _linear_dims(cfg.model, in_dim, out_dim)
+    n_params = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width
+    batch = min(cfg.train.batch_size or n, n)
+    values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
+    values += HOST_COPY_EVERY * (len(layers(cfg.model)) * len(LAYER_STATS) + 3)
+    return values * (8 if cfg.train.dtype == "float64" else 4)
+
+
+DEVICE_MEMORY_SHARE = 0.8  # of the free device memory, what one group may take
+
+
+def free_device_bytes(device: str) -> int | None:
+    """Free memory of the CUDA device a run config resolves to; None on the CPU."""
+    import torch
+
+    from gradsweep.train import resolve_device
+
+    dev = resolve_device(device)
+    return torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+
+
+def runs_per_group(cfg: Any, memory_gb: float, cap: int | None, free_bytes: int | None = None) -> int:
+    """How many runs of this architecture to train as one stacked model.
+
+    At most what ``memory_gb`` of recorded statistics holds on the host, what ``DEVICE_MEMORY_SHARE`` of
+    ``free_bytes`` (the device's free memory, on a GPU) holds while training, and ``cap``.
+    """
     from gradsweep.model import layers
     from gradsweep.stats import LAYER_STATS
 
     logged = -(-cfg.train.steps // cfg.train.log_every) + 1
     per_run = logged * len(layers(cfg.model)) * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
     fit = max(1, int(memory_gb * 2**30 // per_run))
+    if free_bytes is not None:
+        fit = min(fit, max(1, int(free_bytes * DEVICE_MEMORY_SHARE // device_bytes_per_run(cfg))))
     return min(fit, cap) if cap else fit
 
 
@@ -107,7 +147,8 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         groups.setdefault(group_key(cfg), []).append(i)
     chunks = []
     for members in groups.values():
-        size = runs_per_group(cfgs[members[0]], launcher.memory_gb, launcher.max_group_runs)
+        first = cfgs[members[0]]
+        size = runs_per_group(first, launcher.memory_gb, launcher.max_group_runs, free_device_bytes(first.device))
         chunks += [members[k:k + size] for k in range(0, len(members), size)]
     log.info(f"Launching {len(jobs)} jobs fused: {len(chunks)} group(s) of one architecture each "
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")

@@ -7,6 +7,7 @@ and the forward pass uses batched matmuls, so R independent networks train as on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -179,21 +180,32 @@ class Forward:
     """Per hidden block, the activation's output (before the residual add)."""
 
 
-def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor) -> Forward:
-    """Run R networks on their inputs x of shape (R, B, in)."""
+def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
+            probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None) -> Forward:
+    """Run R networks on their inputs x of shape (R, B, in).
+
+    ``probe``, if given, sees each block as soon as it is computed (while its tensors are still in cache):
+    ``probe(outputs, act_input, act)`` with the block's layer outputs, and for hidden blocks what the
+    activation received and returned (None for the readout).
+    """
     outputs, act_inputs, acts = [], [], []
     a = x
     for i in range(1, cfg.depth + 1):
         h = torch.baddbmm(params[f"linear{i}.bias"].unsqueeze(1), a, params[f"linear{i}.weight"].transpose(1, 2))
-        outputs.append(h)
+        block = [h]
         if cfg.norm != "none":
             h = normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"])
-            outputs.append(h)
+            block.append(h)
+        outputs += block
         act_inputs.append(h)
         z = activate(h, cfg.activation, params.get(f"act{i}.weight"))
         acts.append(z)
+        if probe is not None:
+            probe(block, h, z)
         a = z + a if (cfg.residual and a.shape[-1] == z.shape[-1]) else z
     last = cfg.depth + 1
     out = torch.baddbmm(params[f"linear{last}.bias"].unsqueeze(1), a, params[f"linear{last}.weight"].transpose(1, 2))
     outputs.append(out)
+    if probe is not None:
+        probe([out], None, None)
     return Forward(out, outputs, act_inputs, acts)

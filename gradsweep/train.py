@@ -150,26 +150,27 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
             xb, yb = x[idx], y[idx]
         log_now = _logged(step, steps, every)
         stats_now = collect_stats and log_now
-        fwd = forward(params, model_cfg, xb)
+        if stats_now:
+            plan.start()
+        fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
         loss = (fwd.out - yb).square().mean(dim=(1, 2))
-        inputs = plist + (fwd.outputs if stats_now else [])
-        grads = torch.autograd.grad(loss.sum(), inputs)
+        grads = torch.autograd.grad(loss.sum(), plist)
         # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
-        grad = torch.cat([g.flatten(1) for g in grads[:len(plist)]], dim=1)
-        ograds = list(grads[len(plist):])
+        grad = torch.cat([g.flatten(1) for g in grads], dim=1)
         total = torch.linalg.vector_norm(grad, dim=1)
         ok = torch.isfinite(loss) & torch.isfinite(total)
         diverged = torch.where(alive & ~ok, step, diverged)
         alive = alive & ok
         with torch.no_grad():
-            weight_sq = plan.weight_sq(stack.flat) if stats_now else None
+            if stats_now:
+                plan.weight_sq(stack.flat)
             clipped_grad, clipped = clip(grad, total, max_norm)
             update = opt.step(clipped_grad, alive)
             if log_now:
                 rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
                 logged.append(step)
             if stats_now:
-                rec_layer.append(plan.collect(fwd, ograds, grad, weight_sq, update, alive))
+                rec_layer.append(plan.collect(grad, update, alive))
         bar.update(1)
         if len(rec_scalar) >= HOST_COPY_EVERY:
             flush()

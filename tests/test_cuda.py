@@ -53,3 +53,17 @@ def test_no_host_sync_per_step():
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     # Setup, one copy per 64 logged steps, and the end; never one per step.
     assert len(syncs) < 256 // 4, [str(w.message) for w in syncs[:5]]
+
+
+def test_device_memory_estimate_bounds_what_a_group_takes():
+    from gradsweep.launcher import device_bytes_per_run, free_device_bytes, runs_per_group
+
+    cfgs = _cfgs("cuda", n=256, dtype="float32", steps=80)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_group(cfgs)
+    used = torch.cuda.max_memory_allocated() - base
+    assert used <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
+    free = free_device_bytes("cuda")
+    assert runs_per_group(cfgs[0], 1e6, None, free) == int(free * 0.8 // device_bytes_per_run(cfgs[0]))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from conftest import make_cfg
 from reference import article_data
 
 from gradsweep.config import DataCfg
-from gradsweep.data import make_data
+from gradsweep.data import data_shape, make_data
 
 
 def test_regression_is_the_articles_data_exactly():
@@ -35,3 +37,10 @@ def test_scaled_features_span_orders_of_magnitude():
     z = x.numpy() / np.logspace(-3, 3, 4)
     coef = np.linalg.lstsq(np.c_[z, np.ones(100)], y.numpy(), rcond=None)[0][:4, 0]
     np.testing.assert_allclose(coef, 1.5, atol=0.2)
+
+
+@pytest.mark.parametrize("data", [{}, {"name": "scaled", "n_features": 7, "n_samples": 33}])
+def test_data_shape_without_drawing(data):
+    cfg = make_cfg(data=data).data
+    x, y = make_data(cfg)
+    assert data_shape(cfg) == (x.shape[0], x.shape[1], y.shape[1])

@@ -116,3 +116,16 @@ def test_a_run_that_cannot_be_written_fails_alone(tmp_path):
     assert "Error executing job" in out.stderr
     runs, steps = load_sweep(sweep_dir)
     assert runs.run_dir.tolist() == ["0", "2"] and set(steps.run_id) == set(runs.run_id)
+
+
+def test_groups_are_sized_from_free_device_memory(cfg_factory):
+    from gradsweep.launcher import DEVICE_MEMORY_SHARE, device_bytes_per_run, runs_per_group
+
+    cfg = cfg_factory(train={"steps": 200})
+    per_run = device_bytes_per_run(cfg)
+    assert runs_per_group(cfg, 1.0, None, None) == runs_per_group(cfg, 1.0, None, 10**15)  # host limit binds
+    assert runs_per_group(cfg, 1.0, None, 100 * per_run) == int(100 * DEVICE_MEMORY_SHARE)
+    assert runs_per_group(cfg, 1.0, 7, 100 * per_run) == 7
+    assert runs_per_group(cfg, 1.0, None, per_run // 10) == 1  # never zero: one run per group at least
+    wide = cfg_factory(model={"width": 64}, train={"steps": 200, "dtype": "float64"})
+    assert device_bytes_per_run(wide) > 20 * per_run  # 41x the parameters, 6.4x the activations, twice the bytes
