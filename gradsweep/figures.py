@@ -263,3 +263,46 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, pooled
     if pooled != "seeds":
         fig.suptitle(f"median over {pooled}", fontsize=9)
     return fig
+
+
+def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
+    """Loss (log) against learning rate (log) for every trial of a tune study, stable and unstable apart,
+    with the stability edge and the best stable trial marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    done = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
+    finite = done[np.isfinite(done["value"].astype(float))] if len(done) else done
+    top = float(finite["value"].max()) * 3 if len(finite) else 1.0
+    stable = finite[finite["feasible"]]
+    unstable = finite[~finite["feasible"]]
+    diverged = done[~np.isfinite(done["value"].astype(float))] if len(done) else done
+    ax.scatter(stable["lr"], stable["value"], s=28, color=VERDICT_COLORS["healthy"], label=f"stable ({len(stable)})",
+               zorder=3)
+    if len(unstable):
+        ax.scatter(unstable["lr"], unstable["value"], s=34, marker="x", color=VERDICT_COLORS["exploding"],
+                   label=f"unstable, not diverged: a constraint fails ({len(unstable)})", zorder=3)
+    if len(diverged):
+        ax.scatter(diverged["lr"], np.full(len(diverged), top), s=40, marker="^", color=DIVERGED_FACE,
+                   label=f"diverged, drawn at the top ({len(diverged)})", zorder=3, clip_on=False)
+    edge = summary["edge"]
+    lo, hi = edge["largest_stable_lr"], edge["smallest_unstable_lr_above"]
+    if lo is not None:
+        ax.axvline(lo, color=VERDICT_COLORS["healthy"], ls="--", lw=1.2, label=f"largest stable lr {lo:.3g}")
+    if hi is not None:
+        ax.axvline(hi, color=VERDICT_COLORS["exploding"], ls=":", lw=1.4, label=f"smallest unstable lr above {hi:.3g}")
+    if lo is not None and hi is not None:
+        ax.axvspan(lo, hi, color="#E69F00", alpha=0.15, lw=0, label="stability edge")
+    best = summary["best"]
+    if best is not None:
+        ax.scatter([best["lr"]], [best["loss"]], s=180, marker="*", color="#E69F00", edgecolor="black", zorder=4,
+                   label=f"best stable lr {best['lr']:.3g}")
+    ax.set_xscale("log")
+    if len(finite) and (finite["value"] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel(("final loss" if summary["objective"] == "final_loss" else "mean loss over training") + " (log scale)")
+    ax.set_title(f"Learning-rate search: {summary['study_name']}\n{summary['trials']} trials, "
+                 f"{summary['feasible']} stable, {summary['diverged']} diverged", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best", framealpha=0.9)
+    fig.tight_layout()
+    return fig

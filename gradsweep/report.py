@@ -8,6 +8,8 @@ short text summary. Without ``sweep_dir`` it reports the newest sweep under ``./
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from gradsweep.layout import AT, SEVERITY, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
-from gradsweep.tables import load_runs, load_steps
+from gradsweep.tables import TUNE_DIR, load_runs, load_steps
 
 
 class ReportError(Exception):
@@ -149,6 +151,14 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     save(figures.loss_curves(curves, ends, layout, pooled), "loss_curves.png", "Loss curves",
          f"Median loss over {pooled} per configuration; x marks the last finite loss of each diverged run.")
 
+    # A learning-rate search stored in this sweep's directory (gradsweep.tune tune.out_dir=<sweep_dir>), or this
+    # directory being a search's own.
+    for tune_dir in (sweep_dir / TUNE_DIR, sweep_dir):
+        if (tune_dir / "stability.png").is_file() and (tune_dir / "best.json").is_file():
+            shutil.copyfile(tune_dir / "stability.png", out / "tune_stability.png")
+            images.append(("tune_stability.png", "Learning-rate search", _tune_caption(tune_dir / "best.json")))
+            break
+
     swept = swept_keys(runs)
     ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "grad_ratio_log10", "grad_ratio_log10_median",
                "wgrad_ratio_log10", "wgrad_ratio_log10_median", "initial_loss", "final_loss", "min_loss",
@@ -162,6 +172,22 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     bar.close()
     (out / "summary.txt").write_text(text_summary(runs, layout, index) + "\n")
     return index
+
+
+def _tune_caption(best_json: Path) -> str:
+    try:
+        summary = json.loads(best_json.read_text())
+    except (OSError, ValueError):
+        return "Loss against learning rate for every trial of the search stored in this directory."
+    best, edge = summary.get("best"), summary.get("edge", {})
+    parts = [f"Study {summary.get('study_name')}: {summary.get('trials')} trials, {summary.get('feasible')} stable."]
+    if best:
+        parts.append(f"Best stable lr {best['lr']:.4g} ({summary.get('objective')} {best['loss']:.4g}).")
+    if edge.get("largest_stable_lr") is not None:
+        parts.append(f"Stable up to lr {edge['largest_stable_lr']:.4g}"
+                     + (f", unstable from {edge['smallest_unstable_lr_above']:.4g}." if edge.get("smallest_unstable_lr_above")
+                        else "."))
+    return " ".join(parts)
 
 
 def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:

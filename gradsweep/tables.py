@@ -46,6 +46,7 @@ RUNS_INDEX = "runs-index.parquet"
 # The fused launcher writes one runs and one steps file per group of runs trained together, under
 # <sweep_dir>/groups/<first job number>/; the runs file stores each row's run directory (relative to it).
 GROUPS_DIR = "groups"
+TUNE_DIR = "tune"  # where gradsweep.tune writes its study under an output directory
 VERDICTS = ("healthy", "vanishing", "exploding", "diverged")
 
 ID_COLUMNS: dict[str, pa.DataType] = {
@@ -286,7 +287,8 @@ def _run_files(root: Path) -> list[Path]:
     """The runs files that hold runs under ``root``: its own, or for one run of a fused sweep, its group's."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
-    files = sorted(root.rglob(RUNS_FILE), key=_natural_key)
+    # A learning-rate search stored in the sweep's directory (<sweep>/tune/) is its own study, not runs of the sweep.
+    files = sorted((f for f in root.rglob(RUNS_FILE) if f.relative_to(root).parts[0] != TUNE_DIR), key=_natural_key)
     if not files:  # a run directory of a fused sweep: its rows are in its group's files beside it
         files = sorted((root.parent / GROUPS_DIR).glob(f"*/{RUNS_FILE}"), key=_natural_key)
     if not files:

@@ -1,0 +1,540 @@
+"""``python -m gradsweep.tune [overrides]``: search a stable learning rate with Optuna, trials trained in fused batches.
+
+The configuration is the runner's (``conf/``, the same overrides: ``model.depth=30 init=kaiming``...) plus the
+``tune`` group (``conf/tune/default.yaml``). ``tune.batch_size`` trials are asked at once and trained as one
+stacked group; each is told its objective (the loss after training, or the mean logged loss) and its
+stability constraints (Optuna's ``Trial.set_constraint``, named as below; on Optuna 4 the samplers that take a
+``constraints_func`` get them through it):
+
+- ``diverged``: the run did not diverge (no NaN/Inf in its loss or gradients),
+- ``vanishing`` / ``exploding``: its gradient ratio at initialisation lies within ``verdict.vanish_below`` ..
+  ``verdict.explode_above``,
+- ``loss_increased``: its final loss is not above its initial loss.
+
+Infeasible trials are kept and marked (user attributes ``feasible`` and ``constraints``). The study lives in an
+Optuna journal file under the output directory by default (or any SQLAlchemy URL, e.g. PostgreSQL) and a
+rerun of the same command continues it. Outputs, under ``<out_dir>/tune/``: ``best.json`` (the best stable
+learning rate, its loss, the stability edge), ``stability.png``, ``trials.csv``, and every trial's run tables
+(``groups/``, ``trials/<number>/``), which ``load_sweep`` and the report read like any sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradsweep.config import SECTIONS, ConfigError, RunCfg, _check, _choice, _coerce, _hints, build_run_cfg, config_hash
+from gradsweep.tables import TUNE_DIR
+
+log = logging.getLogger("gradsweep.tune")
+
+SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "cmaes")
+OBJECTIVES = ("final_loss", "loss_auc")
+SEARCHABLE_SECTIONS = ("optim", "train", "init")  # float fields of these may be extra search dimensions
+JOURNAL_FILE = "study.journal"
+BASE_ATTR = "gradsweep_base"  # study user attribute: hash of the configuration the study was created for
+
+
+@dataclass
+class SearchDim:
+    """One extra search dimension: a float config key searched in [low, high]."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass
+class TuneCfg:
+    """The ``tune`` group; see ``conf/tune/default.yaml``."""
+
+    n_trials: int = 64
+    batch_size: int = 16
+    lr_min: float = 1e-4
+    lr_max: float = 10.0
+    search: list[SearchDim] = field(default_factory=list)
+    sampler: str = "tpe"
+    seed: int = 0
+    objective: str = "final_loss"
+    study_name: str | None = None
+    storage: str | None = None
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check("tune.n_trials", self.n_trials, self.n_trials >= 1, "an integer >= 1")
+        _check("tune.batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        _check("tune.lr_min", self.lr_min, 0 < self.lr_min and math.isfinite(self.lr_min), "a number > 0")
+        _check("tune.lr_max", self.lr_max, self.lr_min < self.lr_max and math.isfinite(self.lr_max),
+               f"a number > tune.lr_min ({self.lr_min:g})")
+        _choice("tune.sampler", self.sampler, SAMPLERS)
+        _choice("tune.objective", self.objective, OBJECTIVES)
+        if self.study_name is not None:
+            _check("tune.study_name", self.study_name, bool(self.study_name.strip()), "a non-empty string or null")
+
+
+def searchable_keys() -> list[str]:
+    keys = []
+    for section in SEARCHABLE_SECTIONS:
+        hints, fields = _hints(SECTIONS[section])
+        keys += [f"{section}.{f}" for f in fields if float in (hints[f], *getattr(hints[f], "__args__", ()))]
+    return [k for k in keys if k != "optim.lr"]
+
+
+def build_tune_cfg(values: dict[str, Any]) -> TuneCfg:
+    """A validated :class:`TuneCfg` from the composed ``tune`` dict, with one-line errors."""
+    hints, fields = _hints(TuneCfg)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"tune.{key} is not a known key; valid keys: {', '.join('tune.' + f for f in fields)}")
+        if key == "search":
+            kwargs[key] = _search_dims(value)
+        else:
+            kwargs[key] = _coerce(f"tune.{key}", value, hints[key])
+    return TuneCfg(**kwargs)
+
+
+def _search_dims(value: Any) -> list[SearchDim]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise ConfigError(f"tune.search={value!r} is not valid; it must be a mapping like "
+                          "{train.clip_norm: {low: 0.1, high: 100, log: true}}")
+    valid = searchable_keys()
+    dims = []
+    for key, spec in value.items():
+        if key not in valid:
+            raise ConfigError(f"tune.search key {key!r} is not valid; valid keys: {', '.join(valid)}")
+        if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+            raise ConfigError(f"tune.search.{key}={spec!r} is not valid; it must be {{low: <number>, high: <number>, "
+                              "log: true|false}}")
+        low = _coerce(f"tune.search.{key}.low", spec["low"], float)
+        high = _coerce(f"tune.search.{key}.high", spec["high"], float)
+        log_ = _coerce(f"tune.search.{key}.log", spec.get("log", False), bool)
+        _check(f"tune.search.{key}.high", high, math.isfinite(low) and math.isfinite(high) and low < high,
+               f"a finite number > tune.search.{key}.low ({low:g})")
+        _check(f"tune.search.{key}.low", low, not log_ or low > 0, "> 0 with log: true")
+        dims.append(SearchDim(key, low, high, log_))
+    return dims
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Composition and storage
+
+
+def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
+    """Compose ``conf/`` plus the ``tune`` group; return the plain config, the base run and the tune settings."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gradsweep.preflight import CONF_DIR, _one_line, check_overrides
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(_one_line(e)) from None
+    for o in parsed:
+        if o.is_sweep_override():
+            raise ConfigError(f"{o.input_line} is a sweep; gradsweep.tune takes one value per key "
+                              "(sweep with python -m gradsweep -m)")
+        if o.key_or_group.startswith("hydra"):
+            raise ConfigError(f"{o.input_line}: hydra.* keys do not apply to gradsweep.tune (use tune.out_dir)")
+        section, _, key = o.key_or_group.partition(".")
+        fields = _hints(TuneCfg)[1]
+        if section == TUNE_DIR and key.split(".")[0] not in fields:
+            raise ConfigError(f"{o.key_or_group} is not a known key; valid keys: {', '.join('tune.' + f for f in fields)}")
+    run_overrides = [o.input_line for o in parsed if o.key_or_group.split(".")[0] != TUNE_DIR]
+    check_overrides(run_overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[f"+{TUNE_DIR}=default", *overrides])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    tune = build_tune_cfg(values.pop(TUNE_DIR))
+    base = build_run_cfg(values)
+    for dim in tune.search:  # every bound must make a valid run
+        for bound in (dim.low, dim.high):
+            trial_values(values, bound, {dim.key: bound}, check=True)
+    return values, base, tune
+
+
+def default_study_name(base: RunCfg) -> str:
+    m = base.model
+    return f"lr-{m.activation}-d{m.depth}-w{m.width}-{base.init.name}-{base.optim.name}-{config_hash(base)[:8]}"
+
+
+def trial_values(values: dict[str, Any], lr: float, extra: dict[str, float], check: bool = False) -> dict[str, Any]:
+    """The plain config of one trial: ``values`` with optim.lr and the extra dimensions set."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    out["optim"]["lr"] = lr
+    for key, v in extra.items():
+        section, name = key.split(".", 1)
+        out[section][name] = v
+    if check:
+        build_run_cfg(out)
+    return out
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
+    """The study's storage and its description: a journal file by default, an RDB for any SQLAlchemy URL."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    url = tune.storage
+    if url is None or "://" not in url:
+        path = Path(url) if url else out_dir / TUNE_DIR / JOURNAL_FILE
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"tune.storage={str(path)!r} is not valid; it is not a file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path))), str(path)
+        except OSError as e:
+            raise ConfigError(f"tune.storage={str(path)!r} cannot be opened: {e.strerror or e}") from None
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                             skip_table_creation=False)
+    except Exception as e:  # unreachable server, bad credentials, unknown dialect, missing driver
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"tune.storage={redact(url)!r} is not reachable: {first}") from None
+    return storage, redact(url)
+
+
+def _named_constraints() -> bool:
+    """Optuna >= 5 records constraints per trial (``Trial.set_constraint``), and deprecates ``constraints_func``."""
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def make_sampler(tune: TuneCfg, seed: int) -> Any:
+    """The sampler by name; on Optuna 4 the constraints reach it through ``constraints_func``."""
+    import optuna
+
+    c = None if _named_constraints() else constraints_of
+    if tune.sampler == "tpe":
+        # constant_liar: trials asked together in a batch are spread out instead of all proposed alike.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, constraints_func=c)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if tune.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if tune.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=c)
+    if tune.sampler == "nsgaii":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=c)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.sampler='cmaes' needs the cmaes package (pip install cmaes); "
+                          f"valid values here: {', '.join(s for s in SAMPLERS if s != 'cmaes')}") from None
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+CONSTRAINTS = ("diverged", "vanishing", "exploding", "loss_increased")  # each holds when its value is <= 0
+
+
+def constraints_of(trial: Any) -> list[float]:
+    """Optuna 4's ``constraints_func``: the values recorded with the trial, in ``CONSTRAINTS`` order."""
+    return list(trial.user_attrs.get("constraints", [1.0] * len(CONSTRAINTS)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trials
+
+
+def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict[str, Any]]:
+    """The objective value and the user attributes of a trained trial from its runs-table row.
+
+    Constraints (<= 0 holds): not diverged; vanish_below <= grad_ratio_log10 at init; grad_ratio_log10 <=
+    explode_above; final loss <= initial loss. A diverged run's objective is +inf (kept, marked infeasible).
+    """
+    diverged = row["diverged_step"] is not None and not _isna(row["diverged_step"])
+    ratio = float(row["grad_ratio_log10"])
+    final, initial = float(row["final_loss"]), float(row["initial_loss"])
+    if tune.objective == "final_loss":
+        value = final
+    else:
+        value = float(steps_loss.mean()) if len(steps_loss) else math.nan
+    if diverged or not math.isfinite(value):
+        value = math.inf
+    ratio_ok = math.isfinite(ratio)
+    constraints = [
+        1.0 if diverged else -1.0,
+        (float(row["verdict.vanish_below"]) - ratio) if ratio_ok else 1.0,
+        (ratio - float(row["verdict.explode_above"])) if ratio_ok else 1.0,
+        (final - initial) if math.isfinite(final) and math.isfinite(initial) else 1.0,
+    ]
+    attrs = {
+        "constraints": constraints,
+        "feasible": all(c <= 0 for c in constraints),
+        "diverged": diverged,
+        "final_loss": final if math.isfinite(final) else None,
+        "initial_loss": initial,
+        "grad_ratio_log10": ratio if ratio_ok else None,
+        "verdict": row["verdict"],
+        "run_id": row["run_id"],
+    }
+    return value, attrs
+
+
+def _isna(v: Any) -> bool:
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def run_batch(trials: list[Any], values: dict[str, Any], tune: TuneCfg, tdir: Path, progress: bool) -> list[tuple]:
+    """Train one batch of asked trials (one fused group per architecture) and write their tables."""
+    import pyarrow.compute as pc
+
+    from gradsweep.tables import GROUPS_DIR, build_tables, write_group, write_job_dirs
+    from gradsweep.train import group_key, train_group
+
+    params = []
+    for t in trials:
+        lr = t.suggest_float("lr", tune.lr_min, tune.lr_max, log=True)
+        extra = {d.key: t.suggest_float(d.key, d.low, d.high, log=d.log) for d in tune.search}
+        params.append((lr, extra))
+    plain = [trial_values(values, lr, extra) for lr, extra in params]
+    cfgs = [build_run_cfg(p) for p in plain]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault(group_key(c), []).append(i)
+    results: list[tuple | None] = [None] * len(trials)
+    for members in groups.values():
+        gcfgs = [cfgs[i] for i in members]
+        trace = train_group(gcfgs, progress=progress)
+        overrides = [[f"optim.lr={params[i][0]!r}", *(f"{k}={v!r}" for k, v in params[i][1].items())] for i in members]
+        meta = [{"job_num": trials[i].number, "override_dirname": ",".join(ov)} for i, ov in zip(members, overrides)]
+        runs, steps = build_tables(gcfgs, trace, meta, arrow=True)
+        dirs = [tdir / "trials" / str(trials[i].number) for i in members]
+        write_group(tdir / GROUPS_DIR / str(trials[members[0]].number), dirs, runs, steps)
+        for err in write_job_dirs(dirs, [(plain[i], ov) for i, ov in zip(members, overrides)], ".hydra"):
+            if err is not None:
+                raise err
+        layer1 = steps.filter(pc.equal(steps["layer"], 1))
+        for j, i in enumerate(members):
+            row = runs.iloc[j]
+            loss = layer1.filter(pc.equal(layer1["run_id"], row["run_id"]))["loss"].to_numpy()
+            value, attrs = trial_outcome(row, tune, loss)
+            results[i] = (value, attrs)
+    return results
+
+
+def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool = False) -> dict[str, Any]:
+    """Run ``tune.n_trials`` more trials of the study in batches; write and return the summary."""
+    import optuna
+    from tqdm.auto import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = tune.study_name or default_study_name(base)
+    out_dir = Path(tune.out_dir) if tune.out_dir else Path("outputs") / TUNE_DIR / name
+    tdir = out_dir / TUNE_DIR
+    storage, where = open_storage(tune, out_dir)
+    base_hash = config_hash(base)
+    try:
+        existing = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        made_for = existing.user_attrs.get(BASE_ATTR)
+        if made_for is not None and made_for != base_hash:
+            raise ConfigError(f"tune.study_name={name!r} is not valid here: that study in {where} was created for "
+                              "another configuration; choose another tune.study_name or tune.storage")
+        if existing.direction != optuna.study.StudyDirection.MINIMIZE:
+            raise ConfigError(f"tune.study_name={name!r} is not valid here: that study is not a minimisation")
+    n_before = len(existing.trials) if existing is not None else 0
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+                                sampler=make_sampler(tune, tune.seed + n_before))
+    if existing is None:
+        study.set_user_attr(BASE_ATTR, base_hash)
+    tdir.mkdir(parents=True, exist_ok=True)
+    progress = not (quiet or base.quiet)
+    bar = tqdm(total=tune.n_trials, desc=f"tune {name}", unit="trial", disable=not progress)
+    t0 = time.perf_counter()
+    done = 0
+    while done < tune.n_trials:
+        k = min(tune.batch_size, tune.n_trials - done)
+        trials = [study.ask() for _ in range(k)]
+        told = 0
+        try:
+            for trial, (value, attrs) in zip(trials, run_batch(trials, values, tune, tdir, progress=False)):
+                for key, v in attrs.items():
+                    trial.set_user_attr(key, v)
+                if _named_constraints():
+                    for key, v in zip(CONSTRAINTS, attrs["constraints"]):
+                        trial.set_constraint(key, v)
+                study.tell(trial, value)
+                told += 1
+        except BaseException:
+            for trial in trials[told:]:  # never leave asked trials RUNNING in a shared study
+                try:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                except Exception:
+                    pass
+            raise
+        done += k
+        bar.update(k)
+    bar.close()
+    wall = time.perf_counter() - t0
+    summary = summarize(study, tune, where, out_dir)
+    summary["this_invocation"] = {"trials": tune.n_trials, "batch_size": tune.batch_size, "wall_s": wall}
+    write_outputs(study, summary, tdir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+def trial_frame(study: Any) -> Any:
+    """One row per finished trial: number, lr, extra params, value, feasible, diverged, state."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if "lr" not in t.params:
+            continue
+        rows.append({"number": t.number, "state": t.state.name, **t.params,
+                     "value": t.value if t.value is not None else math.nan,
+                     "feasible": bool(t.user_attrs.get("feasible", False)),
+                     "diverged": bool(t.user_attrs.get("diverged", False)),
+                     "final_loss": t.user_attrs.get("final_loss"), "initial_loss": t.user_attrs.get("initial_loss"),
+                     "grad_ratio_log10": t.user_attrs.get("grad_ratio_log10"), "verdict": t.user_attrs.get("verdict"),
+                     "run_id": t.user_attrs.get("run_id")})
+    return pd.DataFrame(rows)
+
+
+def stability_edge(frame: Any) -> dict[str, float | None]:
+    """The largest learning rate seen stable, and the smallest seen unstable above it."""
+    done = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
+    stable = done[done["feasible"]]["lr"] if len(done) else []
+    largest = float(max(stable)) if len(stable) else None
+    unstable = done[~done["feasible"]]["lr"] if len(done) else []
+    above = [float(x) for x in unstable if largest is None or x > largest]
+    return {"largest_stable_lr": largest, "smallest_unstable_lr_above": min(above) if above else None}
+
+
+def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str, Any]:
+    frame = trial_frame(study)
+    done = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
+    feasible = done[done["feasible"]] if len(done) else done
+    best = None
+    if len(feasible):
+        b = feasible.loc[feasible["value"].idxmin()]
+        best = {"trial": int(b["number"]), "lr": float(b["lr"]), "loss": float(b["value"]), "run_id": b["run_id"],
+                "params": {k: float(b[k]) for k in ["lr", *[d.key for d in tune.search]] if k in b}}
+    return {
+        "study_name": study.study_name, "storage": where, "out_dir": str(out_dir),
+        "objective": tune.objective, "constraints": ["not diverged", "verdict.vanish_below <= grad_ratio_log10",
+                                                     "grad_ratio_log10 <= verdict.explode_above",
+                                                     "final_loss <= initial_loss"],
+        "trials": int(len(frame)), "complete": int(len(done)), "feasible": int(len(feasible)),
+        "diverged": int(done["diverged"].sum()) if len(done) else 0,
+        "best": best, "edge": stability_edge(frame),
+    }
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(study: Any, summary: dict[str, Any], tdir: Path) -> None:
+    """best.json, trials.csv and stability.png, each appearing atomically."""
+    from gradsweep.figures import plt, stability_plot
+
+    frame = trial_frame(study)
+    _write_text_atomic(tdir / "best.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    _write_text_atomic(tdir / "trials.csv", frame.to_csv(index=False))
+    fig = stability_plot(frame, summary)
+    tmp = tdir / f".stability.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, tdir / "stability.png")
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    best, edge = summary["best"], summary["edge"]
+    lines = [f"study {summary['study_name']} ({summary['storage']}): {summary['trials']} trials, "
+             f"{summary['feasible']} stable, {summary['diverged']} diverged"]
+    if best:
+        lines.append(f"best stable lr = {best['lr']:.4g} (trial {best['trial']}, {summary['objective']} "
+                     f"{best['loss']:.4g})")
+    else:
+        lines.append("no stable learning rate found in [tune.lr_min, tune.lr_max]")
+    lo, hi = edge["largest_stable_lr"], edge["smallest_unstable_lr_above"]
+    lines.append("stability edge: " + (f"stable up to lr {lo:.4g}" if lo is not None else "nothing stable") + ", "
+                 + (f"unstable from lr {hi:.4g}" if hi is not None else "nothing unstable seen above it"))
+    lines.append(f"wrote {Path(summary['out_dir']) / TUNE_DIR}/best.json, stability.png, trials.csv")
+    return "\n".join(lines)
+
+
+HELP = """usage: python -m gradsweep.tune [overrides]
+
+Search the learning rate that trains fastest without instability, with Optuna; trials are trained in fused
+batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (conf/tune/default.yaml):
+  tune.n_trials, tune.batch_size, tune.lr_min, tune.lr_max, tune.search, tune.sampler, tune.seed,
+  tune.objective, tune.study_name, tune.storage, tune.out_dir
+Rerunning the same command continues the same study. Open it with:
+  optuna-dashboard <storage>   (the journal file, or the SQLAlchemy URL, printed at the end)
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP, end="")
+        return
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    try:
+        values, base, tune = compose(argv)
+        summary = tune_study(values, base, tune)
+    except ConfigError as e:
+        print(f"gradsweep.tune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(describe(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""gradsweep.tune: a real Optuna study on real storage (journal file, SQLite, PostgreSQL), trials trained fused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from reference import RefMLP, article_data, article_linears, reference_training
+from torch import nn
+
+from gradsweep import load_sweep
+from gradsweep.config import ConfigError
+from gradsweep.tune import CONSTRAINTS, compose, tune_study
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["model.depth=4", "init=kaiming", "train.steps=40", "quiet=true"]
+
+
+def _tune(out: Path, *overrides: str) -> dict:
+    values, base, tune = compose([*FAST, f"tune.out_dir={out}", *overrides])
+    return tune_study(values, base, tune, quiet=True)
+
+
+def _cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradsweep.tune", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def _journal(out: Path) -> Path:
+    return out / "tune" / "study.journal"
+
+
+def test_resume_adds_trials_to_the_same_study(tmp_path):
+    first = _tune(tmp_path, "tune.n_trials=5", "tune.batch_size=2")
+    second = _tune(tmp_path, "tune.n_trials=3", "tune.batch_size=3")
+    assert first["study_name"] == second["study_name"] and second["trials"] == 8
+    study = optuna.load_study(study_name=second["study_name"], storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(_journal(tmp_path)))))  # what optuna-dashboard opens
+    assert sorted(t.number for t in study.trials) == list(range(8))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # Every trial wrote its run tables like any gradsweep run; load_sweep reads the tune directory.
+    runs, steps = load_sweep(tmp_path / "tune")
+    assert sorted(runs["job_num"].astype(int)) == list(range(8))
+    assert set(runs["run_id"]) == {t.user_attrs["run_id"] for t in study.trials}
+    lrs = {t.user_attrs["run_id"]: t.params["lr"] for t in study.trials}
+    assert all(math.isclose(r["optim.lr"], lrs[r["run_id"]], rel_tol=1e-12) for _, r in runs.iterrows())
+    assert set(steps["run_id"]) == set(runs["run_id"])
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["trials"] == 8 and (tmp_path / "tune" / "stability.png").stat().st_size > 10_000
+
+
+def test_constraints_mark_diverging_trials_infeasible_and_keep_them(tmp_path):
+    # lr in [0.5, 50] on the article's data diverges; [1e-4, 1e-3] trains slowly but stably.
+    hot = _tune(tmp_path / "hot", "tune.n_trials=4", "tune.batch_size=4", "tune.lr_min=0.5", "tune.lr_max=50")
+    assert hot["trials"] == 4 and hot["feasible"] == 0 and hot["diverged"] == 4 and hot["best"] is None
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(_journal(tmp_path / "hot"))))
+    for t in optuna.load_study(study_name=hot["study_name"], storage=storage).trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.value == math.inf
+        assert t.user_attrs["feasible"] is False and t.user_attrs["diverged"] is True
+        assert t.constraints["diverged"] > 0 and set(t.constraints) == set(CONSTRAINTS)
+    cool = _tune(tmp_path / "cool", "tune.n_trials=3", "tune.lr_min=1e-4", "tune.lr_max=1e-3")
+    assert cool["feasible"] == 3 and cool["best"] is not None
+    assert cool["edge"]["largest_stable_lr"] is not None and cool["edge"]["smallest_unstable_lr_above"] is None
+
+
+def test_vanishing_init_is_infeasible_whatever_the_lr(tmp_path):
+    # Depth 12 with std-0.01 weights: the first layer gets ~nothing at init, a constraint on the configured bounds.
+    s = _tune(tmp_path, "tune.n_trials=2", "model.depth=12", "init=normal", "init.std=0.01")
+    assert s["feasible"] == 0 and s["diverged"] == 0
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("tune.lr_min=1.0", "tune.lr_max=10.0 is not valid"),  # lr_max must exceed lr_min: 1 < 10 fine, so swap below
+    ("tune.n_trials=0", "tune.n_trials=0 is not valid"),
+    ("tune.sampler=annealing", "tune.sampler='annealing' is not valid; valid values: tpe, random"),
+    ("tune.storage=postgresql+psycopg://nobody:secret@127.0.0.1:9/none", "is not reachable"),
+    ("tune.search={model.depth: {low: 1, high: 3}}", "tune.search key 'model.depth' is not valid"),
+    ("tune.objective=speed", "tune.objective='speed' is not valid"),
+    ("tune.batch_size=-2", "tune.batch_size=-2 is not valid"),
+    ("tune.bogus=1", "tune.bogus is not a known key"),
+    ("optim.lr=0.1,0.2", "is a sweep"),
+    ("model.depth=0", "model.depth=0 is not valid"),
+])
+def test_bad_input_one_line_exit_2_study_untouched(tmp_path, override, words):
+    if override == "tune.lr_min=1.0":
+        override, words = "tune.lr_min=10", "tune.lr_max=10.0 is not valid; it must be a number > tune.lr_min (10)"
+    _tune(tmp_path, "tune.n_trials=2")
+    before = _journal(tmp_path).read_bytes()
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = _cli(*FAST, f"tune.out_dir={tmp_path}", override)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradsweep.tune: error: ") and words in lines[0], r.stderr
+    assert "secret" not in r.stderr
+    assert _journal(tmp_path).read_bytes() == before
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files_before
+
+
+def test_a_study_of_another_configuration_is_refused(tmp_path):
+    _tune(tmp_path, "tune.n_trials=1", "tune.study_name=shared")
+    with pytest.raises(ConfigError, match="created for another configuration"):
+        _tune(tmp_path, "tune.n_trials=1", "tune.study_name=shared", "model.width=12")
+
+
+def test_extra_search_dimension_reaches_the_runs(tmp_path):
+    s = _tune(tmp_path, "tune.n_trials=4", "tune.search={train.clip_norm: {low: 0.1, high: 10, log: true}}")
+    runs, _ = load_sweep(tmp_path / "tune")
+    assert runs["train.clip_norm"].between(0.1, 10).all() and runs["train.clip_norm"].nunique() == 4
+    assert s["trials"] == 4
+
+
+def _two_workers(tmp_path: Path, storage: str | None, n: tuple[int, int] = (6, 5)) -> None:
+    out = tmp_path / "shared"
+    args = [*FAST, f"tune.out_dir={out}", "tune.study_name=concurrent", "tune.batch_size=2"]
+    if storage:
+        args.append(f"tune.storage={storage}")
+    procs = [subprocess.Popen([sys.executable, "-m", "gradsweep.tune", *args, f"tune.n_trials={k}", f"tune.seed={i}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, k in enumerate(n)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    st = storage or optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(_journal(out))))
+    trials = optuna.load_study(study_name="concurrent", storage=st).trials
+    assert len(trials) == sum(n) and sorted(t.number for t in trials) == list(range(sum(n)))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    runs, _ = load_sweep(out / "tune")
+    assert sorted(runs["job_num"].astype(int)) == list(range(sum(n)))  # each trial's run written once
+
+
+@pytest.mark.slow
+def test_two_concurrent_workers_on_the_default_store(tmp_path):
+    _two_workers(tmp_path, None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server: GRADSWEEP_PG_URL (.ci/run starts one), else a throwaway one started here."""
+    if os.environ.get("GRADSWEEP_PG_URL"):
+        yield os.environ["GRADSWEEP_PG_URL"]
+        return
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("no PostgreSQL server here (apt-get install postgresql; .ci/run does)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tempfile.mkdtemp(prefix="gradsweep-pg-")
+    script = ROOT / "scripts" / "pg_test_server.sh"
+    url = subprocess.run(["bash", str(script), d, str(port)], check=True, capture_output=True, text=True).stdout.strip()
+    yield url
+    subprocess.run(["bash", str(script), "--stop", d], check=False, capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_concurrent_workers_on_postgresql(tmp_path, postgres_url):
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url)
+    with engine.begin() as c:  # a fresh schema per run of this test
+        c.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    _two_workers(tmp_path, postgres_url)
+
+
+def test_sqlite_url_storage(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    s = _tune(tmp_path, "tune.n_trials=3", f"tune.storage={url}")
+    assert len(optuna.load_study(study_name=s["study_name"], storage=url).trials) == 3
+
+
+@pytest.mark.slow
+def test_acceptance_best_lr_trains_stably_in_plain_pytorch(tmp_path):
+    r = _cli("model.depth=10", "init=kaiming", "tune.n_trials=64", f"tune.out_dir={tmp_path}", "quiet=true")
+    assert r.returncode == 0, r.stderr
+    assert "best stable lr = " in r.stdout and "stability edge: stable up to lr " in r.stdout
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["trials"] == 64 and best["best"] is not None
+    lr = best["best"]["lr"]
+    # Rerun unfused: the article's nn.Linear layers, torch.optim.SGD, float32, 500 steps, on the article's data.
+    x, y = article_data()
+    model = RefMLP(article_linears(0, 10, 10, nn.init.kaiming_uniform_), "relu")
+    loss = reference_training(model, x, y, 500, lr=lr)["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]
+    final = nn.functional.mse_loss(model(x), y).item()  # (RefMLP keeps its tensors' grads: no no_grad here)
+    # Stable: finite, below the initial loss, and the fused trial's own final loss (float32 both, 5%).
+    assert math.isfinite(final) and final < loss[0]
+    assert math.isclose(final, best["best"]["loss"], rel_tol=0.05)
+
+
+def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
+    from sweeps import grid, write_sweep
+
+    from gradsweep.report import make_report
+    from gradsweep.tables import load_runs
+
+    sweep = write_sweep(tmp_path / "sweep", grid(**{"model.depth": [2, 3], "init": ["xavier", "kaiming"]}))
+    _tune(sweep, "tune.n_trials=3")  # tune.out_dir=<sweep>: the search sits in the sweep's directory
+    assert len(load_runs(sweep)) == 4 and len(load_runs(sweep / "tune")) == 3
+    index = make_report(sweep, quiet=True)
+    page = index.read_text()
+    assert "Learning-rate search" in page and (index.parent / "tune_stability.png").is_file()
