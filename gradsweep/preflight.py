@@ -15,7 +15,7 @@ from typing import Any
 from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "init", "optim", "train", "data", "verdict")
+GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
 
 
 def group_options(group: str) -> list[str]:

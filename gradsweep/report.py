@@ -147,6 +147,13 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
 
     loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
+    experiment = article_experiment(runs)
+    if experiment:
+        arm = next((k for k in swept_keys(runs) if k != ARTICLE_KEY), None)
+        if arm is not None:
+            save(figures.article_figure(loss, runs, arm, experiment), "article.png", f"The article's experiment: {experiment}",
+                 article_caption(runs, arm))
+            images.insert(0, images.pop())
     curves, ends, pooled = _loss_frames(runs, loss, layout)
     save(figures.loss_curves(curves, ends, layout, pooled), "loss_curves.png", "Loss curves",
          f"Median loss over {pooled} per configuration; x marks the last finite loss of each diverged run.")
@@ -172,6 +179,31 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     bar.close()
     (out / "summary.txt").write_text(text_summary(runs, layout, index) + "\n")
     return index
+
+
+ARTICLE_KEY = "article"  # the column the experiment presets (conf/experiment/) record
+
+
+def article_experiment(runs: pd.DataFrame) -> str | None:
+    """The article experiment this sweep reproduces (``+experiment=...``), if it is one and only one."""
+    if ARTICLE_KEY not in runs.columns:
+        return None
+    values = runs[ARTICLE_KEY].dropna().unique()
+    return str(values[0]) if len(values) == 1 else None
+
+
+def article_caption(runs: pd.DataFrame, arm: str) -> str:
+    """What the runs show, per arm: final loss (median over seeds) against the initial, and divergence."""
+    parts = []
+    for value, sub in runs.groupby(arm, dropna=False, sort=False):
+        value = "null" if pd.isna(value) else value
+        diverged = int(sub["diverged_step"].notna().sum())
+        final = sub["final_loss"].astype(float)
+        ok = final[np.isfinite(final)]
+        text = (f"{arm}={value}: {len(sub)} seeds, median final loss {ok.median():.3g} from {sub['initial_loss'].median():.3g}"
+                if len(ok) else f"{arm}={value}: {len(sub)} seeds, no finite final loss")
+        parts.append(text + (f", {diverged} diverged" if diverged else ""))
+    return "Measured: " + "; ".join(parts) + ". Thin lines: each seed; bold: the median over seeds."
 
 
 def _tune_caption(best_json: Path) -> str:

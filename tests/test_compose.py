@@ -33,6 +33,7 @@ SWEEPS = {
     "additions and deletions": ["+tag=a,b", "++quiet=true", "~verdict.explode_above", "data=regression,scaled"],
     "interpolations": ["+ref=${model.depth}", "model.width=4,8", "+note='depth ${model.depth}'"],
     "quoting and types": ["+name='x,y'", "model.residual=true,false", "train.seed=range(0,3)", "+f=1e-3"],
+    "an article preset and its sweep": ["+experiment=clipping", "train.clip_norm=null,10", "train.seed=range(0,2)"],
     "values Hydra composes itself": ["+d={a:1}", "hydra.job.chdir=false", "model.depth=3"],
 }
 
@@ -58,7 +59,8 @@ def test_every_job_equals_hydras(loader, name):
         assert got.task == want_resolved, job
         assert got.overrides == list(hydra_node["overrides"]["task"])
         assert got.override_dirname == hydra_node["job"]["override_dirname"]
-    if name in ("groups and values", "optimiser preset and its fields", "additions and deletions", "quoting and types"):
+    if name in ("groups and values", "optimiser preset and its fields", "additions and deletions", "quoting and types",
+                "an article preset and its sweep"):
         assert composer.n_hydra == 0  # all from templates
     else:
         assert composer.n_hydra > 0  # interpolations, dict values, hydra.* overrides: Hydra composed those jobs
