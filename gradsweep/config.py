@@ -25,7 +25,10 @@ FAN_MODES = ("fan_in", "fan_out")
 NONLINEARITIES = ("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "float64")
-DATASETS = ("regression", "scaled")
+DATASETS = ("regression", "scaled", "digits", "gaussian")
+LOSSES = ("auto", "mse", "cross_entropy", "projection")
+CLASSIFICATION = ("digits",)  # data whose targets are class indices
+DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -167,33 +170,49 @@ class TrainCfg:
 
 @dataclass
 class DataCfg:
-    """The training data (full-batch regression by default)."""
+    """The training data (full-batch regression by default) and an optional held-out test set."""
 
     name: str = "regression"
-    """regression: the article's 100 points; scaled: features whose scales differ by orders of magnitude."""
+    """regression: the article's 100 points; scaled: features whose scales differ by orders of magnitude;
+    digits: scikit-learn's bundled handwritten digits (8x8, 10 classes), standardised; gaussian: N(0, I) inputs
+    and targets, for theory probes."""
     n_samples: int = 100
-    """Number of points."""
+    """Number of training points (digits: at most 1797 - n_test)."""
+    n_test: int = 0
+    """Held-out points for test_loss / test_accuracy (0: none). Generated data draws them after the training
+    points, so the training points do not depend on it."""
     seed: int = 0
-    """numpy seed of the data (the article's is 0)."""
+    """numpy seed of the data (the article's is 0); digits: the seed of the train/test shuffle."""
     noise: float = 0.5
-    """Standard deviation of the target noise."""
+    """Standard deviation of the target noise (regression, scaled)."""
     n_features: int = 1
-    """Input features (regression: 1, as in the article)."""
+    """Input features (regression: 1, as in the article; scaled)."""
     scale_min: float = 1.0
     """scaled: smallest feature scale."""
     scale_max: float = 1.0
     """scaled: largest feature scale (scales are log-spaced from scale_min to scale_max)."""
+    in_dim: int = 16
+    """gaussian: input dimension."""
+    out_dim: int = 16
+    """gaussian: output (target) dimension."""
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
         _check("data.n_samples", self.n_samples, self.n_samples >= 1, "an integer >= 1")
+        _check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
         _check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
+        _check("data.in_dim", self.in_dim, self.in_dim >= 1, "an integer >= 1")
+        _check("data.out_dim", self.out_dim, self.out_dim >= 1, "an integer >= 1")
         _check("data.noise", self.noise, _finite(self.noise) and self.noise >= 0, "a finite number >= 0")
         _check("data.scale_min", self.scale_min, _finite(self.scale_min) and self.scale_min > 0, "a finite number > 0")
         _check("data.scale_max", self.scale_max, _finite(self.scale_max) and self.scale_max >= self.scale_min,
                "a finite number >= data.scale_min")
         if self.name == "regression":
             _check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
+        if self.name == "digits":
+            _check("data.n_test", self.n_test, self.n_test < DIGITS_SIZE, f"< {DIGITS_SIZE} for data=digits")
+            _check("data.n_samples", self.n_samples, self.n_samples <= DIGITS_SIZE - self.n_test,
+                   f"<= {DIGITS_SIZE - self.n_test} for data=digits with data.n_test={self.n_test}")
 
 
 @dataclass
@@ -226,11 +245,21 @@ class RunCfg:
     """auto (CUDA when available, else CPU), cpu or cuda."""
     quiet: bool = False
     """No progress bars."""
+    loss: str = "auto"
+    """mse | cross_entropy | projection (L = mean over the batch of g_b . f(x_b), g the data's fixed N(0, I)
+    targets); auto: cross_entropy for classification data (digits), else mse. Stored resolved."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level keys added with ``+key=value`` (e.g. a tag); recorded as columns."""
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        _choice("loss", self.loss, LOSSES)
+        classes = self.data.name in CLASSIFICATION
+        if self.loss == "auto":
+            self.loss = "cross_entropy" if classes else "mse"
+        if classes != (self.loss == "cross_entropy"):
+            valid = "cross_entropy" if classes else "mse, projection"
+            raise ConfigError(f"loss={self.loss!r} is not valid with data={self.data.name}; valid values: auto, {valid}")
         if self.model.norm == "batchnorm":
             bs = self.train.batch_size or self.data.n_samples
             _check("train.batch_size", self.train.batch_size, bs >= 2,
@@ -244,7 +273,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelCfg, "init": InitCfg, "optim": OptimCfg,
     "train": TrainCfg, "data": DataCfg, "verdict": VerdictCfg,
 }
-TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool}
+TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool, "loss": str}
 # Top-level keys Hydra or the runner itself may add, never recorded as extra columns.
 _IGNORED_TOP = {"hydra"}
 
@@ -335,6 +364,7 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
     for section in SECTIONS:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             out[column_of(section, key)] = value
+    out["loss"] = cfg.loss
     out.update(cfg.extra)
     return out
 

@@ -1,36 +1,95 @@
-"""Training data: the article's regression points and a badly scaled variant."""
+"""Training data: the article's regression points, a badly scaled variant, scikit-learn's digits, Gaussian probes."""
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gradsweep.config import DataCfg
+from gradsweep.config import CLASSIFICATION, DataCfg
+
+DIGITS_CLASSES = 10
+
+
+@dataclass
+class Data:
+    """Training points and the held-out test points (``n_test`` of them; empty tensors when 0).
+
+    ``y`` is float (n, out) for regression-type data, int64 class indices (n,) for classification.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    out_dim: int
 
 
 def make_data(cfg: DataCfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(X, y)`` as float32 CPU tensors of shape (n, in) and (n, 1).
+    """The training points ``(X, y)``: float32 CPU tensors (y: int64 class indices for digits)."""
+    d = load_data(cfg)
+    return d.x, d.y
 
-    ``regression`` repeats the article's calls exactly: ``numpy.random.seed(0)``,
-    ``X = randn(100, 1)``, ``y = 3 X + 2 + 0.5 randn(100, 1)``. A private
-    ``RandomState`` draws the same stream without touching numpy's global state.
+
+def load_data(cfg: DataCfg) -> Data:
+    """Draw (or load) ``cfg``'s data.
+
+    ``regression`` repeats the article's calls exactly: ``numpy.random.seed(0)``, ``X = randn(100, 1)``,
+    ``y = 3 X + 2 + 0.5 randn(100, 1)``; a private ``RandomState`` draws the same stream without touching
+    numpy's global state. Test points of generated data are drawn after all the training points.
     """
     rs = np.random.RandomState(cfg.seed)
-    if cfg.name == "regression":
-        x = rs.randn(cfg.n_samples, 1)
-        y = 3 * x + 2 + cfg.noise * rs.randn(cfg.n_samples, 1)
-    elif cfg.name == "scaled":
-        # Unit-variance features, each stretched by its own scale: the net sees inputs whose
-        # magnitudes differ by orders of magnitude, while the target depends on all equally.
-        z = rs.randn(cfg.n_samples, cfg.n_features)
-        scales = np.logspace(np.log10(cfg.scale_min), np.log10(cfg.scale_max), cfg.n_features)
-        x = z * scales
-        y = 3 * z.sum(axis=1, keepdims=True) / np.sqrt(cfg.n_features) + 2 + cfg.noise * rs.randn(cfg.n_samples, 1)
+    if cfg.name in ("regression", "scaled"):
+        x, y = _regression(cfg, rs, cfg.n_samples)
+        xt, yt = _regression(cfg, rs, cfg.n_test)
+    elif cfg.name == "gaussian":
+        x, y = rs.randn(cfg.n_samples, cfg.in_dim), rs.randn(cfg.n_samples, cfg.out_dim)
+        xt, yt = rs.randn(cfg.n_test, cfg.in_dim), rs.randn(cfg.n_test, cfg.out_dim)
+    elif cfg.name == "digits":
+        images, labels = _digits()
+        order = rs.permutation(len(labels))
+        test, train = order[:cfg.n_test], order[cfg.n_test:cfg.n_test + cfg.n_samples]
+        mean, std = images[train].mean(axis=0), images[train].std(axis=0)
+        std[std == 0] = 1.0  # pixels that are blank in every training image stay 0
+        x, xt = (images[train] - mean) / std, (images[test] - mean) / std
+        y, yt = labels[train], labels[test]
     else:  # unreachable: DataCfg validates the name
         raise ValueError(f"data={cfg.name!r} is not valid")
-    return torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    if cfg.name in CLASSIFICATION:
+        return Data(_f32(x), torch.from_numpy(y).long(), _f32(xt), torch.from_numpy(yt).long(), DIGITS_CLASSES)
+    return Data(_f32(x), _f32(y), _f32(xt), _f32(yt), y.shape[1])
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def _regression(cfg: DataCfg, rs: np.random.RandomState, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.name == "regression":
+        x = rs.randn(n, 1)
+        return x, 3 * x + 2 + cfg.noise * rs.randn(n, 1)
+    # Unit-variance features, each stretched by its own scale: the net sees inputs whose magnitudes differ
+    # by orders of magnitude, while the target depends on all equally.
+    z = rs.randn(n, cfg.n_features)
+    scales = np.logspace(np.log10(cfg.scale_min), np.log10(cfg.scale_max), cfg.n_features)
+    y = 3 * z.sum(axis=1, keepdims=True) / np.sqrt(cfg.n_features) + 2 + cfg.noise * rs.randn(n, 1)
+    return z * scales, y
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float64), d.target.astype(np.int64)
 
 
 def data_shape(cfg: DataCfg) -> tuple[int, int, int]:
-    """(samples, input features, outputs) of ``make_data(cfg)``, without drawing it."""
+    """(training points, input features, outputs) of ``cfg``'s data, without drawing it."""
+    if cfg.name == "gaussian":
+        return cfg.n_samples, cfg.in_dim, cfg.out_dim
+    if cfg.name == "digits":
+        return cfg.n_samples, 64, DIGITS_CLASSES
     return cfg.n_samples, (1 if cfg.name == "regression" else cfg.n_features), 1

@@ -70,7 +70,7 @@ def _axis_values(cells: pd.DataFrame, key: str | None) -> list:
 
 def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: str = "",
             vanish: float = -2.0, explode: float = 2.0) -> plt.Figure:
-    """A where-it-breaks heatmap of aggregated ``cells`` (layout.aggregate): kind = ratio, loss or verdict."""
+    """A where-it-breaks heatmap of aggregated ``cells`` (layout.aggregate): kind = ratio, loss, accuracy or verdict."""
     cells = cells.copy()
     for key in (layout.x, layout.y):
         if key is not None:
@@ -92,6 +92,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         span = max(3.0, math.ceil(np.abs(finite).max()) if finite.size else 3.0)
         span = min(span, 12.0)
         cmap, norm = plt.get_cmap(RATIO_CMAP), mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    elif kind == "accuracy":
+        cmap, norm = plt.get_cmap("viridis"), mcolors.Normalize(vmin=0.0, vmax=1.0)
     elif kind == "loss":
         pos = finite[finite > 0]
         lo, hi = (pos.min(), pos.max()) if pos.size else (1e-3, 1.0)
@@ -358,3 +360,33 @@ def _wrap(text: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
+
+
+def prediction_scatter(runs: pd.DataFrame) -> plt.Figure:
+    """Measured against mean-field predicted log10 ratios at initialisation, one point per run, identity drawn:
+    the backpropagated signal (left) and the weight gradients (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    hue = "model.activation" if runs["model.activation"].nunique() > 1 else "init"
+    values = list(dict.fromkeys(runs[hue].map(_fmt)))
+    palette = dict(zip(values, sns.color_palette("colorblind", len(values))))
+    for ax, (pred, meas, what) in zip(axes, [("pred_grad_ratio_log10", "grad_ratio_log10", "|dL/dh|"),
+                                             ("pred_wgrad_ratio_log10", "wgrad_ratio_log10", "|dL/dW|")]):
+        sub = runs[np.isfinite(runs[pred].astype(float)) & np.isfinite(runs[meas].astype(float))]
+        for value in values:
+            one = sub[sub[hue].map(_fmt) == value]
+            if len(one):
+                ax.scatter(one[pred], one[meas], s=22, color=palette[value], label=f"{hue}={value}", alpha=0.85)
+        if len(sub):
+            lo = float(min(sub[pred].min(), sub[meas].min())) - 0.3
+            hi = float(max(sub[pred].max(), sub[meas].max())) + 0.3
+            ax.plot([lo, hi], [lo, hi], color="#555555", lw=1, ls="--", label="measured = predicted")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+        ax.set_xlabel(f"predicted log10 {what} ratio, first Linear / readout")
+        ax.set_ylabel("measured at step 0")
+        ax.set_title(f"{what}: {len(sub)} runs with a prediction", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Mean-field theory against measurement, at initialisation", fontsize=11)
+    fig.tight_layout()
+    return fig

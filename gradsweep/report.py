@@ -112,7 +112,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         raise ReportError(str(e)) from None
     vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
     images: list[tuple[str, str, str]] = []  # (file, title, caption)
-    bar = tqdm(total=6, desc="report", unit="part", disable=quiet, leave=False)
+    bar = tqdm(total=9, desc="report", unit="part", disable=quiet, leave=False)
 
     def save(fig, name: str, title: str, caption: str) -> None:
         fig.savefig(out / name, dpi=110)
@@ -128,9 +128,25 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          "heatmap_ratio.png", "Gradient ratio",
          f"Median over seeds of {column}. Blue: the first layer receives less signal than the readout (vanishing); "
          f"red: more (exploding). Verdict thresholds: {vanish:+g} and {explode:+g}.")
+    predicted = runs["pred_grad_ratio_log10"].astype(float) if "pred_grad_ratio_log10" in runs else pd.Series([], dtype=float)
+    if np.isfinite(predicted).any():
+        pred_column = "pred_" + column if at == "init" and "pred_" + column in runs else "pred_grad_ratio_log10"
+        save(figures.heatmap(aggregate(runs, layout, pred_column), layout, "ratio",
+                             "Predicted by mean-field theory, at initialisation",
+                             label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish, explode=explode),
+             "heatmap_predicted.png", "Gradient ratio predicted by theory",
+             f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout as the measured "
+             "heatmap; cells without a prediction (residual or normalised nets) are empty.")
+        save(figures.prediction_scatter(runs), "prediction_scatter.png", "Theory against measurement",
+             "One point per run: the measured ratio at step 0 against the mean-field prediction; the dashed line is "
+             "measured = predicted.")
     loss_cells = aggregate(runs, layout, "final_loss")
     save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)"),
          "heatmap_loss.png", "Final loss", "Loss on the whole data set after the last step; diverged runs left out.")
+    if "test_accuracy" in runs and np.isfinite(runs["test_accuracy"].astype(float)).any():
+        save(figures.heatmap(aggregate(runs, layout, "test_accuracy"), layout, "accuracy",
+                             "Test accuracy (median over seeds)", label="accuracy on the held-out points"),
+             "heatmap_accuracy.png", "Test accuracy", "Accuracy on the data's held-out points after the last step.")
     save(figures.heatmap(cells, layout, "verdict", "Verdict (most common over seeds)"),
          "heatmap_verdict.png", "Verdict", "Each cell's most common verdict; ties go to the worse one.")
 

@@ -60,12 +60,18 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "initial_loss": pa.float64(),  # loss at step 0, before any update
     "final_loss": pa.float64(),  # loss on the whole data set after the last step (NaN/inf if diverged)
     "min_loss": pa.float64(),  # smallest finite loss seen (logged steps and the final evaluation)
+    "test_loss": pa.float64(),  # loss on the data's held-out points after the last step (NaN without them)
+    "test_accuracy": pa.float64(),  # their accuracy, classification data (data=digits); NaN otherwise
     # first step with a non-finite loss or gradient norm (= train.steps if only the final loss is); null if none
     "diverged_step": pa.int64(),
     "grad_ratio_log10": pa.float64(),  # log10(|dL/dh_1| / |dL/dh_{depth+1}|) at step 0: < 0 vanishing, > 0 exploding
     "grad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
     "wgrad_ratio_log10": pa.float64(),  # log10(|dL/dW_1| / |dL/dW_{depth+1}|) at step 0
     "wgrad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
+    "pred_grad_ratio_log10": pa.float64(),  # mean-field prediction of grad_ratio_log10 (gradsweep.theory); NaN: none
+    "pred_wgrad_ratio_log10": pa.float64(),  # mean-field prediction of wgrad_ratio_log10; NaN: none
+    "pred_chi": pa.list_(pa.float64()),  # predicted per-block factor chi_l (|dL/dh_l|^2 / |dL/dh_l+1|^2), blocks 1..depth
+    "pred_note": pa.string(),  # why theory makes no prediction for this run (residual, norm, ...); null when it does
     "verdict": pa.string(),  # healthy | vanishing | exploding | diverged (thresholds: verdict.*)
     "wall_s": pa.float64(),  # wall-clock seconds of the training call that trained this run
     "group_size": pa.int64(),  # how many runs trained together in that call
@@ -96,6 +102,7 @@ def config_columns() -> dict[str, pa.DataType]:
             if typing.get_origin(hint) in (typing.Union, types.UnionType):
                 hint = next(a for a in typing.get_args(hint) if a is not type(None))
             out[column_of(section, f.name)] = _PA_TYPES[hint]
+    out["loss"] = pa.string()
     return out
 
 
@@ -115,6 +122,27 @@ def verdicts(ratio: np.ndarray, diverged: np.ndarray, cfg: VerdictCfg | list[Ver
 def _log10_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.log10(a / b)
+
+
+@functools.cache
+def _input_q(data_key: tuple) -> tuple[float, int, int]:
+    """The data's mean squared input entry (mean-field theory's q_in), input and output sizes."""
+    from gradsweep.config import DataCfg
+    from gradsweep.data import load_data
+
+    d = load_data(DataCfg(*data_key))
+    return float(d.x.double().square().mean()), d.x.shape[1], d.out_dim
+
+
+def _prediction(cfg: RunCfg) -> dict[str, Any]:
+    from gradsweep.theory import predict
+
+    q_in, in_dim, out_dim = _input_q(dataclasses.astuple(cfg.data))
+    p = predict(cfg, q_in, in_dim, out_dim)
+    if isinstance(p, str):
+        return {"pred_grad_ratio_log10": np.nan, "pred_wgrad_ratio_log10": np.nan, "pred_chi": None, "pred_note": p}
+    return {"pred_grad_ratio_log10": p.grad_ratio_log10, "pred_wgrad_ratio_log10": p.wgrad_ratio_log10,
+            "pred_chi": list(p.chi), "pred_note": None}
 
 
 def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | None = None,
@@ -182,11 +210,14 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
             "initial_loss": trace.loss[0, r],
             "final_loss": trace.final_loss[r],
             "min_loss": min_loss[r],
+            "test_loss": trace.test_loss[r],
+            "test_accuracy": trace.test_accuracy[r],
             "diverged_step": int(div[r]) if diverged[r] else None,
             "grad_ratio_log10": ratio_t[0, r],
             "grad_ratio_log10_median": median[r],
             "wgrad_ratio_log10": wratio_t[0, r],
             "wgrad_ratio_log10_median": wmedian[r],
+            **_prediction(cfg),
             "verdict": verdict[r],
             "wall_s": trace.wall_s,
             "group_size": R,

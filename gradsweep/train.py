@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsweep.config import ConfigError, RunCfg
-from gradsweep.data import make_data
+from gradsweep.data import load_data
+from gradsweep.losses import per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
 from gradsweep.stats import StatsPlan
@@ -52,6 +53,7 @@ def group_key(cfg: RunCfg) -> tuple:
         cfg.train.log_every,
         cfg.train.dtype,
         cfg.device,
+        cfg.loss,
     )
 
 
@@ -71,6 +73,10 @@ class GroupTrace:
     """(T, R, L, len(stats.LAYER_STATS)) per-layer statistics, or None when not collected."""
     final_loss: np.ndarray
     """(R,) loss on the whole data set after the last step."""
+    test_loss: np.ndarray
+    """(R,) loss on the held-out points after the last step; NaN without them (data.n_test = 0)."""
+    test_accuracy: np.ndarray
+    """(R,) accuracy on the held-out points after the last step (classification data); NaN otherwise."""
     diverged_step: np.ndarray
     """(R,) first step with a non-finite loss or gradient norm (``steps`` = the final evaluation); -1 if none."""
     wall_s: float
@@ -115,11 +121,16 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
     t0 = time.perf_counter()
 
-    x, y = make_data(first.data)
-    x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+    data = load_data(first.data)
+    loss_name = first.loss
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:  # class indices stay integers
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    x, y = on_device(data.x), on_device(data.y)
     R, n = len(cfgs), x.shape[0]
     stack = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
-                         x.shape[1], y.shape[1], dtype, device)
+                         x.shape[1], data.out_dim, dtype, device)
     params, plist = stack.params, list(stack.params.values())
     plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
@@ -153,7 +164,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         if stats_now:
             plan.start()
         fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
-        loss = (fwd.out - yb).square().mean(dim=(1, 2))
+        loss = per_run_loss(loss_name, fwd.out, yb)
         grads = torch.autograd.grad(loss.sum(), plist)
         # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
         grad = torch.cat([g.flatten(1) for g in grads], dim=1)
@@ -180,7 +191,15 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     bar.close()
 
     with torch.no_grad():
-        final = (forward(params, model_cfg, x_full).out - y_full).square().mean(dim=(1, 2))
+        final = per_run_loss(loss_name, forward(params, model_cfg, x_full).out, y_full)
+        test_loss = test_acc = torch.full((R,), float("nan"), dtype=dtype)
+        if len(data.y_test):
+            xt, yt = on_device(data.x_test), on_device(data.y_test)
+            out_t = forward(params, model_cfg, xt.expand(R, *xt.shape)).out
+            yt = yt.expand(R, *yt.shape)
+            test_loss = per_run_loss(loss_name, out_t, yt).cpu()
+            if not yt.is_floating_point():
+                test_acc = per_run_accuracy(out_t, yt).cpu()
     diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
     scal = torch.cat(host_scalar).numpy()[:, :n_runs]
     return GroupTrace(
@@ -190,6 +209,8 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         clipped=scal[:, :, 2] > 0,
         layer=torch.cat(host_layer).numpy()[:, :n_runs].astype(np.float64) if collect_stats else None,
         final_loss=final.cpu().numpy()[:n_runs].astype(np.float64),
+        test_loss=test_loss.numpy()[:n_runs].astype(np.float64),
+        test_accuracy=test_acc.numpy()[:n_runs].astype(np.float64),
         diverged_step=diverged.cpu().numpy()[:n_runs],
         wall_s=time.perf_counter() - t0,
         device=str(device),

@@ -43,3 +43,21 @@ def test_unknown_experiment_is_one_line(tmp_path):
     assert r.stderr.strip() == ("gradsweep: error: experiment='dropout' is not valid; "
                                 "valid values: activation, clipping, init")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_digits_sweep_end_to_end_fused_with_test_accuracy(tmp_path):
+    sweep = tmp_path / "digits"
+    r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "data=digits", "model.depth=2,4", "init=default,kaiming",
+                        "model.width=32", "optim.lr=0.1", "train.steps=60", "quiet=true", f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (sweep / "groups").is_dir()  # trained by the fused launcher
+    runs, _ = load_sweep(sweep)
+    assert len(runs) == 4 and (runs["loss"] == "cross_entropy").all()
+    assert runs["test_accuracy"].between(0.0, 1.0).all()
+    # Kaiming nets beat chance (0.1) by far in 60 steps; PyTorch's default init at depth 4 may still be stuck.
+    assert (runs[runs["init"] == "kaiming"]["test_accuracy"] > 0.5).all()
+    assert runs["test_loss"].notna().all() and runs["pred_grad_ratio_log10"].notna().all()
+    index = make_report(sweep, quiet=True)
+    assert (index.parent / "heatmap_accuracy.png").is_file() and "Test accuracy" in index.read_text()

@@ -15,7 +15,8 @@ from gradsweep.report import main, make_report
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
-FILES = ["heatmap_ratio.png", "heatmap_loss.png", "heatmap_verdict.png", "flow_maps.png", "loss_curves.png",
+FILES = ["heatmap_ratio.png", "heatmap_predicted.png", "prediction_scatter.png", "heatmap_loss.png", "heatmap_verdict.png",
+         "flow_maps.png", "loss_curves.png",
          "summary.csv", "index.html"]
 
 
@@ -39,7 +40,7 @@ def test_partial_sweep_with_diverged_runs(partial):
     assert list(summary.columns[:4]) == ["run_dir", "run_id", "model.depth", "init"]
     html = index.read_text()
     assert "(no Hydra record of the command)" in html  # written by the tests, not by Hydra
-    assert "diverged" in html and html.count("<img") == 5 and "http" not in html.replace("http-equiv", "")
+    assert "diverged" in html and html.count("<img") == len(FILES) - 2 and "http" not in html.replace("http-equiv", "")
 
 
 def test_single_run(tmp_path):
@@ -98,7 +99,7 @@ def test_html_in_headless_chromium(partial):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(index.as_uri())
         images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-        assert len(images) == 5 and all(ok and width > 100 for ok, width in images)
+        assert len(images) == len(FILES) - 2 and all(ok and width > 100 for ok, width in images)
         # Sorting: the verdict header sorts ascending, then descending.
         verdicts = sorted(pd.read_csv(index.parent / "summary.csv").verdict)
         col = page.evaluate("Array.from(document.querySelectorAll('th')).map(t => t.textContent).indexOf('verdict')")

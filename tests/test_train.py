@@ -126,3 +126,30 @@ def test_float32_close_to_float64():
     t32 = train_group([make_cfg(model={"depth": 4}, train={"steps": 50})])
     t64 = train_group([make_cfg(model={"depth": 4}, train={"steps": 50, "dtype": "float64"})])
     np.testing.assert_allclose(t32.loss, t64.loss, rtol=1e-4)
+
+
+def test_cross_entropy_on_digits_matches_plain_pytorch():
+    """data=digits: the fused loss and gradients against nn.Sequential + F.cross_entropy, float64, 15 steps."""
+    from torch.nn import functional as F
+
+    from gradsweep.data import load_data
+
+    cfg = make_cfg(model={"depth": 2, "width": 16}, data={"name": "digits", "n_samples": 300, "n_test": 100},
+                   optim={"lr": 0.05}, train={"steps": 15, "dtype": "float64", "seed": 1})
+    trace = train_group([cfg])
+    d = load_data(cfg.data)
+    lin = article_linears(1, 2, 16, None, in_dim=64, out_dim=10)
+    model = nn.Sequential(lin[0], nn.ReLU(), lin[1], nn.ReLU(), lin[2]).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(d.x.double()), d.y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    np.testing.assert_allclose(trace.loss[:, 0], losses, rtol=1e-9)
+    with torch.no_grad():
+        logits = model(d.x_test.double())
+    assert trace.test_loss[0] == pytest.approx(F.cross_entropy(logits, d.y_test).item(), rel=1e-9)
+    assert trace.test_accuracy[0] == pytest.approx((logits.argmax(1) == d.y_test).double().mean().item(), abs=1e-12)
