@@ -197,7 +197,7 @@ def _ink(rgba) -> str:
 def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) -> plt.Figure:
     """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear layers."""
     ids = list(titles)
-    fig, axes = _grid(len(ids), panel_w=4.6, panel_h=3.3, extra_w=1.2)
+    fig, axes = _grid(len(ids), panel_w=5.8, panel_h=3.3, extra_w=1.2)
     h = flow["hgrad_norm"].to_numpy(dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         vals = np.log10(h)
@@ -226,6 +226,7 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
         ax.set_title(titles[run_id], fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("Linear layer (1 = input side)")
+        _profile_inset(ax, one, row, layers_)
         ax.set_yticks(layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)])
     fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=30, extend="min").set_label(
         "log10 |dL/dh| (backpropagated signal)", fontsize=9)
@@ -233,6 +234,26 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
                         Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="not recorded (after divergence)")],
                loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.ndarray) -> None:
+    """Beside a flow map: the step-0 profile, log10 |dL/dh_l| / |dL/dh_readout| per layer, measured (dots) and
+    as mean-field theory predicts it (line: 0.5 sum of log10 chi over the blocks above the layer)."""
+    first = one[one["step"] == one["step"].min()].set_index("layer")["log_h"]
+    if first.empty or first.index.max() not in first.index or not np.isfinite(first.loc[first.index.max()]):
+        return
+    inset = ax.inset_axes([1.04, 0.0, 0.22, 1.0], sharey=ax)
+    measured = first - first.loc[first.index.max()]
+    inset.plot(measured.to_numpy(), measured.index.to_numpy(), "o", ms=3, color="#333333", label="measured")
+    chi = row.get("pred_chi")
+    if chi is not None and not (isinstance(chi, float) and np.isnan(chi)) and len(chi) == len(layers_) - 1:
+        with np.errstate(divide="ignore"):
+            above = 0.5 * np.cumsum(np.log10(np.asarray(chi, dtype=float))[::-1])[::-1]  # layer l: blocks l..depth
+        inset.plot(np.append(above, 0.0), layers_, "-", color="#E69F00", lw=1.8, label="theory")
+    inset.axvline(0, color="#BBBBBB", lw=0.8)
+    inset.set_xlabel("log10 ratio\nat step 0", fontsize=7)
+    inset.tick_params(labelsize=7, labelleft=False)
+    inset.legend(fontsize=6, loc="lower left", framealpha=0.8)
 
 
 def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, pooled: str = "seeds") -> plt.Figure:
