@@ -125,8 +125,8 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
                   sweep_dir: Path) -> list[JobReturn]:
     from gradsweep.cli import job_result
     from gradsweep.compose import SweepComposer
-    from gradsweep.config import ConfigError, build_run_cfg
-    from gradsweep.tables import GROUPS_DIR, build_tables, write_group, write_job_dirs
+    from gradsweep.config import ConfigError, build_run_cfg, config_hash
+    from gradsweep.tables import GROUPS_DIR, build_tables, completed_runs, write_group, write_job_dirs, write_job_files
     from gradsweep.train import group_key, resolve_device, train_group
 
     config = launcher.config
@@ -142,29 +142,58 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         sys.exit(2)
     compose_s = time.perf_counter() - t0
 
-    groups: dict[tuple, list[int]] = {}
+    returns: list[JobReturn | None] = [None] * len(jobs)
+    subdir_template = launcher.config.hydra.sweep._get_node("subdir")._value()
+    output_subdir = config.hydra.output_subdir
+    task_name = str(config.hydra.job.name)
+    cwd = os.getcwd()
+    rel_dirs = [_subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname, job_overrides[i])
+                for i in range(len(jobs))]
+    done = completed_runs(sweep_dir)
+    todo = []
     for i, cfg in enumerate(cfgs):
-        groups.setdefault(group_key(cfg), []).append(i)
+        prior = done.get(Path(rel_dirs[i]).as_posix())
+        if prior is None:
+            todo.append(i)
+            continue
+        run_id = config_hash(cfg)
+        if prior["run_id"] != run_id:
+            print(f"gradsweep: error: {sweep_dir / rel_dirs[i]} holds a run of another configuration (run_id "
+                  f"{prior['run_id']}, this sweep's job {initial_job_idx + i} is {run_id}); rerun with the same "
+                  "command to resume, or use a new hydra.sweep.dir", file=sys.stderr)
+            sys.exit(2)
+    todo_set = set(todo)
+    for i in (i for i in range(len(jobs)) if i not in todo_set):  # resumed: complete already, not trained again
+        prior = done[Path(rel_dirs[i]).as_posix()]
+        job_dir = sweep_dir / rel_dirs[i]
+        if output_subdir and not (job_dir / str(output_subdir) / "config.yaml").exists():  # killed before its files
+            write_job_files(job_dir, jobs[i].unresolved, jobs[i].overrides, output_subdir)
+        ret = JobReturn(overrides=jobs[i].overrides, working_dir=cwd, task_name=task_name)
+        ret.status, ret.return_value = JobStatus.COMPLETED, job_result(prior)
+        returns[i] = ret
+        launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+    if len(todo) < len(jobs):
+        log.info(f"Resuming in {sweep_dir}: {len(jobs) - len(todo)} of {len(jobs)} runs already complete "
+                 f"(same configuration), training the other {len(todo)}")
+
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        groups.setdefault(group_key(cfgs[i]), []).append(i)
     chunks = []
     for members in groups.values():
         first = cfgs[members[0]]
         size = runs_per_group(first, launcher.memory_gb, launcher.max_group_runs, free_device_bytes(first.device))
         chunks += [members[k:k + size] for k in range(0, len(members), size)]
-    log.info(f"Launching {len(jobs)} jobs fused: {len(chunks)} group(s) of one architecture each "
+    log.info(f"Launching {len(todo)} jobs fused: {len(chunks)} group(s) of one architecture each "
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
 
-    returns: list[JobReturn | None] = [None] * len(jobs)
-    subdir_template = launcher.config.hydra.sweep._get_node("subdir")._value()
-    output_subdir = config.hydra.output_subdir
-    task_name = str(config.hydra.job.name)
     for g, chunk in enumerate(chunks):
         group_cfgs = [cfgs[i] for i in chunk]
         trace = train_group(group_cfgs)
         t_written = time.perf_counter()
         meta = [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk]
         runs, steps = build_tables(group_cfgs, trace, meta, arrow=True)
-        dirs = [sweep_dir / _subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname,
-                                    job_overrides[i]) for i in chunk]
+        dirs = [sweep_dir / rel_dirs[i] for i in chunk]
         group_dir = sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])
         with ThreadPoolExecutor(1) as pool:  # the group's tables and the runs' job directories, side by side
             tables = pool.submit(write_group, group_dir, dirs, runs, steps)
@@ -185,7 +214,6 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         log.info(f"group {g + 1}/{len(chunks)}: {len(chunk)} runs (depth {m.depth}, width {m.width}, {m.activation}), "
                  f"{trace.device}, {len(chunk) * group_cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
                  f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
-        cwd = os.getcwd()
         for row, i in enumerate(chunk):
             ret = JobReturn(overrides=jobs[i].overrides, working_dir=cwd, task_name=task_name)
             if failures[row] is None:

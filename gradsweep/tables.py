@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import os
 import re
+import shutil
 import types
 import typing
 import warnings
@@ -282,8 +283,10 @@ def write_job_files(job_dir: Path, config: dict, overrides: list[str], output_su
     hydra_dir.mkdir(parents=True, exist_ok=True)
     dump = dict(Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), default_flow_style=False, sort_keys=False,
                 allow_unicode=True)
-    (hydra_dir / "config.yaml").write_text(yaml.dump(config, **dump))
-    (hydra_dir / "overrides.yaml").write_text(yaml.dump(list(overrides), **dump))
+    for name, value in (("config.yaml", config), ("overrides.yaml", list(overrides))):
+        tmp = hydra_dir / f".{name}.tmp-{os.getpid()}"  # appears whole or not at all
+        tmp.write_text(yaml.dump(value, **dump))
+        os.replace(tmp, hydra_dir / name)
 
 
 def write_group(group_dir: Path, run_dirs: list[Path], runs: pd.DataFrame, steps: pd.DataFrame | pa.Table) -> None:
@@ -308,6 +311,31 @@ def write_job_dirs(run_dirs: list[Path], job_files: list[tuple[dict, list[str]]]
 
     with ThreadPoolExecutor(4) as pool:  # file I/O releases the GIL
         return list(pool.map(write, range(len(run_dirs))))
+
+
+def completed_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """The runs a fused sweep in ``sweep_dir`` completed before (a rerun resumes from them), by run directory
+    relative to ``sweep_dir``, as runs-table records.
+
+    A group's ``runs.parquet`` is written last and atomically, so a group without one was interrupted: its
+    directory is removed, with every temporary an interrupted writer left anywhere in the sweep.
+    """
+    groups = sweep_dir / GROUPS_DIR
+    for tmp in sweep_dir.rglob(".*.tmp-*") if sweep_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+    out: dict[str, dict[str, Any]] = {}
+    if not groups.is_dir():
+        return out
+    for group_dir in sorted(groups.iterdir()):
+        runs_file = group_dir / RUNS_FILE
+        if not runs_file.is_file():
+            shutil.rmtree(group_dir, ignore_errors=True)
+            continue
+        table = pq.read_table(runs_file)
+        for rec in table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).to_dict("records"):
+            rel = Path(os.path.relpath(os.path.normpath(group_dir / rec["run_dir"]), sweep_dir)).as_posix()
+            out[rel] = rec
+    return out
 
 
 def _natural_key(path: Path) -> list:

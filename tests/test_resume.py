@@ -1,0 +1,93 @@
+"""Kill a real sweep with SIGKILL, rerun the same command into the same directory: every run exactly once,
+results equal to an uninterrupted sweep's."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gradsweep import load_sweep
+from gradsweep.tables import GROUPS_DIR, RUNS_FILE, completed_runs
+
+SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.02,0.05", "train.seed=range(0,4)", "train.steps=150", "quiet=true",
+         "hydra.launcher.max_group_runs=4"]  # 24 runs in 6 groups
+VARIES = ["wall_s", "group_size"]  # how a run was trained alongside others, not what it computed
+
+
+def _cmd(sweep_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def _groups_done(sweep_dir: Path) -> int:
+    return len(list((sweep_dir / GROUPS_DIR).glob(f"*/{RUNS_FILE}")))
+
+
+def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs, steps = load_sweep(sweep_dir)
+    runs = runs.drop(columns=VARIES).sort_values("run_id").reset_index(drop=True)
+    steps = steps.sort_values(["run_id", "step", "layer"]).reset_index(drop=True)
+    return runs, steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume") / "whole"
+    subprocess.run(_cmd(d), check=True, capture_output=True, timeout=300)
+    return _tables(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_groups", [0, 2, 5])
+def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, kill_after_groups):
+    d = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (d / "multirun.yaml").exists() and _groups_done(d) >= kill_after_groups:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _groups_done(d) < 6, "the sweep finished before it could be killed"
+    rerun = subprocess.run(_cmd(d), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    if kill_after_groups:
+        assert "Resuming in" in rerun.stderr + rerun.stdout
+    assert not list(d.rglob(".*.tmp-*"))
+    runs, steps = _tables(d)
+    want_runs, want_steps = uninterrupted
+    assert runs["run_id"].is_unique and len(runs) == 24
+    pd.testing.assert_frame_equal(runs, want_runs)
+    pd.testing.assert_frame_equal(steps, want_steps)
+
+
+def test_a_changed_config_under_the_same_directory_is_refused(tmp_path):
+    d = tmp_path / "s"
+    small = [sys.executable, "-m", "gradsweep", "-m", "model.depth=2", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
+             f"hydra.sweep.dir={d}"]
+    subprocess.run(small, check=True, capture_output=True, timeout=120)
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*.parquet")}
+    changed = [a.replace("optim.lr=0.01,0.02", "optim.lr=0.01,0.03") for a in small]
+    r = subprocess.run(changed, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("gradsweep: error:")]
+    assert len(err) == 1 and "holds a run of another configuration" in err[0]
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*.parquet")} == before
+
+
+def test_interrupted_groups_and_temporaries_are_cleaned(tmp_path):
+    d = tmp_path / "s"
+    subprocess.run([sys.executable, "-m", "gradsweep", "-m", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
+                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=120)
+    (d / GROUPS_DIR / "9").mkdir()
+    (d / GROUPS_DIR / "9" / "steps.parquet").write_bytes(b"torn")  # steps written, runs never: interrupted
+    (d / "0" / ".hydra" / ".config.yaml.tmp-123").write_text("half")
+    done = completed_runs(d)
+    assert sorted(done) == ["0", "1"] and not (d / GROUPS_DIR / "9").exists()
+    assert not list(d.rglob(".*.tmp-*"))
