@@ -99,6 +99,72 @@ def _subdir(launcher: Any, template: Any, idx: int, dirname: str, overrides: Seq
     return str(cfg.hydra.sweep.subdir)
 
 
+def run_chunk(group_cfgs: list, meta: list[dict], dirs: list[Path], job_files: list[tuple[dict, list[str]]],
+              output_subdir: str | None, group_dir: Path) -> tuple[list[dict], list[Exception | None], str]:
+    """Train one group and write its tables and job directories: the unit of work, in this process or in a
+    submitted job. Returns each run's runs-table record, its failure (None if written) and a log line."""
+    from gradsweep.tables import build_tables, write_group, write_job_dirs
+    from gradsweep.train import train_group
+
+    trace = train_group(group_cfgs)
+    t_written = time.perf_counter()
+    runs, steps = build_tables(group_cfgs, trace, meta, arrow=True)
+    with ThreadPoolExecutor(1) as pool:  # the group's tables and the runs' job directories, side by side
+        tables = pool.submit(write_group, group_dir, dirs, runs, steps)
+        failures = write_job_dirs(dirs, job_files, output_subdir)
+        group_error = tables.exception()
+    ok = [f is None for f in failures]
+    if group_error is None and not all(ok):  # the tables hold only runs whose directory exists
+        ok_ids = pa.array(runs["run_id"][ok].tolist(), pa.string())
+        try:
+            write_group(group_dir, [d for d, k in zip(dirs, ok) if k], runs[ok],
+                        steps.filter(pc.is_in(steps.column("run_id"), value_set=ok_ids)))
+        except Exception as e:
+            group_error = e
+    if group_error is not None:  # the group's tables are every run's: each run fails with them
+        failures = [f or group_error for f in failures]
+    m = group_cfgs[0].model
+    line = (f"{len(group_cfgs)} runs (depth {m.depth}, width {m.width}, {m.activation}), {trace.device}, "
+            f"{len(group_cfgs) * group_cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
+            f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
+    return runs.to_dict("records"), failures, line
+
+
+def _submit(launcher: Any, sweep_dir: Path, payloads: list[tuple]) -> list[tuple]:
+    """Run every group as one submitit job (``hydra.launcher.executor``: local or slurm) and wait for them."""
+    try:
+        import submitit
+    except ImportError:
+        print(f"gradsweep: error: hydra.launcher.executor={launcher.executor} needs submitit "
+              "(pip install 'gradsweep[cluster]')", file=sys.stderr)
+        sys.exit(2)
+
+    folder = str(launcher.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
+    ex = submitit.AutoExecutor(folder=folder, cluster=launcher.executor)
+    params = {"timeout_min": launcher.timeout_min, "name": "gradsweep"}
+    for key in ("cpus_per_task", "gpus_per_node", "mem_gb", "nodes", "tasks_per_node"):
+        if getattr(launcher, key, None) is not None:
+            params[key] = getattr(launcher, key)
+    if launcher.executor == "slurm":
+        for key in ("partition", "qos", "account", "constraint"):
+            if getattr(launcher, key, None):
+                params[f"slurm_{key}"] = getattr(launcher, key)
+        if launcher.additional_parameters:
+            params["slurm_additional_parameters"] = dict(launcher.additional_parameters)
+    ex.update_parameters(**params)
+    submitted = [ex.submit(run_chunk, *payload) for payload in payloads]
+    log.info(f"Submitted {len(submitted)} group(s) to submitit ({launcher.executor}), logs in {folder}")
+    results = []
+    for job, payload in zip(submitted, payloads):
+        try:
+            results.append(job.result())
+        except Exception as e:  # the job died (killed, timed out, out of memory): its runs fail, not the sweep
+            n = len(payload[0])
+            results.append(([{} for _ in range(n)], [e] * n, f"{n} runs FAILED in submitit job {job.job_id}: "
+                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"))
+    return results
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     from hydra_plugins.gradsweep_launcher.launcher import fusable
 
@@ -126,8 +192,8 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     from gradsweep.cli import job_result
     from gradsweep.compose import SweepComposer
     from gradsweep.config import ConfigError, build_run_cfg, config_hash
-    from gradsweep.tables import GROUPS_DIR, build_tables, completed_runs, write_group, write_job_dirs, write_job_files
-    from gradsweep.train import group_key, resolve_device, train_group
+    from gradsweep.tables import GROUPS_DIR, completed_runs, write_job_files
+    from gradsweep.train import group_key, resolve_device
 
     config = launcher.config
     t0 = time.perf_counter()
@@ -187,33 +253,18 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     log.info(f"Launching {len(todo)} jobs fused: {len(chunks)} group(s) of one architecture each "
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
 
-    for g, chunk in enumerate(chunks):
-        group_cfgs = [cfgs[i] for i in chunk]
-        trace = train_group(group_cfgs)
-        t_written = time.perf_counter()
-        meta = [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk]
-        runs, steps = build_tables(group_cfgs, trace, meta, arrow=True)
-        dirs = [sweep_dir / rel_dirs[i] for i in chunk]
-        group_dir = sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])
-        with ThreadPoolExecutor(1) as pool:  # the group's tables and the runs' job directories, side by side
-            tables = pool.submit(write_group, group_dir, dirs, runs, steps)
-            failures = write_job_dirs(dirs, [(jobs[i].unresolved, jobs[i].overrides) for i in chunk], output_subdir)
-            group_error = tables.exception()
-        ok = [f is None for f in failures]
-        if group_error is None and not all(ok):  # the tables hold only runs whose directory exists
-            ok_ids = pa.array(runs["run_id"][ok].tolist(), pa.string())
-            try:
-                write_group(group_dir, [d for d, k in zip(dirs, ok) if k], runs[ok],
-                            steps.filter(pc.is_in(steps.column("run_id"), value_set=ok_ids)))
-            except Exception as e:
-                group_error = e
-        if group_error is not None:  # the group's tables are every run's: each run fails with them
-            failures = [f or group_error for f in failures]
-        records = runs.to_dict("records")
-        m = group_cfgs[0].model
-        log.info(f"group {g + 1}/{len(chunks)}: {len(chunk)} runs (depth {m.depth}, width {m.width}, {m.activation}), "
-                 f"{trace.device}, {len(chunk) * group_cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
-                 f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
+    payloads = [([cfgs[i] for i in chunk],
+                 [{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname} for i in chunk],
+                 [sweep_dir / rel_dirs[i] for i in chunk],
+                 [(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
+                 output_subdir, sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])) for chunk in chunks]
+    executor = getattr(launcher, "executor", None)
+    if executor:  # each group one submitted job (submitit: a local process or a SLURM job), all in flight at once
+        results = _submit(launcher, sweep_dir, payloads)
+    else:
+        results = (run_chunk(*payload) for payload in payloads)
+    for g, (chunk, (records, failures, line)) in enumerate(zip(chunks, results)):
+        log.info(f"group {g + 1}/{len(chunks)}: {line}")
         for row, i in enumerate(chunk):
             ret = JobReturn(overrides=jobs[i].overrides, working_dir=cwd, task_name=task_name)
             if failures[row] is None:

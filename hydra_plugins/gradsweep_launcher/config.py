@@ -4,7 +4,8 @@ No ``from __future__ import annotations`` here: Hydra's plugin scan executes thi
 ``sys.modules``, where dataclasses cannot resolve string annotations.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -19,6 +20,33 @@ class FusedLauncherConf:
 
 
 @dataclass
+class FusedSubmititLocalConf(FusedLauncherConf):
+    """Fused groups, each group one submitit job on this machine (hydra/launcher=gradsweep_submitit_local)."""
+
+    executor: str = "local"
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    timeout_min: int = 60
+    cpus_per_task: int | None = None
+    gpus_per_node: int | None = None
+    mem_gb: int | None = None
+    nodes: int | None = None
+    tasks_per_node: int | None = None
+
+
+@dataclass
+class FusedSubmititSlurmConf(FusedSubmititLocalConf):
+    """Fused groups, each group one SLURM job (hydra/launcher=gradsweep_submitit_slurm): a cluster sweep keeps
+    the batching; parameters named as in hydra-submitit-launcher's submitit_slurm."""
+
+    executor: str = "slurm"
+    partition: str | None = None
+    qos: str | None = None
+    account: str | None = None
+    constraint: str | None = None
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class GradsweepSweeperConf:
     """Hydra's basic sweeper, without composing every job a second time when the fused launcher runs them."""
 
@@ -28,4 +56,8 @@ class GradsweepSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gradsweep", node=FusedLauncherConf, provider="gradsweep")
+ConfigStore.instance().store(group="hydra/launcher", name="gradsweep_submitit_local", node=FusedSubmititLocalConf,
+                             provider="gradsweep")
+ConfigStore.instance().store(group="hydra/launcher", name="gradsweep_submitit_slurm", node=FusedSubmititSlurmConf,
+                             provider="gradsweep")
 ConfigStore.instance().store(group="hydra/sweeper", name="gradsweep", node=GradsweepSweeperConf, provider="gradsweep")

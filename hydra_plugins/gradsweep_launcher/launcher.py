@@ -14,9 +14,16 @@ from hydra_plugins.gradsweep_launcher import config as _config  # noqa: F401  (r
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_group_runs: int | None = None, memory_gb: float = 1.0) -> None:
+    def __init__(self, max_group_runs: int | None = None, memory_gb: float = 1.0, executor: str | None = None,
+                 **submitit: Any) -> None:
         self.max_group_runs = max_group_runs
         self.memory_gb = memory_gb
+        self.executor = executor  # None: groups train in this process; local | slurm: one submitit job per group
+        self.submitit_folder = submitit.pop("submitit_folder", ".submitit/%j")
+        self.timeout_min = submitit.pop("timeout_min", 60)
+        self.additional_parameters = submitit.pop("additional_parameters", {})
+        for key, value in submitit.items():  # cpus_per_task, gpus_per_node, mem_gb, nodes, partition, qos, ...
+            setattr(self, key, value)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -32,7 +39,8 @@ class FusedLauncher(Launcher):
         return launch(self, job_overrides, initial_job_idx)
 
     def __repr__(self) -> str:
-        return f"FusedLauncher(max_group_runs={self.max_group_runs}, memory_gb={self.memory_gb})"
+        return (f"FusedLauncher(max_group_runs={self.max_group_runs}, memory_gb={self.memory_gb}, "
+                f"executor={self.executor})")
 
 
 def fusable(task_function: Any) -> bool:
