@@ -53,6 +53,27 @@ def job_result(row: Any) -> dict[str, Any]:
             for k in ("run_id", "verdict", "final_loss", "grad_ratio_log10", "diverged_step")}
 
 
+def check_writable(overrides: list[str], multirun: bool) -> None:
+    """Refuse an output directory that cannot be written, before Hydra creates anything in it."""
+    import os
+    from pathlib import Path
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    target = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == key), "outputs")
+    existing = Path(target).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".gradsweep-write-test-{os.getpid()}"
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}={target!r} is not writable ({e.strerror or e} at {existing}); "
+                          f"give another with {key}=<dir>") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Check the overrides, then hand over to Hydra."""
     import hydra
@@ -64,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if own_config and not any(getattr(args, flag) for flag in _INFO_FLAGS):
         try:
             check_overrides(args.overrides)
+            check_writable(args.overrides, args.multirun)
         except ConfigError as e:
             print(f"gradsweep: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -16,11 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from gradsweep.layout import AT, SEVERITY, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
 from gradsweep.tables import TUNE_DIR, load_runs, load_steps
+
+# What the report reads from every runs table; a sweep written before one of them existed cannot be reported.
+REQUIRED_COLUMNS = ("run_id", "verdict", "grad_ratio_log10", "final_loss", "initial_loss", "diverged_step",
+                    "verdict.vanish_below", "verdict.explode_above")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ReportError(Exception):
@@ -103,8 +114,20 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         runs = load_runs(sweep_dir, write_index=True)
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
+    except (pa.ArrowException, OSError) as e:  # a torn, truncated or foreign file where a runs table should be
+        raise ReportError(f"{sweep_dir}: a runs table cannot be read ({_first_line(e)})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in runs.columns]
+    if missing:
+        raise ReportError(f"{sweep_dir} was written by an older gradsweep (no {', '.join(missing)} in its runs table); "
+                          "rerun the sweep with this version")
     out = Path(out) if out else sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out}: {e.strerror or e}; give another place with --out") from None
     column = STATISTICS[stat][0] + AT[at]
     try:
         layout = infer_layout(runs, x, y, facets)
@@ -156,8 +179,11 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     if unknown:
         raise ReportError(f"--run {unknown[0]!r} is not a run of this sweep; run_ids are in summary.csv")
     run_ids = runs["run_id"].tolist()
-    flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
-                      (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen), run_ids=run_ids)
+    try:
+        flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
+                          (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen), run_ids=run_ids)
+    except (pa.ArrowException, OSError) as e:
+        raise ReportError(f"{sweep_dir}: a steps table cannot be read ({_first_line(e)})") from None
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
     save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
          "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
@@ -249,8 +275,14 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other bad input (argparse adds the usage)
+        print(f"gradsweep.report: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gradsweep.report", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="python -m gradsweep.report", description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", nargs="?", help="a sweep (or single run) directory; default: the newest under outputs/multirun")
     ap.add_argument("--out", help="where to write the report (default <sweep_dir>/report)")
     ap.add_argument("--x", help="config key on the x axis (default model.depth or the first numeric swept key)")

@@ -215,11 +215,14 @@ def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
         path = Path(url) if url else out_dir / TUNE_DIR / JOURNAL_FILE
         if path.exists() and not path.is_file():
             raise ConfigError(f"tune.storage={str(path)!r} is not valid; it is not a file")
+        _check_journal(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path))), str(path)
         except OSError as e:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be opened: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
                                              skip_table_creation=False)
@@ -234,6 +237,28 @@ def _named_constraints() -> bool:
     import optuna
 
     return hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def _check_journal(path: Path) -> None:
+    """Refuse a journal file that is not Optuna's before anything is appended to it (a torn last line, which
+    Optuna itself skips, is allowed)."""
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {e.strerror or e}") from None
+    if len(lines) == 1:  # a single torn record is no study yet; anything else there is not a journal
+        lines = lines + [b""]
+    for n, line in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and "op_code" in record
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"tune.storage={str(path)!r} is not an Optuna journal (line {n} is not one of its "
+                              "records); give another tune.storage")
 
 
 def make_sampler(tune: TuneCfg, seed: int) -> Any:
@@ -369,6 +394,9 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
         existing = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         existing = None
+    except Exception as e:  # a corrupt journal, a database that is not Optuna's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"tune.storage={where!r} cannot be read: {first}") from None
     if existing is not None:
         made_for = existing.user_attrs.get(BASE_ATTR)
         if made_for is not None and made_for != base_hash:
@@ -377,8 +405,13 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
         if existing.direction != optuna.study.StudyDirection.MINIMIZE:
             raise ConfigError(f"tune.study_name={name!r} is not valid here: that study is not a minimisation")
     n_before = len(existing.trials) if existing is not None else 0
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-                                sampler=make_sampler(tune, tune.seed + n_before))
+    sampler = make_sampler(tune, tune.seed + n_before)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+                                    sampler=sampler)
+    except Exception as e:  # e.g. a journal whose lines are not Optuna's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"tune.storage={where!r} cannot be read: {first}") from None
     if existing is None:
         study.set_user_attr(BASE_ATTR, base_hash)
     tdir.mkdir(parents=True, exist_ok=True)

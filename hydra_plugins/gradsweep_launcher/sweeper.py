@@ -1,10 +1,16 @@
-"""Hydra's basic sweeper, minus its second composition of every job when the fused launcher runs them."""
+"""Hydra's basic sweeper, minus its second composition of every job when the fused launcher runs them, and
+without stopping at the first failed run: every batch runs, then the failures are counted and reported."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 
 from hydra_plugins.gradsweep_launcher import config as _config  # noqa: F401  (registers the configs)
 from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher, fusable
@@ -18,3 +24,41 @@ class GradsweepSweeper(BasicSweeper):
         if isinstance(self.launcher, FusedLauncher) and fusable(self.launcher.task_function):
             return
         super().validate_batch_is_legal(batch)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """BasicSweeper.sweep, except that a failed run does not stop the sweep: when every batch has run, the
+        summary of the complete runs is printed, one line says how many failed and why the first did, exit 1."""
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        params_conf = self._parse_config()
+        params_conf.extend(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params_conf), self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns: list[Sequence[JobReturn]] = []
+        failed: list[JobReturn] = []
+        initial_job_idx = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            failed += [r for r in results if r.status == JobStatus.FAILED]
+            initial_job_idx += len(batch)
+            returns.append(results)
+        if failed:
+            import sys
+
+            from gradsweep.callbacks import summarize
+
+            try:
+                print(summarize(str(sweep_dir)), flush=True)
+            except FileNotFoundError:
+                pass
+            first = failed[0]
+            err = str(first._return_value).strip().splitlines()
+            print(f"gradsweep: error: {len(failed)} of {initial_job_idx} runs failed (the first, "
+                  f"{' '.join(first.overrides) or 'defaults'}: {type(first._return_value).__name__}: "
+                  f"{err[0] if err else ''}); the others are complete", file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        return returns
