@@ -65,6 +65,7 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "test_accuracy": pa.float64(),  # their accuracy, classification data (data=digits); NaN otherwise
     # first step with a non-finite loss or gradient norm (= train.steps if only the final loss is); null if none
     "diverged_step": pa.int64(),
+    "diverged_reason": pa.string(),  # what was non-finite there: loss | gradient (its norm) | final loss; null if none
     "grad_ratio_log10": pa.float64(),  # log10(|dL/dh_1| / |dL/dh_{depth+1}|) at step 0: < 0 vanishing, > 0 exploding
     "grad_ratio_log10_median": pa.float64(),  # its median over the logged steps before divergence
     "wgrad_ratio_log10": pa.float64(),  # log10(|dL/dW_1| / |dL/dW_{depth+1}|) at step 0
@@ -214,6 +215,7 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
             "test_loss": trace.test_loss[r],
             "test_accuracy": trace.test_accuracy[r],
             "diverged_step": int(div[r]) if diverged[r] else None,
+            "diverged_reason": trace.diverged_reason[r],
             "grad_ratio_log10": ratio_t[0, r],
             "grad_ratio_log10_median": median[r],
             "wgrad_ratio_log10": wratio_t[0, r],

@@ -27,6 +27,7 @@ from gradsweep.stats import StatsPlan
 
 log = logging.getLogger(__name__)
 
+DIVERGED_REASONS = (None, "loss", "gradient", "final loss")
 HOST_COPY_EVERY = 64  # logged steps kept on the device before one copy to the host
 
 
@@ -79,6 +80,8 @@ class GroupTrace:
     """(R,) accuracy on the held-out points after the last step (classification data); NaN otherwise."""
     diverged_step: np.ndarray
     """(R,) first step with a non-finite loss or gradient norm (``steps`` = the final evaluation); -1 if none."""
+    diverged_reason: np.ndarray
+    """(R,) why: 'loss' (non-finite loss), 'gradient' (finite loss, non-finite gradient norm), 'final loss'; None."""
     wall_s: float
     """Wall-clock seconds for the whole group."""
     device: str
@@ -138,6 +141,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
 
     alive = torch.ones(R, dtype=torch.bool, device=device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=device)
+    reason = torch.zeros(R, dtype=torch.long, device=device)  # DIVERGED_REASONS index
     rec_scalar, rec_layer, host_scalar, host_layer, logged = [], [], [], [], []
     x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
     batches = _batches(cfgs, n)
@@ -171,6 +175,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         total = torch.linalg.vector_norm(grad, dim=1)
         ok = torch.isfinite(loss) & torch.isfinite(total)
         diverged = torch.where(alive & ~ok, step, diverged)
+        reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
         alive = alive & ok
         with torch.no_grad():
             if stats_now:
@@ -200,6 +205,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
             test_loss = per_run_loss(loss_name, out_t, yt).cpu()
             if not yt.is_floating_point():
                 test_acc = per_run_accuracy(out_t, yt).cpu()
+    reason = torch.where(alive & ~torch.isfinite(final), 3, reason)
     diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
     scal = torch.cat(host_scalar).numpy()[:, :n_runs]
     return GroupTrace(
@@ -212,6 +218,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         test_loss=test_loss.numpy()[:n_runs].astype(np.float64),
         test_accuracy=test_acc.numpy()[:n_runs].astype(np.float64),
         diverged_step=diverged.cpu().numpy()[:n_runs],
+        diverged_reason=np.array(DIVERGED_REASONS, dtype=object)[reason.cpu().numpy()[:n_runs]],
         wall_s=time.perf_counter() - t0,
         device=str(device),
     )

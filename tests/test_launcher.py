@@ -155,3 +155,19 @@ def test_submitit_launchers_give_the_default_launchers_sweep(tmp_path):
             continue
         pd.testing.assert_frame_equal(runs, want_runs)
         pd.testing.assert_frame_equal(steps, want_steps)
+
+
+@pytest.mark.slow
+def test_same_fused_sweep_same_bytes(tmp_path):
+    """Same command, same seeds, same CPU: every group's steps file byte for byte; the runs files equal but for
+    wall_s (the only time they hold)."""
+    sweep = ["model.depth=2,3", "optim.lr=0.01,0.05", "train.seed=0,1", "train.steps=20", "quiet=true"]
+    for name in ("a", "b"):
+        out = _sweep([*sweep, f"hydra.sweep.dir={tmp_path / name}"], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "groups").glob("*/steps.parquet"))
+    assert len(files) == 2
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    ra, rb = load_sweep(tmp_path / "a")[0], load_sweep(tmp_path / "b")[0]
+    pd.testing.assert_frame_equal(ra.drop(columns="wall_s"), rb.drop(columns="wall_s"))

@@ -112,8 +112,13 @@ def test_divergence_is_data_and_freezes_only_that_run():
     d = trace.diverged_step[0]
     assert 0 <= d < 40
     assert not np.isfinite(trace.loss[d, 0]) or not np.isfinite(trace.grad_norm[d, 0])
+    assert trace.diverged_reason[0] in ("loss", "gradient") and trace.diverged_reason[1] is None
     assert trace.diverged_step[1] == -1
-    assert np.array_equal(trace.loss[:, 1], alone.loss[:, 0])  # bit for bit
+    # The neighbour is bit for bit its solo run: loss, gradient norms and every per-layer statistic.
+    assert np.array_equal(trace.loss[:, 1], alone.loss[:, 0])
+    assert np.array_equal(trace.grad_norm[:, 1], alone.grad_norm[:, 0])
+    assert np.array_equal(trace.layer[:, 1], alone.layer[:, 0], equal_nan=True)
+    assert trace.final_loss[1] == alone.final_loss[0]
 
 
 def test_log_every_keeps_first_and_last_step():
