@@ -79,12 +79,6 @@ def check_overrides(overrides: list[str]) -> None:
 
 def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
     """Compose the sweep's first job with Hydra's compose API, as a plain dict (``hydra`` removed)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     first = []
     for o in parsed:
         if o.is_sweep_override():
@@ -96,10 +90,22 @@ def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
             first.append(f"{prefix}{o.get_key_element()}={text}")
         else:
             first.append(o.input_line)
+    return compose_values(first)
+
+
+def compose_values(overrides: list[str]) -> dict[str, Any]:
+    """Compose ``conf/`` with Hydra's compose API into a plain resolved dict (``hydra`` removed); a config
+    Hydra rejects becomes a one-line :class:`ConfigError`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=first)
+            cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
     finally:

@@ -136,11 +136,11 @@ def _input_q(data_key: tuple) -> tuple[float, int, int]:
     return float(d.x.double().square().mean()), d.x.shape[1], d.out_dim
 
 
-def _prediction(cfg: RunCfg) -> dict[str, Any]:
+def _prediction(cfg: RunCfg, data: tuple[float, int, int]) -> dict[str, Any]:
+    """The run's mean-field columns; ``data`` is ``_input_q`` of its data (one per group: its runs share it)."""
     from gradsweep.theory import predict
 
-    q_in, in_dim, out_dim = _input_q(dataclasses.astuple(cfg.data))
-    p = predict(cfg, q_in, in_dim, out_dim)
+    p = predict(cfg, *data)
     if isinstance(p, str):
         return {"pred_grad_ratio_log10": np.nan, "pred_wgrad_ratio_log10": np.nan, "pred_chi": None, "pred_note": p}
     return {"pred_grad_ratio_log10": p.grad_ratio_log10, "pred_wgrad_ratio_log10": p.wgrad_ratio_log10,
@@ -201,6 +201,7 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
     diverged = div >= 0
     verdict = verdicts(ratio_t[0], diverged, [c.verdict for c in cfgs])
     meta = meta or [{} for _ in cfgs]
+    data = _input_q(dataclasses.astuple(cfgs[0].data))  # a group's runs share their data (group_key)
     rows = []
     for r, cfg in enumerate(cfgs):
         rows.append({
@@ -220,7 +221,7 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
             "grad_ratio_log10_median": median[r],
             "wgrad_ratio_log10": wratio_t[0, r],
             "wgrad_ratio_log10_median": wmedian[r],
-            **_prediction(cfg),
+            **_prediction(cfg, data),
             "verdict": verdict[r],
             "wall_s": trace.wall_s,
             "group_size": R,

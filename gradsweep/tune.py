@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from gradsweep.config import SECTIONS, ConfigError, RunCfg, _check, _choice, _coerce, _hints, build_run_cfg, config_hash
 from gradsweep.tables import TUNE_DIR
 
@@ -132,15 +134,10 @@ def _search_dims(value: Any) -> list[SearchDim]:
 
 def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
     """Compose ``conf/`` plus the ``tune`` group; return the plain config, the base run and the tune settings."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from gradsweep.preflight import CONF_DIR, _one_line, check_overrides
+    from gradsweep.preflight import _one_line, check_overrides, compose_values
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -158,21 +155,12 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
             raise ConfigError(f"{o.key_or_group} is not a known key; valid keys: {', '.join('tune.' + f for f in fields)}")
     run_overrides = [o.input_line for o in parsed if o.key_or_group.split(".")[0] != TUNE_DIR]
     check_overrides(run_overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=[f"+{TUNE_DIR}=default", *overrides])
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("hydra", None)
+    values = compose_values([f"+{TUNE_DIR}=default", *overrides])
     tune = build_tune_cfg(values.pop(TUNE_DIR))
     base = build_run_cfg(values)
     for dim in tune.search:  # every bound must make a valid run
         for bound in (dim.low, dim.high):
-            trial_values(values, bound, {dim.key: bound}, check=True)
+            trial_values(values, tune.lr_min, {dim.key: bound}, check=True)
     return values, base, tune
 
 
@@ -303,7 +291,7 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
     Constraints (<= 0 holds): not diverged; vanish_below <= grad_ratio_log10 at init; grad_ratio_log10 <=
     explode_above; final loss <= initial loss. A diverged run's objective is +inf (kept, marked infeasible).
     """
-    diverged = row["diverged_step"] is not None and not _isna(row["diverged_step"])
+    diverged = not pd.isna(row["diverged_step"])
     ratio = float(row["grad_ratio_log10"])
     final, initial = float(row["final_loss"]), float(row["initial_loss"])
     if tune.objective == "final_loss":
@@ -330,15 +318,6 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
         "run_id": row["run_id"],
     }
     return value, attrs
-
-
-def _isna(v: Any) -> bool:
-    try:
-        import pandas as pd
-
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def run_batch(trials: list[Any], values: dict[str, Any], tune: TuneCfg, tdir: Path, progress: bool) -> list[tuple]:
@@ -455,8 +434,6 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
 
 def trial_frame(study: Any) -> Any:
     """One row per finished trial: number, lr, extra params, value, feasible, diverged, state."""
-    import pandas as pd
-
     rows = []
     for t in study.get_trials(deepcopy=False):
         if "lr" not in t.params:
