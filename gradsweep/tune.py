@@ -41,6 +41,7 @@ SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "cmaes")
 OBJECTIVES = ("final_loss", "loss_auc")
 SEARCHABLE_SECTIONS = ("optim", "train", "init")  # float fields of these may be extra search dimensions
 JOURNAL_FILE = "study.journal"
+TABLE_CREATION_TRIES = 5
 BASE_ATTR = "gradsweep_base"  # study user attribute: hash of the configuration the study was created for
 
 
@@ -211,13 +212,24 @@ def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be opened: {e.strerror or e}") from None
         except ValueError as e:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                             skip_table_creation=False)
-    except Exception as e:  # unreachable server, bad credentials, unknown dialect, missing driver
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"tune.storage={redact(url)!r} is not reachable: {first}") from None
-    return storage, redact(url)
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(TABLE_CREATION_TRIES):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                 skip_table_creation=False)
+            return storage, redact(url)
+        except IntegrityError:
+            # Workers starting together on an empty database race to create Optuna's tables; the loser's
+            # CREATE fails on a duplicate catalog entry. The tables exist by then: try again.
+            if attempt == TABLE_CREATION_TRIES - 1:
+                raise ConfigError(f"tune.storage={redact(url)!r}: Optuna's tables could not be created "
+                                  f"({TABLE_CREATION_TRIES} tries)") from None
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as e:  # unreachable server, bad credentials, unknown dialect, missing driver
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"tune.storage={redact(url)!r} is not reachable: {first}") from None
+    raise AssertionError("unreachable")
 
 
 def _named_constraints() -> bool:
