@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,3 +156,40 @@ def test_a_full_disk_fails_the_runs_in_one_line(good, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("gradsweep: error: 2 of 2 runs failed") and "File too large" in lines[0]
     assert not list((tmp_path / "full").rglob("runs.parquet"))  # nothing half-written passes for a run
     assert _digest(good) == before
+
+
+def _user_namespaces() -> bool:
+    """Whether this machine lets an unprivileged process mount a tmpfs of its own (a user + mount namespace)."""
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _user_namespaces(), reason="no user namespaces here to mount a tmpfs (the RLIMIT_FSIZE test stands in)")
+def test_a_full_tmpfs_fails_the_runs_in_one_line_and_spares_the_good_sweep(good, tmp_path):
+    """A real full disk: a tmpfs holding a copy of a good sweep and 160 kB more, which a second sweep fills."""
+    size_kb = sum(p.stat().st_size for p in (good / "sweep").rglob("*") if p.is_file()) // 1024 + 160
+    script = textwrap.dedent(f"""\
+        set -u
+        mount -t tmpfs -o size={size_kb}k tmpfs {tmp_path}/disk
+        cp -a {good}/sweep {tmp_path}/disk/good
+        digest() {{ (cd {tmp_path}/disk/good && find . -type f -exec sha256sum {{}} + | sort); }}
+        digest > {tmp_path}/before.txt
+        {sys.executable} -m gradsweep -m optim.lr=0.01,0.02 train.steps=300 quiet=true \\
+            hydra.sweep.dir={tmp_path}/disk/full 2> {tmp_path}/stderr.txt > /dev/null
+        echo $? > {tmp_path}/rc.txt
+        digest > {tmp_path}/after.txt
+        find {tmp_path}/disk/full -name runs.parquet > {tmp_path}/committed.txt
+        """)
+    (tmp_path / "disk").mkdir()
+    subprocess.run(["unshare", "-rm", "bash", "-c", script], check=True, timeout=300, cwd=tmp_path)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert (tmp_path / "rc.txt").read_text().strip() == "1", stderr
+    assert len(lines) == 1 and lines[0].startswith("gradsweep: error: 2 of 2 runs failed"), stderr
+    assert "No space left on device" in lines[0] and "the others are complete" not in lines[0]
+    assert (tmp_path / "before.txt").read_text() == (tmp_path / "after.txt").read_text()
+    assert (tmp_path / "before.txt").read_text().count("parquet") >= 4
+    assert (tmp_path / "committed.txt").read_text() == ""  # no group committed: a rerun trains both runs again

@@ -59,6 +59,7 @@ class GradsweepSweeper(BasicSweeper):
             err = str(first._return_value).strip().splitlines()
             print(f"gradsweep: error: {len(failed)} of {initial_job_idx} runs failed (the first, "
                   f"{' '.join(first.overrides) or 'defaults'}: {type(first._return_value).__name__}: "
-                  f"{err[0] if err else ''}); the others are complete", file=sys.stderr, flush=True)
+                  f"{err[0] if err else ''})"
+                  + ("; the others are complete" if len(failed) < initial_job_idx else ""), file=sys.stderr, flush=True)
             raise SystemExit(1)
         return returns
