@@ -3,9 +3,12 @@ results equal to an uninterrupted sweep's."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +18,11 @@ import pytest
 from gradsweep import load_sweep
 from gradsweep.tables import GROUPS_DIR, RUNS_FILE, completed_runs
 
-SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.02,0.05", "train.seed=range(0,4)", "train.steps=150", "quiet=true",
-         "hydra.launcher.max_group_runs=4"]  # 24 runs in 6 groups
+STEPS = 600
+SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.02,0.05", "train.seed=range(0,4)", f"train.steps={STEPS}",
+         "hydra.launcher.max_group_runs=4"]  # 24 runs in 6 groups of 4, each training for about half a second
 VARIES = ["wall_s", "group_size"]  # how a run was trained alongside others, not what it computed
+BAR = re.compile(rf"train 4 runs:[^\r\n]*?(\d+)/{STEPS}")  # a group's progress bar on stderr
 
 
 def _cmd(sweep_dir: Path, *extra: str) -> list[str]:
@@ -38,27 +43,59 @@ def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume") / "whole"
-    subprocess.run(_cmd(d), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(d, "quiet=true"), check=True, capture_output=True, timeout=300)
     return _tables(d)
 
 
+class _Stderr:
+    """A child's stderr, read as it comes: where each group's progress bar stands."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.text = ""
+        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for chunk in iter(lambda: os.read(pipe.fileno(), 65536), b""):
+            self.text += chunk.decode(errors="replace")
+
+    def training(self) -> tuple[int, int]:
+        """(groups whose training has started, steps the newest of them has reached)."""
+        counts = [int(n) for n in BAR.findall(self.text)]
+        return sum(1 for n in counts if n == 0), (counts[-1] if counts else 0)
+
+
+# Where the sweep is killed: after some groups are complete, or halfway through training a group (its progress
+# bar between a third and three quarters), with earlier groups complete and that group's tables not yet written.
+KILL_POINTS = {"before any group": ("after", 0), "after 2 groups": ("after", 2), "after 5 groups": ("after", 5),
+               "training group 1": ("training", 1), "training group 4": ("training", 4)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after_groups", [0, 2, 5])
-def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, kill_after_groups):
+@pytest.mark.parametrize("where", list(KILL_POINTS))
+def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, where):
+    kind, k = KILL_POINTS[where]
     d = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = _Stderr(proc)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (d / "multirun.yaml").exists() and _groups_done(d) >= kill_after_groups:
+        if kind == "after" and (d / "multirun.yaml").exists() and _groups_done(d) >= k:
             break
-        time.sleep(0.005)
+        started, step = stderr.training()
+        if kind == "training" and started == k and STEPS // 3 <= step <= 3 * STEPS // 4:
+            break
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _groups_done(d) < 6, "the sweep finished before it could be killed"
-    rerun = subprocess.run(_cmd(d), capture_output=True, text=True, timeout=300)
+    done = _groups_done(d)
+    assert done < 6, "the sweep finished before it could be killed"
+    if kind == "training":
+        assert done == k - 1, f"killed after {done} groups, not while training group {k}"
+    rerun = subprocess.run(_cmd(d, "quiet=true"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    if kill_after_groups:
-        assert "Resuming in" in rerun.stderr + rerun.stdout
+    if done:
+        assert f"{4 * done} of 24 runs already complete" in rerun.stderr + rerun.stdout
     assert not list(d.rglob(".*.tmp-*"))
     runs, steps = _tables(d)
     want_runs, want_steps = uninterrupted
