@@ -156,44 +156,46 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
             rec_scalar.clear()
             rec_layer.clear()
 
-    for step in range(steps):
-        idx = next(batches)
-        if idx is None:
-            xb, yb = x_full, y_full
-        else:
-            idx = idx.to(device, non_blocking=True)
-            xb, yb = x[idx], y[idx]
-        log_now = _logged(step, steps, every)
-        stats_now = collect_stats and log_now
-        if stats_now:
-            plan.start()
-        fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
-        loss = per_run_loss(loss_name, fwd.out, yb)
-        grads = torch.autograd.grad(loss.sum(), plist)
-        # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
-        grad = torch.cat([g.flatten(1) for g in grads], dim=1)
-        total = torch.linalg.vector_norm(grad, dim=1)
-        ok = torch.isfinite(loss) & torch.isfinite(total)
-        diverged = torch.where(alive & ~ok, step, diverged)
-        reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
-        alive = alive & ok
-        with torch.no_grad():
+    try:  # the bar is cleared from the terminal even when training is interrupted
+        for step in range(steps):
+            idx = next(batches)
+            if idx is None:
+                xb, yb = x_full, y_full
+            else:
+                idx = idx.to(device, non_blocking=True)
+                xb, yb = x[idx], y[idx]
+            log_now = _logged(step, steps, every)
+            stats_now = collect_stats and log_now
             if stats_now:
-                plan.weight_sq(stack.flat)
-            clipped_grad, clipped = clip(grad, total, max_norm)
-            update = opt.step(clipped_grad, alive)
-            if log_now:
-                rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
-                logged.append(step)
-            if stats_now:
-                rec_layer.append(plan.collect(grad, update, alive))
-        bar.update(1)
-        if len(rec_scalar) >= HOST_COPY_EVERY:
-            flush()
-            if not bool(alive.any()):  # one sync per block: stop once every run has diverged
-                break
-    flush()
-    bar.close()
+                plan.start()
+            fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
+            loss = per_run_loss(loss_name, fwd.out, yb)
+            grads = torch.autograd.grad(loss.sum(), plist)
+            # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
+            grad = torch.cat([g.flatten(1) for g in grads], dim=1)
+            total = torch.linalg.vector_norm(grad, dim=1)
+            ok = torch.isfinite(loss) & torch.isfinite(total)
+            diverged = torch.where(alive & ~ok, step, diverged)
+            reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
+            alive = alive & ok
+            with torch.no_grad():
+                if stats_now:
+                    plan.weight_sq(stack.flat)
+                clipped_grad, clipped = clip(grad, total, max_norm)
+                update = opt.step(clipped_grad, alive)
+                if log_now:
+                    rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
+                    logged.append(step)
+                if stats_now:
+                    rec_layer.append(plan.collect(grad, update, alive))
+            bar.update(1)
+            if len(rec_scalar) >= HOST_COPY_EVERY:
+                flush()
+                if not bool(alive.any()):  # one sync per block: stop once every run has diverged
+                    break
+        flush()
+    finally:
+        bar.close()
 
     with torch.no_grad():
         final = per_run_loss(loss_name, forward(params, model_cfg, x_full).out, y_full)

@@ -24,7 +24,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,9 @@ SEARCHABLE_SECTIONS = ("optim", "train", "init")  # float fields of these may be
 JOURNAL_FILE = "study.journal"
 TABLE_CREATION_TRIES = 5
 BASE_ATTR = "gradsweep_base"  # study user attribute: hash of the configuration the study was created for
+# Trial system attributes: which process trains it, when it last said so, and the group directory its tables go to.
+WORKER_ATTR, BEAT_ATTR, GROUP_ATTR = "gradsweep_worker", "gradsweep_heartbeat", "gradsweep_group"
+MAX_RETRY = 3  # a trial whose worker died is queued again at most this many times
 
 
 @dataclass
@@ -70,6 +76,7 @@ class TuneCfg:
     study_name: str | None = None
     storage: str | None = None
     out_dir: str | None = None
+    stale_after_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check("tune.n_trials", self.n_trials, self.n_trials >= 1, "an integer >= 1")
@@ -79,6 +86,8 @@ class TuneCfg:
                f"a number > tune.lr_min ({self.lr_min:g})")
         _choice("tune.sampler", self.sampler, SAMPLERS)
         _choice("tune.objective", self.objective, OBJECTIVES)
+        _check("tune.stale_after_s", self.stale_after_s, self.stale_after_s > 0 and math.isfinite(self.stale_after_s),
+               "a number of seconds > 0")
         if self.study_name is not None:
             _check("tune.study_name", self.study_name, bool(self.study_name.strip()), "a non-empty string or null")
 
@@ -332,12 +341,42 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
     return value, attrs
 
 
-def run_batch(trials: list[Any], values: dict[str, Any], tune: TuneCfg, tdir: Path, progress: bool) -> list[tuple]:
-    """Train one batch of asked trials (one fused group per architecture) and write their tables."""
-    import pyarrow.compute as pc
+def _complete_runs(tdir: Path) -> dict[str, tuple[dict[str, Any], Path, Path]]:
+    """Runs whose group is complete under ``tdir`` (its runs.parquet, written last, exists), by run id: the
+    runs-table record, the group directory and the run's directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    from gradsweep.tables import GROUPS_DIR, build_tables, write_group, write_job_dirs
-    from gradsweep.train import group_key, train_group
+    from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+
+    out = {}
+    for f in sorted((tdir / GROUPS_DIR).glob(f"*/{RUNS_FILE}")):
+        table = pq.read_table(f).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        for rec in table.to_dict("records"):
+            out.setdefault(rec["run_id"], (rec, f.parent, (f.parent / rec["run_dir"]).resolve()))
+    return out
+
+
+def _losses(group_dir: Path, run_ids: list[str]) -> dict[str, Any]:
+    """Each run's logged training losses, from its group's steps table."""
+    import pyarrow.parquet as pq
+
+    from gradsweep.tables import STEPS_FILE
+
+    t = pq.read_table(group_dir / STEPS_FILE, columns=["run_id", "loss"],
+                      filters=[("layer", "=", 1), ("run_id", "in", run_ids)]).to_pandas()
+    return {rid: g["loss"].to_numpy() for rid, g in t.groupby("run_id", observed=True)}
+
+
+def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneCfg,
+              tdir: Path) -> list[tuple[float, dict[str, Any]] | Exception]:
+    """Train one batch of asked trials (one fused group per architecture, through ``launcher.run_chunk``, the
+    runner's unit of work) and write their tables. A trial whose configuration already has complete tables
+    under ``tdir`` (a trial queued again after its worker died once they were written) is read, not trained.
+    Returns each trial's (objective, user attributes), or the exception that failed it."""
+    from gradsweep.launcher import run_chunk
+    from gradsweep.tables import GROUPS_DIR, write_job_files
+    from gradsweep.train import group_key
 
     params = []
     for t in trials:
@@ -346,28 +385,176 @@ def run_batch(trials: list[Any], values: dict[str, Any], tune: TuneCfg, tdir: Pa
         params.append((lr, extra))
     plain = [trial_values(values, lr, extra) for lr, extra in params]
     cfgs = [build_run_cfg(p) for p in plain]
+    overrides = [[f"optim.lr={lr!r}", *(f"{k}={v!r}" for k, v in extra.items())] for lr, extra in params]
+    run_ids = [config_hash(c) for c in cfgs]
+    known = _complete_runs(tdir)
+    first_of: dict[str, int] = {}  # a configuration asked twice in one batch is trained once
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        groups.setdefault(group_key(c), []).append(i)
-    results: list[tuple | None] = [None] * len(trials)
+        if run_ids[i] not in known and first_of.setdefault(run_ids[i], i) == i:
+            groups.setdefault(group_key(c), []).append(i)
     for members in groups.values():
-        gcfgs = [cfgs[i] for i in members]
-        trace = train_group(gcfgs, progress=progress)
-        overrides = [[f"optim.lr={params[i][0]!r}", *(f"{k}={v!r}" for k, v in params[i][1].items())] for i in members]
-        meta = [{"job_num": trials[i].number, "override_dirname": ",".join(ov)} for i, ov in zip(members, overrides)]
-        runs, steps = build_tables(gcfgs, trace, meta, arrow=True)
+        group_dir = tdir / GROUPS_DIR / str(trials[members[0]].number)
+        for i in members:
+            study._storage.set_trial_system_attr(trials[i]._trial_id, GROUP_ATTR, group_dir.name)
+        meta = [{"job_num": trials[i].number, "override_dirname": ",".join(overrides[i])} for i in members]
         dirs = [tdir / "trials" / str(trials[i].number) for i in members]
-        write_group(tdir / GROUPS_DIR / str(trials[members[0]].number), dirs, runs, steps)
-        for err in write_job_dirs(dirs, [(plain[i], ov) for i, ov in zip(members, overrides)], ".hydra"):
-            if err is not None:
-                raise err
-        layer1 = steps.filter(pc.equal(steps["layer"], 1))
-        for j, i in enumerate(members):
-            row = runs.iloc[j]
-            loss = layer1.filter(pc.equal(layer1["run_id"], row["run_id"]))["loss"].to_numpy()
-            value, attrs = trial_outcome(row, tune, loss)
-            results[i] = (value, attrs)
+        records, failures, line = run_chunk([cfgs[i] for i in members], meta, dirs,
+                                            [(plain[i], overrides[i]) for i in members], ".hydra", group_dir)
+        log.info(f"trials {', '.join(str(trials[i].number) for i in members)}: {line}")
+        for i, rec, err, run_dir in zip(members, records, failures, dirs):
+            known[run_ids[i]] = (rec, group_dir, run_dir) if err is None else err
+    results: list[tuple[float, dict[str, Any]] | Exception] = []
+    for i in range(len(trials)):
+        got = known[run_ids[i]]
+        if isinstance(got, Exception):
+            results.append(got)
+            continue
+        rec, group_dir, run_dir = got
+        if not (run_dir / ".hydra" / "config.yaml").is_file():  # its worker died before its job files
+            write_job_files(run_dir, plain[i], overrides[i], ".hydra")
+        loss = _losses(group_dir, [rec["run_id"]]).get(rec["run_id"], []) if tune.objective == "loss_auc" else []
+        results.append(trial_outcome(rec, tune, pd.Series(loss, dtype=float)))
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers that die: a trial left RUNNING by a killed worker is failed and queued again
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stale_reason(trial: Any, now: float, stale_after_s: float) -> str | None:
+    """Why a RUNNING trial's worker is gone, or None while it may still be training it.
+
+    Gone: its worker ran on this machine and its process is dead, or no heartbeat (a system attribute each
+    worker refreshes every ``stale_after_s / 4`` while it trains) for ``stale_after_s`` seconds.
+    """
+    worker = trial.system_attrs.get(WORKER_ATTR)
+    beat = trial.system_attrs.get(BEAT_ATTR)
+    if beat is None and trial.datetime_start is not None:
+        beat = trial.datetime_start.timestamp()
+    if worker:
+        host, _, pid = str(worker).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return f"its worker {worker} is gone"
+    if beat is not None and now - float(beat) > stale_after_s:
+        return f"no heartbeat from {worker or 'its worker'} for {now - float(beat):.0f} s"
+    return None
+
+
+def _fail_and_requeue(study: Any, trial: Any, tdir: Path, why: str) -> bool:
+    """Mark a trial FAIL (unless another worker got there first), remove what it left half-written, and queue
+    a retry with the same parameters (Optuna's RetryHeartbeatStaleTrialCallback). True if this call failed it."""
+    import optuna
+
+    try:
+        study._storage.set_trial_system_attr(trial._trial_id, "gradsweep_failed", why)
+        if not study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    frozen = study._storage.get_trial(trial._trial_id)
+    _remove_partial(tdir, frozen)
+    import warnings
+
+    with warnings.catch_warnings():  # experimental since Optuna 2.8, and the way Optuna itself retries trials
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
+                        getattr(optuna.storages, "RetryFailedTrialCallback", None))(max_retry=MAX_RETRY)
+    n_before = len(study.get_trials(deepcopy=False))
+    frozen.system_attrs.pop("gradsweep_failed", None)
+    retry(study, _without_worker(frozen))
+    queued = len(study.get_trials(deepcopy=False)) > n_before
+    log.warning(f"trial {frozen.number} was left RUNNING ({why}): marked FAIL"
+                + (", queued again with the same parameters" if queued else f", not queued again ({MAX_RETRY} retries)"))
+    return True
+
+
+def _without_worker(trial: Any) -> Any:
+    import copy
+
+    t = copy.deepcopy(trial)
+    for key in (WORKER_ATTR, BEAT_ATTR, GROUP_ATTR):
+        t.system_attrs.pop(key, None)
+    return t
+
+
+def _remove_partial(tdir: Path, trial: Any) -> None:
+    """A dead worker's trial: its group directory if that group never completed, its job directory with it,
+    and any temporaries its writers left."""
+    from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+
+    group = trial.system_attrs.get(GROUP_ATTR)
+    run_dir = tdir / "trials" / str(trial.number)
+    if group is not None and not (tdir / GROUPS_DIR / str(group) / RUNS_FILE).is_file():
+        shutil.rmtree(tdir / GROUPS_DIR / str(group), ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for tmp in (*run_dir.rglob(".*.tmp-*"), *(tdir / GROUPS_DIR / str(group)).glob(".*.tmp-*")) if group else ():
+        tmp.unlink(missing_ok=True)
+
+
+def recover_stale(study: Any, tdir: Path, stale_after_s: float) -> list[int]:
+    """Fail and queue again every RUNNING trial whose worker is gone; the numbers of those this call failed."""
+    import optuna
+
+    now = time.time()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        why = stale_reason(t, now, stale_after_s)
+        if why is not None and _fail_and_requeue(study, t, tdir, why):
+            failed.append(t.number)
+    return failed
+
+
+class Heartbeat:
+    """Refresh ``BEAT_ATTR`` of the trials this worker trains, every ``every`` seconds, from a thread."""
+
+    def __init__(self, study: Any, trials: list[Any], every: float) -> None:
+        self.study, self.trials, self.every = study, trials, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradsweep-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        import optuna
+
+        now = time.time()
+        for t in self.trials:
+            try:
+                self.study._storage.set_trial_system_attr(t._trial_id, BEAT_ATTR, now)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # failed as stale by another worker meanwhile; its retry will read what this one writes
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.beat()
+            except Exception as e:  # storage briefly unreachable: try again at the next beat
+                log.warning(f"heartbeat not recorded: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool = False) -> dict[str, Any]:
@@ -410,34 +597,72 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     bar = tqdm(total=tune.n_trials, desc=f"tune {name}", unit="trial", disable=not progress)
     t0 = time.perf_counter()
     done = 0
-    while done < tune.n_trials:
-        k = min(tune.batch_size, tune.n_trials - done)
-        trials = [study.ask() for _ in range(k)]
-        told = 0
-        try:
-            for trial, (value, attrs) in zip(trials, run_batch(trials, values, tune, tdir, progress=False)):
-                for key, v in attrs.items():
-                    trial.set_user_attr(key, v)
-                if _named_constraints():
-                    for key, v in zip(CONSTRAINTS, attrs["constraints"]):
-                        trial.set_constraint(key, v)
-                study.tell(trial, value)
-                told += 1
-        except BaseException:
-            for trial in trials[told:]:  # never leave asked trials RUNNING in a shared study
-                try:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                except Exception:
-                    pass
-            raise
-        done += k
-        bar.update(k)
-    bar.close()
+    failed: list[tuple[int, Exception]] = []
+    me = worker_id()
+    try:
+        while done < tune.n_trials:
+            recover_stale(study, tdir, tune.stale_after_s)
+            k = min(tune.batch_size, tune.n_trials - done)
+            trials = []
+            for _ in range(k):
+                trials.append(study.ask())
+                study._storage.set_trial_system_attr(trials[-1]._trial_id, WORKER_ATTR, me)
+            told = 0
+            try:
+                with Heartbeat(study, trials, tune.stale_after_s / 4):
+                    outcomes = run_batch(study, trials, values, tune, tdir)
+                for trial, outcome in zip(trials, outcomes):
+                    _tell(study, trial, outcome)
+                    if isinstance(outcome, Exception):
+                        failed.append((trial.number, outcome))
+                    told += 1
+            except BaseException as e:
+                for trial in trials[told:]:  # never leave asked trials RUNNING in a shared study
+                    try:
+                        if isinstance(e, Exception):
+                            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        else:  # interrupted (Ctrl-C): queued again like a dead worker's
+                            _fail_and_requeue(study, trial, tdir, "interrupted")
+                    except Exception:
+                        pass
+                raise
+            done += k
+            bar.update(k)
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
     summary = summarize(study, tune, where, out_dir)
     summary["this_invocation"] = {"trials": tune.n_trials, "batch_size": tune.batch_size, "wall_s": wall}
+    summary["failed"] = [{"trial": n, "error": f"{type(e).__name__}: {_first_line(e)}"} for n, e in failed]
     write_outputs(study, summary, tdir)
     return summary
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _tell(study: Any, trial: Any, outcome: tuple[float, dict[str, Any]] | Exception) -> None:
+    import optuna
+
+    try:
+        if isinstance(outcome, Exception):
+            study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(outcome).__name__}: "
+                                               f"{_first_line(outcome)}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        value, attrs = outcome
+        for key, v in attrs.items():
+            trial.set_user_attr(key, v)
+        if _named_constraints():
+            for key, v in zip(CONSTRAINTS, attrs["constraints"]):
+                trial.set_constraint(key, v)
+        study.tell(trial, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Another worker took this one for dead (no heartbeat for tune.stale_after_s) and queued it again:
+        # its retry reads the tables written here instead of training them again.
+        log.warning(f"trial {trial.number} was failed as stale by another worker meanwhile; its retry reuses "
+                    "these tables")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,8 +762,8 @@ HELP = """usage: python -m gradsweep.tune [overrides]
 Search the learning rate that trains fastest without instability, with Optuna; trials are trained in fused
 batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (conf/tune/default.yaml):
   tune.n_trials, tune.batch_size, tune.lr_min, tune.lr_max, tune.search, tune.sampler, tune.seed,
-  tune.objective, tune.study_name, tune.storage, tune.out_dir
-Rerunning the same command continues the same study. Open it with:
+  tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s
+Rerunning the same command continues the same study; trials a killed worker left running are queued again. Open it with:
   optuna-dashboard <storage>   (the journal file, or the SQLAlchemy URL, printed at the end)
 """
 
@@ -555,7 +780,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"gradsweep.tune: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("gradsweep.tune: interrupted; the trials in training are queued again: rerun the same command to go on",
+              file=sys.stderr)
+        sys.exit(130)
     print(describe(summary))
+    if summary["failed"]:
+        first = summary["failed"][0]
+        print(f"gradsweep.tune: error: {len(summary['failed'])} of {tune.n_trials} trials failed (the first, trial "
+              f"{first['trial']}: {first['error']}); the study keeps them as FAIL", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

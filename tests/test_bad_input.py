@@ -118,6 +118,7 @@ CASES = [
     (TUNE, _foreign_journal, "is not an Optuna journal"),
     (TUNE, _fixed("tune.out_dir=/proc/gradsweep-tune", "tune.n_trials=1"), "cannot be opened"),
     (TUNE, _fixed("tune.study_name=''"), "tune.study_name='' is not valid"),
+    (TUNE, _fixed("tune.stale_after_s=0"), "tune.stale_after_s=0.0 is not valid; it must be a number of seconds > 0"),
 ]
 
 

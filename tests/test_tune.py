@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+from optuna.trial import TrialState
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
@@ -210,3 +214,109 @@ def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
     index = make_report(sweep, quiet=True)
     page = index.read_text()
     assert "Learning-rate search" in page and (index.parent / "tune_stability.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A worker that dies: its trials are failed, queued again with the same parameters, and nothing is lost
+
+
+KILL_STEPS = 600
+KILL_CMD = ["model.depth=2", f"train.steps={KILL_STEPS}", "tune.n_trials=8", "tune.batch_size=4", "tune.sampler=random"]
+TRAIN_BAR = re.compile(rf"train 4 runs:[^\r\n]*?(\d+)/{KILL_STEPS}")
+
+
+def _study(out: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(_journal(out))))
+    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+
+
+def _trials_and_tables_agree(out: Path, study: optuna.Study) -> None:
+    from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+
+    states = {t.number: t.state for t in study.trials}
+    assert not [n for n, s in states.items() if s in (TrialState.RUNNING, TrialState.WAITING)], states
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    runs, _ = load_sweep(out / "tune")  # every complete trial's run, once, and nothing else
+    assert runs["run_id"].is_unique
+    assert set(runs["run_id"]) == {t.user_attrs["run_id"] for t in complete}
+    assert not list(out.rglob(".*.tmp-*"))
+    assert all((g / RUNS_FILE).is_file() for g in (out / "tune" / GROUPS_DIR).iterdir())
+    for t in study.trials:  # a failed trial has a completed retry with the same parameters
+        if t.state == TrialState.FAIL:
+            retries = [r for r in complete if r.system_attrs.get("failed_trial") == t.number]
+            assert len(retries) == 1 and retries[0].params == t.params, t.number
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
+    cmd = [sys.executable, "-m", "gradsweep.tune", *KILL_CMD, f"tune.out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    text = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # the second batch a third to 3/4 trained
+        text += os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
+        steps = [int(n) for n in TRAIN_BAR.findall(text)]
+        if steps.count(0) == 2 and KILL_STEPS // 3 <= steps[-1] <= 3 * KILL_STEPS // 4:
+            break
+    proc.send_signal(sig)
+    text += proc.communicate(timeout=60)[1].decode(errors="replace")
+    if sig == signal.SIGINT:  # Ctrl-C: one line, the conventional exit status
+        assert proc.returncode == 130 and text.rstrip().splitlines()[-1].startswith("gradsweep.tune: interrupted;")
+    study = _study(tmp_path)
+    by_state = {s: sorted(t.number for t in study.trials if t.state == s) for s in TrialState}
+    assert by_state[TrialState.COMPLETE] == [0, 1, 2, 3], by_state
+    if sig == signal.SIGKILL:  # left RUNNING by the dead worker: the next start fails and queues them
+        assert by_state[TrialState.RUNNING] == [4, 5, 6, 7], by_state
+    else:  # interrupted: failed and queued again on the way out
+        assert by_state[TrialState.FAIL] == [4, 5, 6, 7] and by_state[TrialState.WAITING] == [8, 9, 10, 11], by_state
+
+    rerun = subprocess.run([*cmd, "quiet=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    if sig == signal.SIGKILL:
+        assert rerun.stderr.count("was left RUNNING (its worker") == 4, rerun.stderr
+    study = _study(tmp_path)
+    assert sorted(t.number for t in study.trials if t.state == TrialState.FAIL) == [4, 5, 6, 7]
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4 + 8
+    _trials_and_tables_agree(tmp_path, study)
+    assert json.loads((tmp_path / "tune" / "best.json").read_text())["complete"] == 12
+
+
+def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
+    """Trials left RUNNING as a dead worker leaves them: one by a dead process on this machine (whose
+    configuration already has complete tables: read, not trained again), one by another machine that stopped
+    beating; a third, beating on another machine, is still being trained there and must be left alone."""
+    from gradsweep.tables import GROUPS_DIR
+    from gradsweep.tune import BEAT_ATTR, WORKER_ATTR
+
+    _tune(tmp_path, "tune.n_trials=4", "tune.batch_size=4", "tune.sampler=random")
+    study = _study(tmp_path)
+    done = study.trials[2]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    storage, host = study._storage, socket.gethostname()
+    left = []
+    for lr, worker, beat in [(done.params["lr"], f"{host}:{dead.pid}", time.time()),
+                             (0.00123, "elsewhere:1", time.time() - 1000), (0.00456, "elsewhere:2", time.time())]:
+        study.enqueue_trial({"lr": lr})
+        t = study.ask()
+        t.suggest_float("lr", 1e-4, 10.0, log=True)
+        storage.set_trial_system_attr(t._trial_id, WORKER_ATTR, worker)
+        storage.set_trial_system_attr(t._trial_id, BEAT_ATTR, beat)
+        left.append(t.number)
+    groups_before = sorted(p.name for p in (tmp_path / "tune" / GROUPS_DIR).iterdir())
+
+    _tune(tmp_path, "tune.n_trials=2", "tune.batch_size=2", "tune.sampler=random")
+    study = _study(tmp_path)
+    t = {x.number: x for x in study.trials}
+    assert t[left[0]].state == TrialState.FAIL and "is gone" in t[left[0]].system_attrs["gradsweep_failed"]
+    assert t[left[1]].state == TrialState.FAIL and "no heartbeat" in t[left[1]].system_attrs["gradsweep_failed"]
+    assert t[left[2]].state == TrialState.RUNNING  # alive elsewhere
+    retry_dead, retry_quiet = (next(x for x in study.trials if x.system_attrs.get("failed_trial") == n) for n in left[:2])
+    assert retry_dead.state == retry_quiet.state == TrialState.COMPLETE
+    assert retry_dead.params == done.params and retry_dead.value == done.value  # read from trial 2's tables
+    assert retry_dead.user_attrs["run_id"] == done.user_attrs["run_id"]
+    groups_after = sorted(p.name for p in (tmp_path / "tune" / GROUPS_DIR).iterdir())
+    assert groups_after == sorted([*groups_before, str(retry_quiet.number)])  # only the other one was trained
+    runs, _ = load_sweep(tmp_path / "tune")
+    assert runs["run_id"].is_unique and len(runs) == 5
