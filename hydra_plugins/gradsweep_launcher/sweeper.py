@@ -49,12 +49,9 @@ class GradsweepSweeper(BasicSweeper):
         if failed:
             import sys
 
-            from gradsweep.callbacks import summarize
-
-            try:
-                print(summarize(str(sweep_dir)), flush=True)
-            except FileNotFoundError:
-                pass
+            # What Hydra does after a sweep (gradsweep's callback: close the sweep's bar, print the summary of the
+            # complete runs), then the failure on a line of its own.
+            self.hydra_context.callbacks.on_multirun_end(config=self.config)
             first = failed[0]
             err = str(first._return_value).strip().splitlines()
             print(f"gradsweep: error: {len(failed)} of {initial_job_idx} runs failed (the first, "
