@@ -23,7 +23,9 @@ import shutil
 import types
 import typing
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,13 +251,26 @@ def runs_schema(runs: pd.DataFrame) -> pa.Schema:
 STEPS_WRITE_OPTIONS = {"use_dictionary": ["run_id", "kind"], "write_statistics": ["run_id", "step", "layer", "kind"]}
 
 
-def _write_atomic(table: pa.Table, path: Path, **options: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` (``.<name>.tmp-<pid><suffix>``, which a resumed sweep removes) to write
+    to; it replaces ``path`` when the block ends without error, so ``path`` appears whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
-        pq.write_table(table, tmp, compression="zstd", **options)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_atomic(table: pa.Table, path: Path, **options: Any) -> None:
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", **options)
 
 
 def _to_arrow(runs: pd.DataFrame, steps: pd.DataFrame | pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -287,9 +302,7 @@ def write_job_files(job_dir: Path, config: dict, overrides: list[str], output_su
     dump = dict(Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), default_flow_style=False, sort_keys=False,
                 allow_unicode=True)
     for name, value in (("config.yaml", config), ("overrides.yaml", list(overrides))):
-        tmp = hydra_dir / f".{name}.tmp-{os.getpid()}"  # appears whole or not at all
-        tmp.write_text(yaml.dump(value, **dump))
-        os.replace(tmp, hydra_dir / name)
+        write_text_atomic(hydra_dir / name, yaml.dump(value, **dump))
 
 
 def write_group(group_dir: Path, run_dirs: list[Path], runs: pd.DataFrame, steps: pd.DataFrame | pa.Table) -> None:

@@ -715,24 +715,18 @@ def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str,
     }
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(study: Any, summary: dict[str, Any], tdir: Path) -> None:
     """best.json, trials.csv and stability.png, each appearing atomically."""
     from gradsweep.figures import plt, stability_plot
+    from gradsweep.tables import atomic, write_text_atomic
 
     frame = trial_frame(study)
-    _write_text_atomic(tdir / "best.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
-    _write_text_atomic(tdir / "trials.csv", frame.to_csv(index=False))
+    write_text_atomic(tdir / "best.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_text_atomic(tdir / "trials.csv", frame.to_csv(index=False))
     fig = stability_plot(frame, summary)
-    tmp = tdir / f".stability.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic(tdir / "stability.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, tdir / "stability.png")
 
 
 def _json_default(v: Any) -> Any:

@@ -35,7 +35,9 @@ class GradsweepSweeper(BasicSweeper):
         self.overrides = self.split_arguments(parser.parse_overrides(params_conf), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        from gradsweep.tables import write_text_atomic
+
+        write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         returns: list[Sequence[JobReturn]] = []
         failed: list[JobReturn] = []
         initial_job_idx = 0
