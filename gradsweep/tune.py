@@ -221,16 +221,19 @@ def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be opened: {e.strerror or e}") from None
         except ValueError as e:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(TABLE_CREATION_TRIES):
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
                                                  skip_table_creation=False)
             return storage, redact(url)
-        except IntegrityError:
+        except (IntegrityError, ProgrammingError) as e:
             # Workers starting together on an empty database race to create Optuna's tables; the loser's
-            # CREATE fails on a duplicate catalog entry. The tables exist by then: try again.
+            # CREATE fails on a duplicate catalog entry (PostgreSQL: UniqueViolation on pg_type, or
+            # DuplicateTable). The tables exist by then: try again.
+            if isinstance(e, ProgrammingError) and "already exists" not in str(e):
+                raise ConfigError(f"tune.storage={redact(url)!r} cannot be used: {_first_line(e)}") from None
             if attempt == TABLE_CREATION_TRIES - 1:
                 raise ConfigError(f"tune.storage={redact(url)!r}: Optuna's tables could not be created "
                                   f"({TABLE_CREATION_TRIES} tries)") from None
