@@ -149,16 +149,59 @@ def run_submitted(threads: int | None, *payload: Any) -> tuple[list[dict], list[
     return run_chunk(*payload)
 
 
-def _submit(launcher: Any, sweep_dir: Path, payloads: list[tuple]) -> list[tuple]:
-    """Run every group as one submitit job (``hydra.launcher.executor``: local or slurm) and wait for them."""
+def _import_submitit(launcher: Any) -> Any:
     try:
         import submitit
     except ImportError:
         print(f"gradsweep: error: hydra.launcher.executor={launcher.executor} needs submitit "
               "(pip install 'gradsweep[cluster]')", file=sys.stderr)
         sys.exit(2)
+    return submitit
 
-    folder = str(launcher.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
+
+def _submitit_folder(launcher: Any, sweep_dir: Path) -> str:
+    return str(launcher.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
+
+
+ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def inflight_jobs(launcher: Any, sweep_dir: Path) -> list[tuple[Any, tuple]]:
+    """SLURM jobs an earlier start of this sweep submitted that are still queued or running (the command that
+    submitted them was killed, e.g. with the login session): each job and the ``run_submitted`` arguments
+    it runs with. A rerun waits for these instead of submitting their groups a second time."""
+    import subprocess
+
+    folder = _submitit_folder(launcher, sweep_dir)
+    root = Path(folder.split("%j")[0]) if "%j" in folder else None
+    if root is None or not root.is_dir():
+        return []
+    ids = sorted((p.name for p in root.iterdir() if p.name.isdigit() and (p / f"{p.name}_submitted.pkl").is_file()
+                  and not any(p.glob("*_result.pkl"))), key=int)
+    if not ids:
+        return []
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning(f"cannot ask SLURM whether the jobs of an earlier start still run ({e}); submitting anew")
+        return []
+    active = [i for i, state in (line.split()[:2] for line in out.splitlines() if line.strip())
+              if state in ACTIVE_SLURM_STATES and i in ids]
+    submitit = _import_submitit(launcher)
+    jobs = []
+    for job_id in active:
+        submission = submitit.core.utils.DelayedSubmission.load(root / job_id / f"{job_id}_submitted.pkl")
+        if getattr(submission.function, "__name__", "") == run_submitted.__name__:
+            jobs.append((submitit.SlurmJob(folder=folder, job_id=job_id), submission.args))
+    return jobs
+
+
+def _submit(launcher: Any, sweep_dir: Path, payloads: list[tuple], adopted: list[Any] = ()) -> list[tuple]:
+    """Run every group as one submitit job (``hydra.launcher.executor``: local or slurm) and wait for them,
+    and for the ``adopted`` jobs (groups an earlier start submitted that still run), whose results come first."""
+    submitit = _import_submitit(launcher)
+    folder = _submitit_folder(launcher, sweep_dir)
     ex = submitit.AutoExecutor(folder=folder, cluster=launcher.executor)
     params = {"timeout_min": launcher.timeout_min, "name": "gradsweep"}
     for key in ("cpus_per_task", "gpus_per_node", "mem_gb", "nodes", "tasks_per_node"):
@@ -174,13 +217,14 @@ def _submit(launcher: Any, sweep_dir: Path, payloads: list[tuple]) -> list[tuple
     # Local jobs share this machine's cores; a SLURM job reads its own CPUs from its environment.
     threads = launcher.cpus_per_task or max(1, (os.cpu_count() or 1) // max(1, len(payloads)))
     submitted = [ex.submit(run_submitted, threads, *payload) for payload in payloads]
-    log.info(f"Submitted {len(submitted)} group(s) to submitit ({launcher.executor}), logs in {folder}")
+    if submitted:
+        log.info(f"Submitted {len(submitted)} group(s) to submitit ({launcher.executor}), logs in {folder}")
     results = []
-    for job, payload in zip(submitted, payloads):
+    sizes = [len(job_args[1]) for _, job_args in adopted] + [len(payload[0]) for payload in payloads]
+    for job, n in zip([job for job, _ in adopted] + submitted, sizes):
         try:
             results.append(job.result())
         except Exception as e:  # the job died (killed, timed out, out of memory): its runs fail, not the sweep
-            n = len(payload[0])
             err = _job_error(job, e)
             results.append(([{} for _ in range(n)], [err] * n, f"{n} runs FAILED: {err}"))
     return results
@@ -199,6 +243,27 @@ def _job_error(job: Any, e: Exception) -> Exception:
     err = RuntimeError(f"submitit job {job.job_id} ended {state} without a result (log: {job.paths.stderr})")
     err.__cause__ = e
     return err
+
+
+def _adopt(inflight: list[tuple[Any, tuple]], todo: list[int], cfgs: list, dirs: list[Path],
+           sweep_dir: Path) -> list[tuple[tuple[Any, tuple], list[int]]]:
+    """The in-flight jobs whose runs this sweep still needs, with those runs' job indices; a job training
+    runs this sweep would train differently is refused in one line."""
+    from gradsweep.config import config_hash
+
+    index_of = {Path(os.path.abspath(dirs[i])): i for i in todo}
+    adopted = []
+    for job, args in inflight:
+        members = [index_of.get(Path(os.path.abspath(d))) for d in args[3]]
+        if all(m is None for m in members):
+            continue  # its group completed since (or is not this sweep's): nothing to wait for
+        if any(m is None or config_hash(cfgs[m]) != config_hash(c) for m, c in zip(members, args[1])):
+            print(f"gradsweep: error: SLURM job {job.job_id}, submitted by an earlier start, still trains runs in "
+                  f"{sweep_dir} of another configuration; wait for it to end or scancel it, or use a new "
+                  "hydra.sweep.dir", file=sys.stderr)
+            sys.exit(2)
+        adopted.append(((job, args), members))
+    return adopted
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
@@ -251,7 +316,10 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     cwd = os.getcwd()
     rel_dirs = [_subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname, job_overrides[i])
                 for i in range(len(jobs))]
-    done = completed_runs(sweep_dir)
+    executor = getattr(launcher, "executor", None)
+    inflight = inflight_jobs(launcher, sweep_dir) if executor == "slurm" else []
+    busy = frozenset(Path(p) for _, args in inflight for p in (args[6], *args[3]))  # their group and run dirs
+    done = completed_runs(sweep_dir, busy)
     todo = []
     for i, cfg in enumerate(cfgs):
         prior = done.get(Path(rel_dirs[i]).as_posix())
@@ -278,6 +346,12 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         log.info(f"Resuming in {sweep_dir}: {len(jobs) - len(todo)} of {len(jobs)} runs already complete "
                  f"(same configuration), training the other {len(todo)}")
 
+    adopted = _adopt(inflight, todo, cfgs, [sweep_dir / d for d in rel_dirs], sweep_dir)
+    if adopted:
+        taken = {i for _, members in adopted for i in members}
+        todo = [i for i in todo if i not in taken]
+        log.info(f"Waiting for {len(adopted)} SLURM job(s) an earlier start submitted, still queued or running "
+                 f"({', '.join(job.job_id for (job, _), _ in adopted)}): {len(taken)} runs, not submitted again")
     groups: dict[tuple, list[int]] = {}
     for i in todo:
         groups.setdefault(group_key(cfgs[i]), []).append(i)
@@ -294,9 +368,9 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
                  [sweep_dir / rel_dirs[i] for i in chunk],
                  [(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
                  output_subdir, sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])) for chunk in chunks]
-    executor = getattr(launcher, "executor", None)
     if executor:  # each group one submitted job (submitit: a local process or a SLURM job), all in flight at once
-        results = _submit(launcher, sweep_dir, payloads)
+        results = _submit(launcher, sweep_dir, payloads, [(job, args) for (job, args), _ in adopted])
+        chunks = [members for _, members in adopted] + chunks
     else:
         results = (run_chunk(*payload) for payload in payloads)
     for g, (chunk, (records, failures, line)) in enumerate(zip(chunks, results)):

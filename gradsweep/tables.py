@@ -329,23 +329,27 @@ def write_job_dirs(run_dirs: list[Path], job_files: list[tuple[dict, list[str]]]
         return list(pool.map(write, range(len(run_dirs))))
 
 
-def completed_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+def completed_runs(sweep_dir: Path, busy: frozenset[Path] = frozenset()) -> dict[str, dict[str, Any]]:
     """The runs a fused sweep in ``sweep_dir`` completed before (a rerun resumes from them), by run directory
     relative to ``sweep_dir``, as runs-table records.
 
     A group's ``runs.parquet`` is written last and atomically, so a group without one was interrupted: its
-    directory is removed, with every temporary an interrupted writer left anywhere in the sweep.
+    directory is removed, with every temporary an interrupted writer left anywhere in the sweep, except in
+    the ``busy`` directories (groups and runs a job still running elsewhere is writing).
     """
     groups = sweep_dir / GROUPS_DIR
+    busy = frozenset(Path(os.path.abspath(b)) for b in busy)
     for tmp in sweep_dir.rglob(".*.tmp-*") if sweep_dir.is_dir() else []:
-        tmp.unlink(missing_ok=True)
+        if not busy.intersection(Path(os.path.abspath(tmp)).parents):
+            tmp.unlink(missing_ok=True)
     out: dict[str, dict[str, Any]] = {}
     if not groups.is_dir():
         return out
     for group_dir in sorted(groups.iterdir()):
         runs_file = group_dir / RUNS_FILE
         if not runs_file.is_file():
-            shutil.rmtree(group_dir, ignore_errors=True)
+            if Path(os.path.abspath(group_dir)) not in busy:
+                shutil.rmtree(group_dir, ignore_errors=True)
             continue
         table = pq.read_table(runs_file)
         for rec in table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).to_dict("records"):

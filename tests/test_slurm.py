@@ -125,13 +125,34 @@ def whole(slurm_env, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.mark.slow
-def test_a_sweep_on_slurm_is_the_default_launchers_sweep(tmp_path, slurm_env, whole):
+def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env, whole):
+    """Submit 4 groups, SIGKILL the submitting command (a dropped login session) while its jobs are queued and
+    running, run it again: it waits for the jobs still in SLURM instead of submitting their groups again, and the
+    sweep is the default launcher's, one SLURM job per group."""
     d = tmp_path / "slurm"
-    out = _sweep([*SWEEP, *SLURM, "hydra.launcher.max_group_runs=2", f"hydra.sweep.dir={d}"], tmp_path, slurm_env)
+    cmd = [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *SLURM, "hydra.launcher.max_group_runs=2",
+           f"hydra.sweep.dir={d}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        queued = subprocess.run(["squeue", "-h", "-n", "gradsweep", "-o", "%T"], env=slurm_env, capture_output=True,
+                                text=True).stdout.split()
+        if len(queued) == 4 and "RUNNING" in queued:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert len(_job_ids(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
+
+    out = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Submitted 4 group(s) to submitit (slurm)" in out.stderr + out.stdout
-    jobs = _job_ids(d)
-    assert len(jobs) == 4 and set(_final_states(slurm_env, jobs).values()) == {"COMPLETED"}  # one job per group
+    log = out.stderr + out.stdout
+    waited = re.search(r"Waiting for (\d+) SLURM job\(s\) an earlier start submitted", log)
+    assert waited, log[-3000:]
+    submitted = re.search(r"Submitted (\d+) group\(s\)", log)
+    assert int(waited[1]) + (int(submitted[1]) if submitted else 0) <= 4
+    jobs = _job_ids(d)  # none submitted twice: the groups finished meanwhile were skipped, the others waited for
+    assert len(jobs) == 4 and set(_final_states(slurm_env, jobs).values()) == {"COMPLETED"}
     assert len(list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))) == 4
     for got, want in zip(_tables(d), whole):
         pd.testing.assert_frame_equal(got, want)
