@@ -128,3 +128,18 @@ def test_interrupted_groups_and_temporaries_are_cleaned(tmp_path):
     done = completed_runs(d)
     assert sorted(done) == ["0", "1"] and not (d / GROUPS_DIR / "9").exists()
     assert not list(d.rglob(".*.tmp-*"))
+
+
+def test_groups_a_running_job_still_writes_are_left_alone(tmp_path):
+    d = tmp_path / "s"
+    subprocess.run([sys.executable, "-m", "gradsweep", "-m", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
+                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=120)
+    for g in ("8", "9"):  # two groups half-written: 8 by a dead start, 9 by a job that still runs on a cluster
+        (d / GROUPS_DIR / g).mkdir()
+        (d / GROUPS_DIR / g / ".steps.parquet.tmp-77.parquet").write_bytes(b"half")
+    (d / "5" / ".hydra").mkdir(parents=True)
+    (d / "5" / ".hydra" / ".config.yaml.tmp-77.yaml").write_text("half")  # job 5 is in group 9
+    done = completed_runs(d, busy=frozenset({d / GROUPS_DIR / "9", d / "5"}))
+    assert sorted(done) == ["0", "1"] and not (d / GROUPS_DIR / "8").exists()
+    left = sorted(p.relative_to(d).as_posix() for p in d.rglob(".*.tmp-*"))
+    assert left == ["5/.hydra/.config.yaml.tmp-77.yaml", "groups/9/.steps.parquet.tmp-77.parquet"]
