@@ -166,10 +166,53 @@ def _submitit_folder(launcher: Any, sweep_dir: Path) -> str:
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
+def process_alive(pid: int, marker: bytes = b"") -> bool:
+    """Whether process ``pid`` runs (a zombie its parent has not reaped is gone) and, if ``marker`` is given,
+    has it in its command line (a reused pid is another process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return not marker or marker in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return True
+
+
+class _LocalOrphan:
+    """A job of submitit's local executor whose submitting process died (the job runs on, reparented): wait for
+    its process to end, then read its result like submitit does."""
+
+    def __init__(self, submitit: Any, folder: str, job_id: str, marker: bytes) -> None:
+        self.job_id, self._marker = job_id, marker
+        self._job = submitit.local.local.LocalJob(folder=folder, job_id=job_id)
+        self.paths = self._job.paths
+
+    def result(self) -> Any:
+        while process_alive(int(self.job_id), self._marker):
+            time.sleep(0.2)
+        return self._job.result()
+
+    def get_info(self, mode: str = "force") -> dict[str, str]:
+        return {"State": "FINISHED" if self.paths.result_pickle.exists() else "KILLED"}
+
+    @property
+    def state(self) -> str:
+        return self.get_info()["State"]
+
+
+ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
 def inflight_jobs(launcher: Any, sweep_dir: Path) -> list[tuple[Any, tuple]]:
-    """SLURM jobs an earlier start of this sweep submitted that are still queued or running (the command that
-    submitted them was killed, e.g. with the login session): each job and the ``run_submitted`` arguments
-    it runs with. A rerun waits for these instead of submitting their groups a second time."""
+    """Jobs an earlier start of this sweep submitted that are still queued or running (the command that
+    submitted them was killed, e.g. with its login session; submitted jobs outlive it, local ones too): each job
+    and the ``run_submitted`` arguments it runs with. A rerun waits for these instead of submitting their
+    groups a second time."""
     import subprocess
 
     folder = _submitit_folder(launcher, sweep_dir)
@@ -180,20 +223,27 @@ def inflight_jobs(launcher: Any, sweep_dir: Path) -> list[tuple[Any, tuple]]:
                   and not any(p.glob("*_result.pkl"))), key=int)
     if not ids:
         return []
-    try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True,
-                             timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning(f"cannot ask SLURM whether the jobs of an earlier start still run ({e}); submitting anew")
-        return []
-    active = [i for i, state in (line.split()[:2] for line in out.splitlines() if line.strip())
-              if state in ACTIVE_SLURM_STATES and i in ids]
+    marker = str(root).encode()  # a local job's process names its folder on its command line
+    if launcher.executor == "slurm":
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True,
+                                 text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning(f"cannot ask SLURM whether the jobs of an earlier start still run ({e}); submitting anew")
+            return []
+        active = [i for i, state in (line.split()[:2] for line in out.splitlines() if line.strip())
+                  if state in ACTIVE_SLURM_STATES and i in ids]
+    else:  # local: the job id is its process's
+        active = [i for i in ids if process_alive(int(i), marker)]
     submitit = _import_submitit(launcher)
     jobs = []
     for job_id in active:
         submission = submitit.core.utils.DelayedSubmission.load(root / job_id / f"{job_id}_submitted.pkl")
-        if getattr(submission.function, "__name__", "") == run_submitted.__name__:
-            jobs.append((submitit.SlurmJob(folder=folder, job_id=job_id), submission.args))
+        if getattr(submission.function, "__name__", "") != run_submitted.__name__:
+            continue
+        job = (submitit.SlurmJob(folder=folder, job_id=job_id) if launcher.executor == "slurm"
+               else _LocalOrphan(submitit, folder, job_id, marker))
+        jobs.append((job, submission.args))
     return jobs
 
 
@@ -258,7 +308,7 @@ def _adopt(inflight: list[tuple[Any, tuple]], todo: list[int], cfgs: list, dirs:
         if all(m is None for m in members):
             continue  # its group completed since (or is not this sweep's): nothing to wait for
         if any(m is None or config_hash(cfgs[m]) != config_hash(c) for m, c in zip(members, args[1])):
-            print(f"gradsweep: error: SLURM job {job.job_id}, submitted by an earlier start, still trains runs in "
+            print(f"gradsweep: error: submitit job {job.job_id}, submitted by an earlier start, still trains runs in "
                   f"{sweep_dir} of another configuration; wait for it to end or scancel it, or use a new "
                   "hydra.sweep.dir", file=sys.stderr)
             sys.exit(2)
@@ -317,7 +367,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     rel_dirs = [_subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname, job_overrides[i])
                 for i in range(len(jobs))]
     executor = getattr(launcher, "executor", None)
-    inflight = inflight_jobs(launcher, sweep_dir) if executor == "slurm" else []
+    inflight = inflight_jobs(launcher, sweep_dir) if executor else []
     busy = frozenset(Path(p) for _, args in inflight for p in (args[6], *args[3]))  # their group and run dirs
     done = completed_runs(sweep_dir, busy)
     todo = []
@@ -350,7 +400,8 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     if adopted:
         taken = {i for _, members in adopted for i in members}
         todo = [i for i in todo if i not in taken]
-        log.info(f"Waiting for {len(adopted)} SLURM job(s) an earlier start submitted, still queued or running "
+        log.info(f"Waiting for {len(adopted)} {'SLURM' if executor == 'slurm' else 'local submitit'} job(s) an "
+                 "earlier start submitted, still queued or running "
                  f"({', '.join(job.job_id for (job, _), _ in adopted)}): {len(taken)} runs, not submitted again")
     groups: dict[tuple, list[int]] = {}
     for i in todo:

@@ -429,32 +429,21 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def stale_reason(trial: Any, now: float, stale_after_s: float) -> str | None:
     """Why a RUNNING trial's worker is gone, or None while it may still be training it.
 
     Gone: its worker ran on this machine and its process is dead, or no heartbeat (a system attribute each
     worker refreshes every ``stale_after_s / 4`` while it trains) for ``stale_after_s`` seconds.
     """
+    from gradsweep.launcher import process_alive
+
     worker = trial.system_attrs.get(WORKER_ATTR)
     beat = trial.system_attrs.get(BEAT_ATTR)
     if beat is None and trial.datetime_start is not None:
         beat = trial.datetime_start.timestamp()
     if worker:
         host, _, pid = str(worker).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
             return f"its worker {worker} is gone"
     if beat is not None and now - float(beat) > stale_after_s:
         return f"no heartbeat from {worker or 'its worker'} for {now - float(beat):.0f} s"

@@ -171,3 +171,40 @@ def test_same_fused_sweep_same_bytes(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     ra, rb = load_sweep(tmp_path / "a")[0], load_sweep(tmp_path / "b")[0]
     pd.testing.assert_frame_equal(ra.drop(columns="wall_s"), rb.drop(columns="wall_s"))
+
+
+@pytest.mark.slow
+def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
+    """submitit's local jobs outlive the command that started them: SIGKILL it while they train, run it again,
+    and it waits for them instead of training their groups a second time."""
+    import re
+    import time
+
+    sweep = ["model.depth=2,3", "train.steps=6000", "quiet=true"]
+    base = _sweep([*sweep, f"hydra.sweep.dir={tmp_path / 'base'}"], tmp_path)
+    assert base.returncode == 0, base.stderr[-2000:]
+    d = tmp_path / "local"
+    cmd = [sys.executable, "-m", "gradsweep", "-m", *sweep, "hydra/launcher=gradsweep_submitit_local",
+           f"hydra.sweep.dir={d}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+
+    def job_dirs() -> list[Path]:
+        return [p for p in (d / ".submitit").glob("*") if p.name.isdigit()] if (d / ".submitit").is_dir() else []
+
+    while time.monotonic() < deadline and len([p for p in job_dirs() if any(p.glob("*_submitted.pkl"))]) < 2:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    waited = re.search(r"Waiting for (\d+) local submitit job\(s\) an earlier start submitted", out.stderr + out.stdout)
+    assert waited and int(waited[1]) >= 1, (out.stderr + out.stdout)[-3000:]
+    assert len(job_dirs()) == 2  # no group submitted twice
+    runs, steps = load_sweep(d)
+    want_runs, want_steps = load_sweep(tmp_path / "base")
+    pd.testing.assert_frame_equal(runs.drop(columns=["wall_s"]).sort_values("run_id").reset_index(drop=True),
+                                  want_runs.drop(columns=["wall_s"]).sort_values("run_id").reset_index(drop=True))
+    key = ["run_id", "step", "layer"]
+    pd.testing.assert_frame_equal(steps.sort_values(key).reset_index(drop=True),
+                                  want_steps.sort_values(key).reset_index(drop=True))
