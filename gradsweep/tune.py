@@ -344,20 +344,30 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
     return value, attrs
 
 
-def _complete_runs(tdir: Path) -> dict[str, tuple[dict[str, Any], Path, Path]]:
-    """Runs whose group is complete under ``tdir`` (its runs.parquet, written last, exists), by run id: the
-    runs-table record, the group directory and the run's directory."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class RunIndex:
+    """The complete runs under a tune directory (a group's runs.parquet, written last, exists), by run id: the
+    runs-table record, the group directory and the run's directory. :meth:`refresh` reads only groups it has
+    not read yet, so a long study costs one read per group, not one per group per batch."""
 
-    from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+    def __init__(self, tdir: Path) -> None:
+        self.tdir = tdir
+        self.runs: dict[str, tuple[dict[str, Any], Path, Path]] = {}
+        self._read: set[str] = set()
 
-    out = {}
-    for f in sorted((tdir / GROUPS_DIR).glob(f"*/{RUNS_FILE}")):
-        table = pq.read_table(f).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-        for rec in table.to_dict("records"):
-            out.setdefault(rec["run_id"], (rec, f.parent, (f.parent / rec["run_dir"]).resolve()))
-    return out
+    def refresh(self) -> RunIndex:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+
+        for f in sorted((self.tdir / GROUPS_DIR).glob(f"*/{RUNS_FILE}")):
+            if f.parent.name in self._read:
+                continue
+            self._read.add(f.parent.name)
+            table = pq.read_table(f).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+            for rec in table.to_dict("records"):
+                self.runs.setdefault(rec["run_id"], (rec, f.parent, (f.parent / rec["run_dir"]).resolve()))
+        return self
 
 
 def _losses(group_dir: Path, run_ids: list[str]) -> dict[str, Any]:
@@ -371,8 +381,8 @@ def _losses(group_dir: Path, run_ids: list[str]) -> dict[str, Any]:
     return {rid: g["loss"].to_numpy() for rid, g in t.groupby("run_id", observed=True)}
 
 
-def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneCfg,
-              tdir: Path) -> list[tuple[float, dict[str, Any]] | Exception]:
+def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneCfg, tdir: Path,
+              index: RunIndex | None = None) -> list[tuple[float, dict[str, Any]] | Exception]:
     """Train one batch of asked trials (one fused group per architecture, through ``launcher.run_chunk``, the
     runner's unit of work) and write their tables. A trial whose configuration already has complete tables
     under ``tdir`` (a trial queued again after its worker died once they were written) is read, not trained.
@@ -390,7 +400,7 @@ def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneC
     cfgs = [build_run_cfg(p) for p in plain]
     overrides = [[f"optim.lr={lr!r}", *(f"{k}={v!r}" for k, v in extra.items())] for lr, extra in params]
     run_ids = [config_hash(c) for c in cfgs]
-    known = _complete_runs(tdir)
+    known: dict[str, Any] = dict((index or RunIndex(tdir)).refresh().runs)
     first_of: dict[str, int] = {}  # a configuration asked twice in one batch is trained once
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
@@ -591,6 +601,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     done = 0
     failed: list[tuple[int, Exception]] = []
     me = worker_id()
+    index = RunIndex(tdir)
     try:
         while done < tune.n_trials:
             recover_stale(study, tdir, tune.stale_after_s)
@@ -602,7 +613,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
             told = 0
             try:
                 with Heartbeat(study, trials, tune.stale_after_s / 4):
-                    outcomes = run_batch(study, trials, values, tune, tdir)
+                    outcomes = run_batch(study, trials, values, tune, tdir, index)
                 for trial, outcome in zip(trials, outcomes):
                     _tell(study, trial, outcome)
                     if isinstance(outcome, Exception):
