@@ -23,6 +23,25 @@ def per_run_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Te
     raise ValueError(f"loss={name!r} is not valid; valid values: {', '.join(LOSS_NAMES)}")
 
 
+def baseline_loss(name: str, target: torch.Tensor) -> float:
+    """The loss of the trivial predictor on ``target`` (the training set), in float64: the bar a run must beat
+    to have learned anything.
+
+    mse: predicting the training mean, i.e. the targets' variance (ddof 0) averaged over outputs;
+    cross_entropy: predicting the class prior, i.e. its entropy; projection: none (NaN; that loss has no floor).
+    """
+    if name == "mse":
+        y = target.double()
+        return float((y - y.mean(dim=0)).square().mean())
+    if name == "cross_entropy":
+        p = torch.bincount(target.flatten()).double()
+        p = p[p > 0] / p.sum()
+        return float(-(p * p.log()).sum())
+    if name == "projection":
+        return float("nan")
+    raise ValueError(f"loss={name!r} is not valid; valid values: {', '.join(LOSS_NAMES)}")
+
+
 def per_run_accuracy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(R,) fraction of the batch whose largest output is the target class."""
     return (out.argmax(dim=-1) == target).to(out.dtype).mean(dim=1)

@@ -4,6 +4,11 @@ Reductions run over the whole (R, P) gradient matrix at once, through strided vi
 every equally sized weight together, so one step's statistics cost a few dozen tensor ops however
 deep the network is. :meth:`StatsPlan.collect` returns a (R, n_layers, n_stats) tensor whose last
 axis follows ``LAYER_STATS``.
+
+Gradient and update norms do not underflow: in float32 the square of an entry below ~1e-23 is 0, so a plain
+sum of squares reads "no signal" for a gradient of 1e-21 that is really there (a deep sigmoid net's first
+layers). Each such norm is also summed over entries scaled by a power of two, and that sum is used where the
+plain one is too small to be exact (:func:`_small_scale`). A norm recorded as 0 means every entry is exactly 0.
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ class StatsPlan:
     evenly spaced weights (the hidden layers of an MLP) is reduced through one strided view.
     """
 
-    N_TERMS = 5  # grad^2, [grad != 0], [grad non-finite], update^2, weight^2
+    # grad^2, (grad * scale)^2, [grad != 0], [grad non-finite], update^2, (update * scale)^2, weight^2
+    N_TERMS = 7
 
     def __init__(self, layout: ParamLayout, layers: list[Layer], activation: str, dtype: torch.dtype,
                  device: torch.device | str):
@@ -88,6 +94,7 @@ class StatsPlan:
         self.n_layers = len(layers)
         self.activation = activation
         self.dtype, self.device = dtype, device
+        self.small, self.scale = _small_scale(dtype)
         self._terms: torch.Tensor | None = None
 
     def _buffer(self, R: int) -> torch.Tensor:
@@ -106,7 +113,7 @@ class StatsPlan:
     def weight_sq(self, flat: torch.Tensor) -> None:
         """Record each layer's weight before this step's update (call before the optimiser step)."""
         terms = self._buffer(flat.shape[0])
-        torch.mul(flat, flat, out=terms[4])
+        torch.mul(flat, flat, out=terms[6])
 
     def start(self) -> None:
         """Begin a logged step: pass :meth:`probe` to this step's forward pass, before its backward pass."""
@@ -139,7 +146,10 @@ class StatsPlan:
             self._pos_sum.append((act if self.activation == "relu" else act_input.clamp_min(0)).sum(dim=1))
 
     def _record_hgrad(self, k: int, grad: torch.Tensor) -> None:
-        self._hgrad[k] = torch.linalg.vector_norm(grad.flatten(1), dim=1)
+        flat = grad.flatten(1)
+        plain = torch.linalg.vector_norm(flat, dim=1)
+        scaled = torch.linalg.vector_norm(flat * self.scale, dim=1) / self.scale
+        self._hgrad[k] = torch.where(plain >= self.small, plain, scaled)
 
     def collect(self, grad: torch.Tensor, update: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
         """One step's statistics, (R, n_layers, len(LAYER_STATS)).
@@ -154,14 +164,17 @@ class StatsPlan:
         # Float arithmetic only: comparisons that produce bool tensors cost several times more on the CPU.
         absg = grad.abs()
         torch.mul(grad, grad, out=terms[0])
-        torch.clamp(absg, max=1.0, out=terms[1]).ceil_().nan_to_num_(nan=1.0)  # 1 where grad != 0 (NaN too), else 0
-        torch.mul(absg, 0.0, out=terms[2]).nan_to_num_(nan=1.0)  # inf * 0 and NaN * 0 are NaN: 1, else 0
-        torch.mul(update, update, out=terms[3])
-        sums = self._per_weight(terms, torch.sum)  # (5, R, L)
-        g2, nonzero, nonfinite, u2, w2 = sums.unbind(0)
+        torch.mul(absg, self.scale, out=terms[1]).square_()
+        torch.clamp(absg, max=1.0, out=terms[2]).ceil_().nan_to_num_(nan=1.0)  # 1 where grad != 0 (NaN too), else 0
+        torch.mul(absg, 0.0, out=terms[3]).nan_to_num_(nan=1.0)  # inf * 0 and NaN * 0 are NaN: 1, else 0
+        torch.mul(update, update, out=terms[4])
+        torch.mul(update, self.scale, out=terms[5]).square_()
+        sums = self._per_weight(terms, torch.sum)  # (7, R, L)
+        g2, g2_scaled, nonzero, nonfinite, u2, u2_scaled, w2 = sums.unbind(0)
+        g_norm, u_norm = self._norm(g2, g2_scaled), self._norm(u2, u2_scaled)
         gmax = self._per_weight(absg, torch.amax)
         w_norm = torch.sqrt(w2)
-        ratio = torch.where(updated.unsqueeze(1), torch.sqrt(u2) / w_norm, nan)
+        ratio = torch.where(updated.unsqueeze(1), u_norm / w_norm, nan)
         hgrad = torch.stack(self._hgrad, dim=1)
         batch = self._batch
         out_rms = torch.stack(self._out_norm, dim=1) / torch.sqrt(batch * self.widths)
@@ -174,11 +187,24 @@ class StatsPlan:
             off = torch.stack(self._pos_sum, dim=1) == 0  # (R, blocks, W)
             dead = nan.index_copy(1, self.hidden_rows, off.to(dt).mean(dim=2))
         return torch.stack([
-            torch.sqrt(g2), torch.sqrt(g2 / self.w_numel), gmax, (self.w_numel - nonzero) / self.w_numel, nonfinite,
+            g_norm, g_norm / torch.sqrt(self.w_numel), gmax, (self.w_numel - nonzero) / self.w_numel, nonfinite,
             hgrad, w_norm, ratio, out_rms, act_rms, saturated, dead,
         ], dim=2)
 
 
-def _norms(ts: list[torch.Tensor]) -> torch.Tensor:
-    """(R, len(ts)): each tensor's norm per run; one reduction per tensor over its contiguous inner dims."""
-    return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in ts], dim=1)
+    def _norm(self, sq: torch.Tensor, sq_scaled: torch.Tensor) -> torch.Tensor:
+        """A norm from its plain sum of squares and the sum over entries scaled by ``self.scale``."""
+        plain = torch.sqrt(sq)
+        return torch.where(plain >= self.small, plain, torch.sqrt(sq_scaled) / self.scale)
+
+
+def _small_scale(dtype: torch.dtype) -> tuple[float, float]:
+    """(small, scale): a norm below ``small`` is taken from entries multiplied by ``scale``, a power of two.
+
+    Below ``small`` (2^-50 in float32) every entry is below it too, so the scaled entries (at most 2^40) square
+    without overflow, and an entry as small as the dtype's least subnormal squares to a normal number; above
+    it, the squares that underflow are too small to change the sum. float64: 2^-100 and 2^600, likewise.
+    """
+    if dtype == torch.float64:
+        return 2.0**-100, 2.0**600
+    return 2.0**-50, 2.0**90

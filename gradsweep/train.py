@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gradsweep.config import ConfigError, RunCfg
 from gradsweep.data import load_data
-from gradsweep.losses import per_run_accuracy, per_run_loss
+from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
 from gradsweep.stats import StatsPlan
@@ -41,6 +41,27 @@ def resolve_device(requested: str) -> torch.device:
         log.info("device=auto: training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU")
         return device
     return torch.device(requested)
+
+
+@functools.cache
+def position_independent_blas() -> bool:
+    """Whether this process's CPU matrix products give a run the same bits wherever it sits in its group.
+
+    True where MKL's strict reproducibility mode took effect (gradsweep/__init__.py sets MKL_CBWR before
+    torch's first matrix product) or the BLAS does not depend on alignment; False where torch multiplied
+    matrices before gradsweep was imported. Checked by one product of a matrix at a 32-byte offset and of its
+    aligned copy.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, x = torch.randn(2, 100, 10, generator=g), torch.randn(100, 1, generator=g)
+    both = torch.bmm(x.expand(2, 100, 1).transpose(1, 2), a)
+    alone = torch.bmm(x.expand(1, 100, 1).transpose(1, 2), a[1:2].clone())
+    exact = torch.equal(both[1], alone[0])
+    if not exact:
+        log.warning("float32 runs on this CPU may differ in the last bits with their position in a group: torch "
+                    "multiplied matrices before gradsweep was imported, so MKL_CBWR=AUTO,STRICT came too late; "
+                    "import gradsweep first, or set MKL_CBWR=AUTO,STRICT in the environment")
+    return exact
 
 
 def group_key(cfg: RunCfg) -> tuple:
@@ -85,6 +106,8 @@ class GroupTrace:
     wall_s: float
     """Wall-clock seconds for the whole group."""
     device: str
+    baseline_loss: float = float("nan")
+    """The trivial predictor's loss on the training data (losses.baseline_loss); NaN where there is none."""
 
 
 def _logged(step: int, total: int, every: int) -> bool:
@@ -120,6 +143,8 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     if n_runs == 1:
         cfgs = cfgs * 2
     device = resolve_device(first.device)
+    if device.type == "cpu":
+        position_independent_blas()  # warns once per process where it does not hold
     dtype = getattr(torch, first.train.dtype)
     model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
     t0 = time.perf_counter()
@@ -223,5 +248,6 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         diverged_reason=np.array(DIVERGED_REASONS, dtype=object)[reason.cpu().numpy()[:n_runs]],
         wall_s=time.perf_counter() - t0,
         device=str(device),
+        baseline_loss=baseline_loss(loss_name, data.y),
     )
 

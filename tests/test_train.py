@@ -158,3 +158,26 @@ def test_cross_entropy_on_digits_matches_plain_pytorch():
         logits = model(d.x_test.double())
     assert trace.test_loss[0] == pytest.approx(F.cross_entropy(logits, d.y_test).item(), rel=1e-9)
     assert trace.test_accuracy[0] == pytest.approx((logits.argmax(1) == d.y_test).double().mean().item(), abs=1e-12)
+
+
+def test_blas_is_position_independent_once_gradsweep_is_imported_first():
+    """gradsweep sets MKL_CBWR=AUTO,STRICT on import (before torch's first matrix product): a float32 product then
+    has the same bits wherever its operands sit, which the float32 bit-for-bit tests above rest on. A process whose
+    torch multiplied matrices before importing gradsweep keeps MKL's default; there the probe may say False (it
+    does on AVX2 AMD EPYC), and gradsweep warns."""
+    import os
+    import subprocess
+    import sys
+
+    from gradsweep.train import position_independent_blas
+
+    assert position_independent_blas()
+    late = ("import torch; torch.ones(4, 4) @ torch.ones(4, 4)\n"
+            "import logging; logging.basicConfig()\n"
+            "from gradsweep.train import position_independent_blas as p; print(p())")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("True", "False")
+    if out.stdout.strip() == "False":
+        assert "MKL_CBWR=AUTO,STRICT" in out.stderr
