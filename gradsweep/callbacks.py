@@ -30,7 +30,8 @@ def summarize(sweep_dir: str) -> str:
     """A short text summary of a sweep: runs per verdict, then (for small sweeps) one line per run."""
     import pandas as pd
 
-    from gradsweep.tables import VERDICTS, load_runs
+    from gradsweep.tables import load_runs
+    from gradsweep.verdicts import VERDICTS
 
     runs = load_runs(sweep_dir, write_index=True)
     counts = runs.verdict.value_counts()

@@ -217,18 +217,23 @@ class DataCfg:
 
 @dataclass
 class VerdictCfg:
-    """Thresholds on grad_ratio_log10 (log10 of |dL/dh| at the first Linear over the last, at step 0)."""
+    """Thresholds of the verdicts (gradsweep.verdicts): on grad_ratio_log10 (log10 of |dL/dh| at the first Linear
+    over the last), at step 0 and as its median over training, and on the final loss against the data's baseline."""
 
     vanish_below: float = -2.0
     """Below this the run's gradients are 'vanishing' (first layer gets < 1/100 of the last's signal)."""
     explode_above: float = 2.0
     """Above this the run's gradients are 'exploding'."""
+    stall_margin: float = 0.01
+    """'stalled' when final_loss >= (1 - stall_margin) * baseline_loss: no better than the trivial predictor."""
 
     def __post_init__(self) -> None:
         _check("verdict.vanish_below", self.vanish_below, _finite(self.vanish_below) and self.vanish_below < 0,
                "a finite number < 0")
         _check("verdict.explode_above", self.explode_above, _finite(self.explode_above) and self.explode_above > 0,
                "a finite number > 0")
+        _check("verdict.stall_margin", self.stall_margin, _finite(self.stall_margin) and 0 <= self.stall_margin < 1,
+               "a number >= 0 and < 1")
 
 
 @dataclass

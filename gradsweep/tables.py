@@ -37,8 +37,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from gradsweep.config import SECTIONS, RunCfg, VerdictCfg, column_of, config_hash, flatten
+from gradsweep.config import SECTIONS, RunCfg, column_of, config_hash, flatten
 from gradsweep.stats import LAYER_STATS
+from gradsweep.verdicts import conditions, dead_runs, underflow_floor, verdicts
 
 RUNS_FILE = "runs.parquet"
 STEPS_FILE = "steps.parquet"
@@ -50,7 +51,10 @@ RUNS_INDEX = "runs-index.parquet"
 # <sweep_dir>/groups/<first job number>/; the runs file stores each row's run directory (relative to it).
 GROUPS_DIR = "groups"
 TUNE_DIR = "tune"  # where gradsweep.tune writes its study under an output directory
-VERDICTS = ("healthy", "vanishing", "exploding", "diverged")
+# The tables' schema version, stored in every parquet file's metadata; a sweep written with an older one is
+# refused by the report (its verdicts mean something else). 2: whole-run verdicts (gradsweep.verdicts).
+SCHEMA_VERSION = 2
+SCHEMA_KEY = b"gradsweep.schema"
 
 ID_COLUMNS: dict[str, pa.DataType] = {
     "run_id": pa.string(),  # hash of the run's full resolved config (gradsweep.config.config_hash)
@@ -76,7 +80,12 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "pred_wgrad_ratio_log10": pa.float64(),  # mean-field prediction of wgrad_ratio_log10; NaN: none
     "pred_chi": pa.list_(pa.float64()),  # predicted per-block factor chi_l (|dL/dh_l|^2 / |dL/dh_l+1|^2), blocks 1..depth
     "pred_note": pa.string(),  # why theory makes no prediction for this run (residual, norm, ...); null when it does
-    "verdict": pa.string(),  # healthy | vanishing | exploding | diverged (thresholds: verdict.*)
+    "baseline_loss": pa.float64(),  # the trivial predictor's loss on the training data (losses.baseline_loss); NaN: none
+    "loss_drop_log10": pa.float64(),  # log10(initial_loss / final_loss): decades the loss fell
+    "dead_step": pa.int64(),  # first logged step of the final stretch where no signal reaches layer 1 (a cut); null
+    "dead_layer": pa.int64(),  # then: the lowest Linear layer that still receives signal (where it is cut off); null
+    "init_verdict": pa.string(),  # healthy | vanishing | exploding, from grad_ratio_log10 at step 0 alone
+    "verdict": pa.string(),  # the whole run: diverged | dead | vanishing | exploding | stalled | healthy (gradsweep.verdicts)
     "wall_s": pa.float64(),  # wall-clock seconds of the training call that trained this run
     "group_size": pa.int64(),  # how many runs trained together in that call
 }
@@ -108,19 +117,6 @@ def config_columns() -> dict[str, pa.DataType]:
             out[column_of(section, f.name)] = _PA_TYPES[hint]
     out["loss"] = pa.string()
     return out
-
-
-def verdicts(ratio: np.ndarray, diverged: np.ndarray, cfg: VerdictCfg | list[VerdictCfg]) -> np.ndarray:
-    """healthy / vanishing / exploding / diverged from grad_ratio_log10 and the divergence flag.
-
-    A ratio of NaN (no signal at either end, 0/0) counts as vanishing.
-    """
-    cfgs = cfg if isinstance(cfg, list) else [cfg] * len(ratio)
-    lo = np.array([c.vanish_below for c in cfgs])
-    hi = np.array([c.explode_above for c in cfgs])
-    with np.errstate(invalid="ignore"):
-        return np.select([diverged, ratio > hi, (ratio < lo) | np.isnan(ratio)],
-                         ["diverged", "exploding", "vanishing"], "healthy").astype(object)
 
 
 def _log10_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -192,6 +188,7 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
     h = trace.layer[:, :, :, S["hgrad_norm"]]
     w = trace.layer[:, :, :, S["wgrad_norm"]]
     ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
+    linear = [k for k, la in enumerate(lays) if la.kind == "linear"]
     wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
     with warnings.catch_warnings():  # all-NaN columns (a run diverged at step 0) are legitimate NaN results
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -201,7 +198,15 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
         final_ok = np.where(np.isfinite(trace.final_loss), trace.final_loss, np.nan)
         min_loss = np.nanmin(np.vstack([losses, final_ok[None, :]]), axis=0)
     diverged = div >= 0
-    verdict = verdicts(ratio_t[0], diverged, [c.verdict for c in cfgs])
+    dead_step, dead_layer = dead_runs(h[:, :, linear], trace.steps, valid, np.array([lays[k].index for k in linear]),
+                                      underflow_floor(cfgs[0].train.dtype))
+    baseline = np.full(R, trace.baseline_loss)
+    cond = conditions(ratio_t[0], median, trace.final_loss, baseline,
+                      *(np.array([getattr(c.verdict, k) for c in cfgs]) for k in ("vanish_below", "explode_above",
+                                                                                    "stall_margin")))
+    verdict, init_verdict = verdicts(diverged, dead_step >= 0, cond)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drop = np.log10(trace.loss[0] / trace.final_loss)
     meta = meta or [{} for _ in cfgs]
     data = _input_q(dataclasses.astuple(cfgs[0].data))  # a group's runs share their data (group_key)
     rows = []
@@ -224,6 +229,11 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
             "wgrad_ratio_log10": wratio_t[0, r],
             "wgrad_ratio_log10_median": wmedian[r],
             **_prediction(cfg, data),
+            "baseline_loss": baseline[r],
+            "loss_drop_log10": drop[r],
+            "dead_step": int(dead_step[r]) if dead_step[r] >= 0 else None,
+            "dead_layer": int(dead_layer[r]) if dead_step[r] >= 0 else None,
+            "init_verdict": init_verdict[r],
             "verdict": verdict[r],
             "wall_s": trace.wall_s,
             "group_size": R,
@@ -277,7 +287,16 @@ def _to_arrow(runs: pd.DataFrame, steps: pd.DataFrame | pa.Table) -> tuple[pa.Ta
     steps_t = steps if isinstance(steps, pa.Table) else \
         pa.Table.from_pandas(steps[list(STEP_COLUMNS)], schema=STEPS_SCHEMA, preserve_index=False)
     runs_t = pa.Table.from_pandas(runs, schema=runs_schema(runs), preserve_index=False)
-    return runs_t, steps_t
+    return _versioned(runs_t, SCHEMA_VERSION), _versioned(steps_t, SCHEMA_VERSION)
+
+
+def _versioned(table: pa.Table, version: int) -> pa.Table:
+    return table.replace_schema_metadata({SCHEMA_KEY: str(version).encode()})
+
+
+def schema_version(table: pa.Table) -> int:
+    """The gradsweep schema version a table was written with (1: before versions were recorded)."""
+    return int((table.schema.metadata or {}).get(SCHEMA_KEY, b"1"))
 
 
 def _write_run(run_dir: Path, runs_t: pa.Table, steps_t: pa.Table) -> None:
@@ -411,6 +430,7 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
     if table is None:
         with ThreadPoolExecutor(4) as pool:
             tables = list(pool.map(lambda f: pq.read_table(f, use_threads=False), files))
+        version = min(schema_version(t) for t in tables)
         parts = []
         for t, dirs in zip(tables, per_file):
             if "run_dir" in t.column_names:
@@ -420,14 +440,16 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
             parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
         table = pa.concat_tables(parts, promote_options="default")
         order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
-        table = table.take(pa.array(order, pa.int64()))
+        table = _versioned(table.take(pa.array(order, pa.int64())), version)
         if write_index and len(rel) > 1:
             try:
                 _write_atomic(table, index)
             except OSError:  # a read-only sweep is still readable
                 pass
     # Nullable integers (job_num, diverged_step, train.batch_size) stay integers, with <NA> for null.
-    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).reset_index(drop=True)
+    runs = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).reset_index(drop=True)
+    runs.attrs["schema_version"] = schema_version(table)  # the oldest of its files'
+    return runs
 
 
 def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter: Any = None,

@@ -64,6 +64,15 @@ def _older_schema(good: Path, tmp: Path) -> list[str]:
     return [str(sweep)]
 
 
+def _schema_1(good: Path, tmp: Path) -> list[str]:
+    """Every column there, but written before verdicts described the whole run (no schema version recorded)."""
+    sweep = _copy_sweep(good, tmp)
+    (sweep / "runs-index.parquet").unlink(missing_ok=True)
+    for f in (sweep / "groups").glob("*/runs.parquet"):
+        pq.write_table(pq.read_table(f).replace_schema_metadata(None), f)
+    return [str(sweep)]
+
+
 def _empty_dir(good: Path, tmp: Path) -> list[str]:
     (tmp / "empty").mkdir()
     return [str(tmp / "empty")]
@@ -105,6 +114,7 @@ CASES = [
     (REPORT, _corrupt_runs, "a runs table cannot be read"),
     (REPORT, _truncated_steps, "a steps table cannot be read"),
     (REPORT, _older_schema, "was written by an older gradsweep (no verdict, grad_ratio_log10"),
+    (REPORT, _schema_1, "was written by an older gradsweep (tables schema 1, this version reads 2"),
     (REPORT, _fixed("{good}/sweep", "--stat", "loss"), "argument --stat: invalid choice: 'loss'"),
     (REPORT, _fixed("{good}/sweep", "--run", "0123456789abcdef", "--out", "{tmp}/r"), "--run '0123456789abcdef' is not a run"),
     (REPORT, _fixed("{good}/sweep", "--x", "model.colour", "--out", "{tmp}/r"), "model.colour"),
@@ -119,6 +129,8 @@ CASES = [
     (TUNE, _fixed("tune.out_dir=/proc/gradsweep-tune", "tune.n_trials=1"), "cannot be opened"),
     (TUNE, _fixed("tune.study_name=''"), "tune.study_name='' is not valid"),
     (TUNE, _fixed("tune.stale_after_s=0"), "tune.stale_after_s=0.0 is not valid; it must be a number of seconds > 0"),
+    (TUNE, _fixed("tune.safety=0.5"), "tune.safety=0.5 is not valid; it must be a number >= 1"),
+    (RUN, _fixed("verdict.stall_margin=1"), "verdict.stall_margin=1.0 is not valid; it must be a number >= 0 and < 1"),
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 from gradsweep import load_sweep
 from gradsweep.cli import main
 from gradsweep.layout import aggregate, infer_layout
+from gradsweep.verdicts import VERDICTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,9 +84,11 @@ def test_the_readme_sweep_from_another_directory(tmp_path):
         (d, i) for d in (2, 10, 30) for i in ("xavier", "kaiming"))
     assert runs.job_num.tolist() == list(range(6))
     assert len(steps) == sum(500 * (d + 1) for d in runs["model.depth"])
-    assert set(runs.verdict) <= {"healthy", "vanishing", "exploding", "diverged"}
+    assert set(runs.verdict) <= set(VERDICTS)
     deep = runs[runs["model.depth"] == 30].set_index("init")
-    assert deep.loc["xavier", "verdict"] == "vanishing" and deep.loc["kaiming", "verdict"] == "healthy"
+    # Kaiming gets the signal to layer 1 at step 0, but its ReLUs of one layer all die in the first update.
+    assert deep.loc["xavier", "verdict"] == "vanishing" and deep.loc["kaiming", "init_verdict"] == "healthy"
+    assert deep.loc["kaiming", "verdict"] == "dead" and deep.loc["kaiming", "dead_step"] == 1
 
     # The README's report step: no argument, the newest sweep in this directory.
     out = subprocess.run([sys.executable, "-m", "gradsweep.report", "--quiet"], cwd=tmp_path, capture_output=True,
