@@ -7,9 +7,14 @@ stability constraints (Optuna's ``Trial.set_constraint``, named as below; on Opt
 ``constraints_func`` get them through it):
 
 - ``diverged``: the run did not diverge (no NaN/Inf in its loss or gradients),
-- ``vanishing`` / ``exploding``: its gradient ratio at initialisation lies within ``verdict.vanish_below`` ..
-  ``verdict.explode_above``,
+- ``dead``: some signal reaches the first layer at the end of training,
+- ``vanishing`` / ``exploding``: its gradient ratio lies within ``verdict.vanish_below`` .. ``verdict.explode_above``
+  at initialisation and as its median over training,
+- ``stalled``: its final loss is below ``(1 - verdict.stall_margin)`` times the data's baseline loss (the loss of
+  predicting the mean, or the class prior),
 - ``loss_increased``: its final loss is not above its initial loss.
+
+A trial is stable (feasible) exactly when its run's verdict is ``healthy`` and its loss fell.
 
 Infeasible trials are kept and marked (user attributes ``feasible`` and ``constraints``). The study lives in an
 Optuna journal file under the output directory by default (or any SQLAlchemy URL, e.g. PostgreSQL) and a
@@ -77,6 +82,7 @@ class TuneCfg:
     storage: str | None = None
     out_dir: str | None = None
     stale_after_s: float = 120.0
+    safety: float = 2.0
 
     def __post_init__(self) -> None:
         _check("tune.n_trials", self.n_trials, self.n_trials >= 1, "an integer >= 1")
@@ -88,6 +94,7 @@ class TuneCfg:
         _choice("tune.objective", self.objective, OBJECTIVES)
         _check("tune.stale_after_s", self.stale_after_s, self.stale_after_s > 0 and math.isfinite(self.stale_after_s),
                "a number of seconds > 0")
+        _check("tune.safety", self.safety, self.safety >= 1 and math.isfinite(self.safety), "a number >= 1")
         if self.study_name is not None:
             _check("tune.study_name", self.study_name, bool(self.study_name.strip()), "a non-empty string or null")
 
@@ -297,7 +304,8 @@ def make_sampler(tune: TuneCfg, seed: int) -> Any:
     return optuna.samplers.CmaEsSampler(seed=seed)
 
 
-CONSTRAINTS = ("diverged", "vanishing", "exploding", "loss_increased")  # each holds when its value is <= 0
+# each holds when its value is <= 0: one per verdict that is not healthy (gradsweep.verdicts), and the loss fell
+CONSTRAINTS = ("diverged", "dead", "vanishing", "exploding", "stalled", "loss_increased")
 
 
 def constraints_of(trial: Any) -> list[float]:
@@ -312,36 +320,58 @@ def constraints_of(trial: Any) -> list[float]:
 def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict[str, Any]]:
     """The objective value and the user attributes of a trained trial from its runs-table row.
 
-    Constraints (<= 0 holds): not diverged; vanish_below <= grad_ratio_log10 at init; grad_ratio_log10 <=
-    explode_above; final loss <= initial loss. A diverged run's objective is +inf (kept, marked infeasible).
+    One constraint per way a run can fail to be ``healthy`` (gradsweep.verdicts), each from its own condition
+    whatever the precedence, plus ``loss_increased`` (final loss above the initial); > 0 means violated, and its
+    size says by how much where there is a measure (log10 decades of the ratio, loss above the stall line). So a
+    trial is feasible exactly when its verdict is healthy and its loss fell. A diverged run's objective is +inf
+    (kept, marked infeasible).
     """
+    import numpy as np
+
+    from gradsweep.verdicts import conditions
+
     diverged = not pd.isna(row["diverged_step"])
-    ratio = float(row["grad_ratio_log10"])
-    final, initial = float(row["final_loss"]), float(row["initial_loss"])
+    dead = not pd.isna(row["dead_step"])
+    ratio, median = float(row["grad_ratio_log10"]), float(row["grad_ratio_log10_median"])
+    final, initial, baseline = float(row["final_loss"]), float(row["initial_loss"]), float(row["baseline_loss"])
+    lo, hi, margin = (float(row[f"verdict.{k}"]) for k in ("vanish_below", "explode_above", "stall_margin"))
     if tune.objective == "final_loss":
         value = final
     else:
         value = float(steps_loss.mean()) if len(steps_loss) else math.nan
     if diverged or not math.isfinite(value):
         value = math.inf
-    ratio_ok = math.isfinite(ratio)
-    constraints = [
-        1.0 if diverged else -1.0,
-        (float(row["verdict.vanish_below"]) - ratio) if ratio_ok else 1.0,
-        (ratio - float(row["verdict.explode_above"])) if ratio_ok else 1.0,
-        (final - initial) if math.isfinite(final) and math.isfinite(initial) else 1.0,
-    ]
+    cond = {k: bool(v[0]) for k, v in conditions(*(np.array([x]) for x in (ratio, median, final, baseline, lo, hi,
+                                                                           margin))).items()}
+    increased = not (math.isfinite(final) and math.isfinite(initial) and final <= initial)
+    measured = {
+        "diverged": 1.0, "dead": 1.0,
+        "vanishing": max(lo - ratio, lo - median) if math.isfinite(ratio) and math.isfinite(median) else 1.0,
+        "exploding": max(ratio - hi, median - hi) if math.isfinite(ratio) and math.isfinite(median) else 1.0,
+        "stalled": final - (1 - margin) * baseline if math.isfinite(final) and math.isfinite(baseline) else 1.0,
+        "loss_increased": final - initial if math.isfinite(final) and math.isfinite(initial) else 1.0,
+    }
+    violated = {"diverged": diverged, "dead": dead, "vanishing": cond["vanishing"], "exploding": cond["exploding"],
+                "stalled": cond["stalled"], "loss_increased": increased}
+    constraints = [_signed(measured[k], violated[k]) for k in CONSTRAINTS]
     attrs = {
         "constraints": constraints,
-        "feasible": all(c <= 0 for c in constraints),
+        "feasible": not any(violated.values()),
         "diverged": diverged,
         "final_loss": final if math.isfinite(final) else None,
         "initial_loss": initial,
-        "grad_ratio_log10": ratio if ratio_ok else None,
+        "baseline_loss": baseline if math.isfinite(baseline) else None,
+        "grad_ratio_log10": ratio if math.isfinite(ratio) else None,
         "verdict": row["verdict"],
         "run_id": row["run_id"],
     }
     return value, attrs
+
+
+def _signed(magnitude: float, violated: bool) -> float:
+    """A constraint value whose sign is the verdict's (> 0 violated) and whose size is the measured margin."""
+    size = max(abs(magnitude), 1e-12)
+    return size if violated else -size
 
 
 class RunIndex:
@@ -684,37 +714,93 @@ def trial_frame(study: Any) -> Any:
                      "diverged": bool(t.user_attrs.get("diverged", False)),
                      "final_loss": t.user_attrs.get("final_loss"), "initial_loss": t.user_attrs.get("initial_loss"),
                      "grad_ratio_log10": t.user_attrs.get("grad_ratio_log10"), "verdict": t.user_attrs.get("verdict"),
-                     "run_id": t.user_attrs.get("run_id")})
+                     "baseline_loss": t.user_attrs.get("baseline_loss"), "run_id": t.user_attrs.get("run_id")})
     return pd.DataFrame(rows)
 
 
-def stability_edge(frame: Any) -> dict[str, float | None]:
-    """The largest learning rate seen stable, and the smallest seen unstable above it."""
+EDGE_DEFINITION = ("stable = the run's whole-run verdict is healthy and its loss fell. A stable band is a range of "
+                   "learning rates, sorted, with no unstable trial inside it; the band reported is the widest one (in "
+                   "decades of lr), its edges the nearest unstable trials above and below it. The best stable lr is "
+                   "the lowest-loss trial of the band at least tune.safety times below the first unstable lr above "
+                   "it (near the edge, whether a deep net dies is a matter of chance). A stable trial alone between "
+                   "unstable neighbours is not recommended.")
+
+
+def stable_band(frame: Any) -> tuple[Any, dict[str, Any]]:
+    """The complete trials of the widest stable band (``EDGE_DEFINITION``) and its edges.
+
+    Edges: ``smallest_stable_lr`` .. ``largest_stable_lr`` (no unstable trial between), ``smallest_unstable_lr_above``
+    and ``largest_unstable_lr_below`` (None where no trial is unstable on that side), ``band_trials``.
+    """
+    edge: dict[str, Any] = {"smallest_stable_lr": None, "largest_stable_lr": None, "smallest_unstable_lr_above": None,
+                            "largest_unstable_lr_below": None, "band_trials": 0}
     done = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
-    stable = done[done["feasible"]]["lr"] if len(done) else []
-    largest = float(max(stable)) if len(stable) else None
-    unstable = done[~done["feasible"]]["lr"] if len(done) else []
-    above = [float(x) for x in unstable if largest is None or x > largest]
-    return {"largest_stable_lr": largest, "smallest_unstable_lr_above": min(above) if above else None}
+    if not len(done):
+        return done, edge
+    # Sorted by lr; at an equal lr an unstable trial ends the band (so no unstable trial is ever inside one).
+    done = done.assign(_unstable=~done["feasible"].astype(bool)).sort_values(["lr", "_unstable"], kind="stable")
+    band_id = done["_unstable"].cumsum()  # each unstable trial starts a new id: stable runs share one
+    stable = done[~done["_unstable"]]
+    if not len(stable):
+        edge["smallest_unstable_lr_above"] = float(done["lr"].min())
+        return stable, edge
+
+    def width(ids: Any) -> tuple[float, int, float]:
+        lrs = stable.loc[ids, "lr"].astype(float)
+        return (math.log10(lrs.max() / lrs.min()), len(lrs), -float(stable.loc[ids, "value"].min()))
+
+    groups = stable.groupby(band_id[~done["_unstable"]]).groups
+    chosen = stable.loc[max(groups.values(), key=width)]
+    lo, hi = float(chosen["lr"].min()), float(chosen["lr"].max())
+    unstable = done[done["_unstable"]]["lr"].astype(float)
+    above, below = unstable[unstable > hi], unstable[unstable < lo]
+    edge.update(smallest_stable_lr=lo, largest_stable_lr=hi, band_trials=int(len(chosen)),
+                smallest_unstable_lr_above=float(above.min()) if len(above) else None,
+                largest_unstable_lr_below=float(below.max()) if len(below) else None)
+    return chosen.drop(columns="_unstable"), edge
+
+
+def stability_edge(frame: Any) -> dict[str, Any]:
+    """The edges of the widest stable band (:func:`stable_band`)."""
+    return stable_band(frame)[1]
+
+
+def _float_or_none(v: Any) -> float | None:
+    return None if v is None or pd.isna(v) else float(v)
 
 
 def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str, Any]:
     frame = trial_frame(study)
     done = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
     feasible = done[done["feasible"]] if len(done) else done
-    best = None
-    if len(feasible):
-        b = feasible.loc[feasible["value"].idxmin()]
+    band, edge = stable_band(frame)
+    best = isolated = None
+    if len(band):
+        up = edge["smallest_unstable_lr_above"]
+        safe = band[band["lr"] <= up / tune.safety] if up is not None else band
+        safe = safe if len(safe) else band.nsmallest(1, "lr")  # the whole band is near the edge: its lowest lr
+        b = safe.loc[safe["value"].idxmin()]
+        overall = feasible.loc[feasible["value"].idxmin()]
+        if overall["number"] != b["number"] and overall["number"] not in set(band["number"]):
+            isolated = {"trial": int(overall["number"]), "lr": float(overall["lr"]), "loss": float(overall["value"])}
         best = {"trial": int(b["number"]), "lr": float(b["lr"]), "loss": float(b["value"]), "run_id": b["run_id"],
+                "final_loss": _float_or_none(b["final_loss"]), "baseline_loss": _float_or_none(b["baseline_loss"]),
                 "params": {k: float(b[k]) for k in ["lr", *[d.key for d in tune.search]] if k in b}}
     return {
         "study_name": study.study_name, "storage": where, "out_dir": str(out_dir),
-        "objective": tune.objective, "constraints": ["not diverged", "verdict.vanish_below <= grad_ratio_log10",
-                                                     "grad_ratio_log10 <= verdict.explode_above",
-                                                     "final_loss <= initial_loss"],
+        "objective": tune.objective,
+        "constraints": {"diverged": "no NaN/Inf in the loss or the gradient norm",
+                        "dead": "some signal reaches the first Linear layer at the end of training",
+                        "vanishing": "grad_ratio_log10 >= verdict.vanish_below at step 0 and as its median over training",
+                        "exploding": "grad_ratio_log10 <= verdict.explode_above at step 0 and as its median over training",
+                        "stalled": "final_loss < (1 - verdict.stall_margin) * baseline_loss",
+                        "loss_increased": "final_loss <= initial_loss"},
+        "edge_definition": EDGE_DEFINITION.replace("tune.safety", f"tune.safety ({tune.safety:g})"),
         "trials": int(len(frame)), "complete": int(len(done)), "feasible": int(len(feasible)),
         "diverged": int(done["diverged"].sum()) if len(done) else 0,
-        "best": best, "edge": stability_edge(frame),
+        "best": best, "edge": edge,
+        # a lower loss than the best's, but outside the band: unstable trials at nearby learning rates on both sides
+        "isolated_better_trial": isolated,
     }
 
 
@@ -744,14 +830,27 @@ def describe(summary: dict[str, Any]) -> str:
              f"{summary['feasible']} stable, {summary['diverged']} diverged"]
     if best:
         lines.append(f"best stable lr = {best['lr']:.4g} (trial {best['trial']}, {summary['objective']} "
-                     f"{best['loss']:.4g})")
+                     f"{best['loss']:.4g}; the lowest loss in the stable band, at least tune.safety below its edge)")
     else:
         lines.append("no stable learning rate found in [tune.lr_min, tune.lr_max]")
-    lo, hi = edge["largest_stable_lr"], edge["smallest_unstable_lr_above"]
-    lines.append("stability edge: " + (f"stable up to lr {lo:.4g}" if lo is not None else "nothing stable") + ", "
-                 + (f"unstable from lr {hi:.4g}" if hi is not None else "nothing unstable seen above it"))
+    lines.append("stability edge: " + edge_words(edge))
+    iso = summary.get("isolated_better_trial")
+    if iso:
+        lines.append(f"not recommended: trial {iso['trial']} (lr {iso['lr']:.4g}, {summary['objective']} {iso['loss']:.4g}) "
+                     "trained, but it lies outside the stable band, between unstable trials")
     lines.append(f"wrote {Path(summary['out_dir']) / TUNE_DIR}/best.json, stability.png, trials.csv")
     return "\n".join(lines)
+
+
+def edge_words(edge: dict[str, float | None]) -> str:
+    """'stable from lr a up to lr b, unstable from lr c (and below lr d)', as far as the trials tell."""
+    lo, hi = edge["smallest_stable_lr"], edge["largest_stable_lr"]
+    up, down = edge["smallest_unstable_lr_above"], edge.get("largest_unstable_lr_below")
+    if hi is None:
+        return "nothing stable" + (f"; unstable from lr {up:.4g}" if up is not None else "")
+    text = f"stable from lr {lo:.4g} up to lr {hi:.4g} ({edge.get('band_trials', 0)} trials, none unstable), "
+    text += f"unstable from lr {up:.4g}" if up is not None else "nothing unstable seen above it"
+    return text + (f"; unstable again below lr {down:.4g}" if down is not None else "")
 
 
 HELP = """usage: python -m gradsweep.tune [overrides]
@@ -759,7 +858,7 @@ HELP = """usage: python -m gradsweep.tune [overrides]
 Search the learning rate that trains fastest without instability, with Optuna; trials are trained in fused
 batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (conf/tune/default.yaml):
   tune.n_trials, tune.batch_size, tune.lr_min, tune.lr_max, tune.search, tune.sampler, tune.seed,
-  tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s
+  tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s, tune.safety
 Rerunning the same command continues the same study; trials a killed worker left running are queued again. Open it with:
   optuna-dashboard <storage>   (the journal file, or the SQLAlchemy URL, printed at the end)
 """

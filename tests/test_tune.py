@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from optuna.trial import TrialState
 from reference import RefMLP, article_data, article_linears, reference_training
@@ -187,10 +188,22 @@ def test_sqlite_url_storage(tmp_path):
 def test_acceptance_best_lr_trains_stably_in_plain_pytorch(tmp_path):
     r = _cli("model.depth=10", "init=kaiming", "tune.n_trials=64", f"tune.out_dir={tmp_path}", "quiet=true")
     assert r.returncode == 0, r.stderr
-    assert "best stable lr = " in r.stdout and "stability edge: stable up to lr " in r.stdout
+    assert "best stable lr = " in r.stdout and "stability edge: stable from lr " in r.stdout
     best = json.loads((tmp_path / "tune" / "best.json").read_text())
-    assert best["trials"] == 64 and best["best"] is not None
+    assert best["trials"] == 64 and best["best"] is not None and "stable band" in best["edge_definition"]
     lr = best["best"]["lr"]
+    # The edge agrees with the study's own trials: stable means healthy over the whole run, so no stable trial ended
+    # at the loss of predicting the mean (the trial 0 did, at lr 0.055), and no unstable trial lies inside
+    # the stable band; the first unstable lr above the best is the smallest unstable one there.
+    trials = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    done = trials[trials.state == "COMPLETE"]
+    stable, unstable = done[done.feasible], done[~done.feasible]
+    assert (stable.verdict == "healthy").all() and (stable.final_loss < 0.99 * stable.baseline_loss).all()
+    edge = best["edge"]
+    assert not ((unstable.lr >= edge["smallest_stable_lr"]) & (unstable.lr <= edge["largest_stable_lr"])).any()
+    assert edge["smallest_unstable_lr_above"] == unstable[unstable.lr > lr].lr.min()
+    assert edge["smallest_stable_lr"] <= lr <= edge["largest_stable_lr"] < edge["smallest_unstable_lr_above"]
+    assert not (unstable.lr < edge["smallest_stable_lr"]).any()  # on this study: nothing unstable below the band
     # Rerun unfused: the article's nn.Linear layers, torch.optim.SGD, float32, 500 steps, on the article's data.
     x, y = article_data()
     model = RefMLP(article_linears(0, 10, 10, nn.init.kaiming_uniform_), "relu")
@@ -200,6 +213,7 @@ def test_acceptance_best_lr_trains_stably_in_plain_pytorch(tmp_path):
     # Stable: finite, below the initial loss, and the fused trial's own final loss (float32 both, 5%).
     assert math.isfinite(final) and final < loss[0]
     assert math.isclose(final, best["best"]["loss"], rel_tol=0.05)
+    assert final < 0.5 * best["best"]["baseline_loss"]  # it learned: well below predicting the mean
 
 
 def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
@@ -320,3 +334,23 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
     assert groups_after == sorted([*groups_before, str(retry_quiet.number)])  # only the other one was trained
     runs, _ = load_sweep(tmp_path / "tune")
     assert runs["run_id"].is_unique and len(runs) == 5
+
+
+def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_edge():
+    from gradsweep.tune import TuneCfg, summarize
+
+    lrs = [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1.6e-3, 3e-3, 5e-3, 1e-2, 2e-2]
+    ok = [False, True, True, True, True, False, True, False, False, False]  # 1e-4 stalled; 3e-3 an island
+    loss = [9.8, 3.0, 2.0, 1.5, 1.2, 9.76, 0.4, 9.76, math.inf, math.inf]
+    study = optuna.create_study(study_name="s", direction="minimize")  # a real (in-memory) study
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)}
+    for lr, feasible, value in zip(lrs, ok, loss):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr}, distributions=dist, value=value,
+            user_attrs={"feasible": feasible, "diverged": value == math.inf, "final_loss": value, "baseline_loss": 9.76,
+                        "run_id": f"r{lr}", "verdict": "healthy" if feasible else "stalled"}))
+    s = summarize(study, TuneCfg(), "memory", Path("out"))
+    assert s["edge"] == {"smallest_stable_lr": 2e-4, "largest_stable_lr": 1e-3, "smallest_unstable_lr_above": 1.6e-3,
+                         "largest_unstable_lr_below": 1e-4, "band_trials": 4}
+    # The lowest loss at least 2x below the first unstable lr above (1.6e-3): 8e-4, not 1e-3 at the edge nor the island.
+    assert s["best"]["lr"] == 8e-4 and s["isolated_better_trial"]["lr"] == 3e-3
