@@ -19,14 +19,16 @@ import seaborn as sns  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from gradsweep.layout import Layout  # noqa: E402
-from gradsweep.tables import VERDICTS  # noqa: E402
+from gradsweep.verdicts import VERDICTS  # noqa: E402
 
 # Okabe-Ito, safe for the common colour-vision deficiencies.
-VERDICT_COLORS = {"healthy": "#009E73", "vanishing": "#0072B2", "exploding": "#D55E00", "diverged": "#4D4D4D"}
+VERDICT_COLORS = {"healthy": "#009E73", "stalled": "#E69F00", "vanishing": "#0072B2", "exploding": "#D55E00",
+                  "dead": "#CC79A7", "diverged": "#4D4D4D"}
 RATIO_CMAP = "RdBu_r"  # ColorBrewer diverging, colour-blind safe: blue = vanishing, red = exploding
 DIVERGED_FACE = "#4D4D4D"
 MISSING_FACE = "#F0F0F0"
 ZERO_SIGNAL = "#56B4E9"  # Okabe-Ito sky blue: outside magma, so a zero signal never reads as a small one
+UNDERFLOW_COLOR = "#009E73"  # Okabe-Ito bluish green: a zero that is float underflow, not a cut
 MAX_ANNOTATED_CELLS = 600  # per panel; beyond it the colours speak alone
 
 
@@ -68,9 +70,26 @@ def _axis_values(cells: pd.DataFrame, key: str | None) -> list:
         ["null"] if cells[key].isna().any() else [])
 
 
+def ratio_scale(vanish: float, explode: float) -> tuple[mcolors.Colormap, mcolors.Normalize, list[float]]:
+    """The one colour scale of every gradient-ratio figure (measured at step 0, through training, predicted):
+    fixed and symmetric, in steps whose edges include the verdict thresholds, light inside them and dark beyond,
+    so that -2.25 (vanishing) and -1.88 (healthy) never share a colour. Values beyond the ends take the end colours.
+    """
+    t = max(abs(vanish), abs(explode))
+    edges = [-3 * t, -2 * t, -t, -t / 2, -t / 4, t / 4, t / 2, t, 2 * t, 3 * t]
+    base = plt.get_cmap(RATIO_CMAP)
+    # blues for the negative bins, reds for the positive; the healthy bins (|x| < t) stay pale
+    shades = [0.0, 0.1, 0.3, 0.38, 0.5, 0.62, 0.7, 0.9, 1.0]
+    cmap = mcolors.ListedColormap([base(v) for v in shades]).with_extremes(under=base(0.0), over=base(1.0))
+    return cmap, mcolors.BoundaryNorm(edges, cmap.N), edges
+
+
 def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: str = "",
-            vanish: float = -2.0, explode: float = 2.0) -> plt.Figure:
-    """A where-it-breaks heatmap of aggregated ``cells`` (layout.aggregate): kind = ratio, loss, accuracy or verdict."""
+            vanish: float = -2.0, explode: float = 2.0, baseline_words: str = "", step0: bool = False) -> plt.Figure:
+    """A where-it-breaks heatmap of aggregated ``cells`` (layout.aggregate): kind = ratio, loss, accuracy or verdict.
+
+    ``step0``: the values were measured before any update, so cells whose runs all diverged later keep their colour.
+    """
     cells = cells.copy()
     for key in (layout.x, layout.y):
         if key is not None:
@@ -89,9 +108,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
     finite = cells["value"].to_numpy(dtype=float)
     finite = finite[np.isfinite(finite)]
     if kind == "ratio":
-        span = max(3.0, math.ceil(np.abs(finite).max()) if finite.size else 3.0)
-        span = min(span, 12.0)
-        cmap, norm = plt.get_cmap(RATIO_CMAP), mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+        cmap, norm, ratio_edges = ratio_scale(vanish, explode)
+        span = ratio_edges[-1]
     elif kind == "accuracy":
         cmap, norm = plt.get_cmap("viridis"), mcolors.Normalize(vmin=0.0, vmax=1.0)
     elif kind == "loss":
@@ -102,20 +120,24 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         cmap, norm = plt.get_cmap("viridis"), mcolors.LogNorm(vmin=lo, vmax=hi)
     else:
         cmap = mcolors.ListedColormap([VERDICT_COLORS[v] for v in VERDICTS])
+        span = 0.0
         norm = mcolors.BoundaryNorm(np.arange(-0.5, len(VERDICTS)), len(VERDICTS))
 
     mappable = None
+    marked = False
     for ax, (facet, panel) in zip(axes, panels):
         values = _pivot(panel, layout, "value", x_values, y_values)
         verdicts = _pivot(panel, layout, "verdict", x_values, y_values)
         n = _pivot(panel, layout, "n", x_values, y_values)
         ndiv = _pivot(panel, layout, "n_diverged", x_values, y_values)
+        if kind == "loss":
+            at_base = _pivot(panel, layout, "at_baseline", x_values, y_values).fillna(False)
         if kind == "verdict":
             grid = verdicts.apply(lambda col: col.map({v: i for i, v in enumerate(VERDICTS)})).astype(float)
         else:
             grid = values.astype(float)
             if kind == "ratio":  # -inf (no signal at all reaches layer 1) drawn at the end of the scale, labelled
-                grid = grid.clip(lower=-span, upper=span)
+                grid = grid.clip(lower=-2 * span, upper=2 * span)
         ax.set_facecolor(MISSING_FACE)
         mappable = ax.pcolormesh(np.ma.masked_invalid(grid.to_numpy()), cmap=cmap, norm=norm, edgecolors="white",
                                  linewidth=1.0)
@@ -126,12 +148,17 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
                     ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize - 1, color="#777777",
                             in_layout=False)
                 continue
-            all_diverged = ndiv.to_numpy()[i, j] == cell_n
+            all_diverged = ndiv.to_numpy()[i, j] == cell_n and not step0
             if all_diverged and kind != "verdict":
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", lw=0))
+            if kind == "loss" and bool(at_base.to_numpy()[i, j]):
+                marked = True
+                ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, hatch="xx", edgecolor="#FFFFFF",
+                                       lw=0, alpha=0.55))
             if not annotate:
                 continue
-            text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(cell_n), int(ndiv.to_numpy()[i, j]), not same_n)
+            text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(cell_n),
+                              0 if step0 else int(ndiv.to_numpy()[i, j]), not same_n)
             rgba = (mcolors.to_rgba(DIVERGED_FACE) if all_diverged or kind == "verdict" and verdict == "diverged"
                     else mappable.to_rgba(grid.to_numpy()[i, j]) if np.isfinite(grid.to_numpy()[i, j]) else (1, 1, 1, 1))
             # Cell labels sit inside their cell: keeping them out of the layout engine spares it a bbox per cell.
@@ -147,27 +174,42 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
     fig.suptitle(title, fontsize=11)
     if kind == "verdict":
         fig.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS], loc="outside lower center",
-                   ncol=4, frameon=False, fontsize=9)
+                   ncol=3, frameon=False, fontsize=9)
         return fig
-    bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02, aspect=25)
+    bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02, aspect=25,
+                       extend="both" if kind == "ratio" else "neither")
     bar.set_label(label, fontsize=9)
     if kind == "ratio":
-        step = max(1, int(span) // 4)
-        ticks = [t for t in range(-int(span), int(span) + 1) if t % step == 0]
+        ticks = [e for e in ratio_edges if e != 0]
         bar.set_ticks(ticks, labels=[_ratio_words(t, vanish, explode) for t in ticks], fontsize=8)
-    handles = [Patch(facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", label="all runs diverged"),
-               Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="no run")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+        for threshold in (vanish, explode):
+            bar.ax.axhline(threshold, color="black", lw=1.6)
+    handles = []
+    if kind == "loss" and marked:
+        handles.append(Patch(facecolor="#999999", hatch="xx", edgecolor="white",
+                             label=f"learned nothing: {baseline_words or 'no better than the baseline'}"))
+    if not step0 and (cells["n_diverged"] == cells["n"]).any():
+        handles.append(Patch(facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", label="all runs diverged"))
+    if _has_empty_cell(cells, layout, x_values, y_values):
+        handles.append(Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="no run"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
-def _ratio_words(t: int, vanish: float, explode: float) -> str:
+def _has_empty_cell(cells: pd.DataFrame, layout: Layout, x_values: list, y_values: list) -> bool:
+    per_panel = len(x_values) * len(y_values)
+    return any(len(panel) < per_panel for _, panel in _panels(cells))
+
+
+def _ratio_words(t: float, vanish: float, explode: float) -> str:
     if t == 0:
         return "0  equal"
-    words = f"1e{abs(t)}x {'weaker' if t < 0 else 'stronger'}" if abs(t) > 3 else \
-        f"{10 ** abs(t):,}x {'weaker' if t < 0 else 'stronger'}"
-    tag = ", vanishing" if t <= vanish else ", exploding" if t >= explode else ""
-    return f"{t:+d}: {words}{tag}"
+    factor = 10 ** abs(t)
+    words = (f"1e{abs(t):g}x" if abs(t) > 3 else f"{factor:,.0f}x" if factor >= 10 else f"{factor:.2g}x") + \
+        (" weaker" if t < 0 else " stronger")
+    tag = " | vanishing below" if t == vanish else " | exploding above" if t == explode else ""
+    return f"{t:+g}: {words}{tag}"
 
 
 def _cell_text(kind: str, value: float, verdict: str, n: int, n_div: int, show_n: bool) -> str:
@@ -195,7 +237,12 @@ def _ink(rgba) -> str:
 
 
 def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) -> plt.Figure:
-    """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear layers."""
+    """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear layers.
+
+    A signal of exactly 0 gets its own colour by cause (gradsweep.verdicts.zero_causes): cut off, every unit below
+    a layer dead (or saturated to its float bound), or a decaying signal that underflowed the run's dtype."""
+    from gradsweep.verdicts import CUT, UNDERFLOW, underflow_floor, zero_causes
+
     ids = list(titles)
     fig, axes = _grid(len(ids), panel_w=5.8, panel_h=3.3, extra_w=1.2)
     h = flow["hgrad_norm"].to_numpy(dtype=float)
@@ -205,21 +252,29 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     lo, hi = (np.percentile(finite, 1), np.percentile(finite, 99)) if finite.size else (-1.0, 1.0)
     if hi - lo < 1e-9:
         lo, hi = lo - 1, hi + 1
-    # A signal of exactly 0 (every unit below is dead) is drawn in its own colour, not as missing data.
-    vals = np.where(h == 0, lo - 1e6, vals)
-    cmap = plt.get_cmap("magma").with_extremes(under=ZERO_SIGNAL)
+    cmap = plt.get_cmap("magma")
     flow = flow.assign(log_h=vals)
+    by_id = runs.set_index("run_id")
     mappable = None
+    seen: set[int] = set()
     for ax, run_id in zip(axes, ids):
         one = flow[flow.run_id == run_id]
         grid = one.pivot_table(index="layer", columns="step", values="log_h", aggfunc="first")
+        raw = one.pivot_table(index="layer", columns="step", values="hgrad_norm", aggfunc="first").to_numpy()
         steps, layers_ = grid.columns.to_numpy(), grid.index.to_numpy()
         x_edges = np.append(steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)) - 0.5
         y_edges = np.append(layers_, layers_[-1] + 1) - 0.5
         mappable = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid.to_numpy()), cmap=cmap,
                                  vmin=lo, vmax=hi, shading="flat")
+        row = by_id.loc[run_id]
+        causes = zero_causes(raw.T, underflow_floor(str(row.get("train.dtype", "float32")))).T  # (layers, steps)
+        causes = np.where(np.isnan(raw), -1, causes)
+        for cause, colour in ((CUT, ZERO_SIGNAL), (UNDERFLOW, UNDERFLOW_COLOR)):
+            if (causes == cause).any():
+                seen.add(cause)
+                ax.pcolormesh(x_edges, y_edges, np.ma.masked_where(causes != cause, np.ones_like(raw)),
+                              cmap=mcolors.ListedColormap([colour]), shading="flat")
         ax.set_facecolor(MISSING_FACE)
-        row = runs.set_index("run_id").loc[run_id]
         if pd.notna(row["diverged_step"]):
             ax.axvline(int(row["diverged_step"]), color="#00BFFF", lw=1.5, ls="--")
             ax.text(int(row["diverged_step"]), layers_[-1] + 0.4, " diverged", color="#0077AA", fontsize=8, va="top")
@@ -230,9 +285,15 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
         ax.set_yticks(layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)])
     fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=30, extend="min").set_label(
         "log10 |dL/dh| (backpropagated signal)", fontsize=9)
-    fig.legend(handles=[Patch(color=ZERO_SIGNAL, label="exactly 0: no signal reaches the layer (dead units)"),
-                        Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="not recorded (after divergence)")],
-               loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    handles = []
+    if CUT in seen:
+        handles.append(Patch(color=ZERO_SIGNAL, label="exactly 0: cut off above (every unit of a layer dead or saturated)"))
+    if UNDERFLOW in seen:
+        handles.append(Patch(color=UNDERFLOW_COLOR, label="0: underflow (the signal fell below the dtype's smallest number)"))
+    if flow["hgrad_norm"].isna().any() or runs.set_index("run_id").loc[ids, "diverged_step"].notna().any():
+        handles.append(Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="not recorded (after divergence)"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
@@ -289,9 +350,9 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, pooled
 
 
 def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
-    """Loss (log) against learning rate (log) for every trial of a tune study, stable and unstable apart,
-    with the stability edge and the best stable trial marked."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    """Loss (log) against learning rate (log) for every trial of a tune study: stable trials, unstable ones coloured
+    by their verdict, diverged ones at the top; the stable band around the best trial shaded, its definition below."""
+    fig, ax = plt.subplots(figsize=(8.0, 5.2))
     done = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
     finite = done[np.isfinite(done["value"].astype(float))] if len(done) else done
     top = float(finite["value"].max()) * 3 if len(finite) else 1.0
@@ -300,20 +361,23 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     diverged = done[~np.isfinite(done["value"].astype(float))] if len(done) else done
     ax.scatter(stable["lr"], stable["value"], s=28, color=VERDICT_COLORS["healthy"], label=f"stable ({len(stable)})",
                zorder=3)
-    if len(unstable):
-        ax.scatter(unstable["lr"], unstable["value"], s=34, marker="x", color=VERDICT_COLORS["exploding"],
-                   label=f"unstable, not diverged: a constraint fails ({len(unstable)})", zorder=3)
+    for verdict, sub in unstable.groupby(unstable["verdict"].fillna("healthy") if len(unstable) else [], sort=False):
+        why = verdict if verdict != "healthy" else "healthy, but the loss rose"
+        ax.scatter(sub["lr"], sub["value"], s=36, marker="x", color=VERDICT_COLORS.get(verdict, "#D55E00"),
+                   label=f"unstable: {why} ({len(sub)})", zorder=3)
     if len(diverged):
         ax.scatter(diverged["lr"], np.full(len(diverged), top), s=40, marker="^", color=DIVERGED_FACE,
                    label=f"diverged, drawn at the top ({len(diverged)})", zorder=3, clip_on=False)
     edge = summary["edge"]
-    lo, hi = edge["largest_stable_lr"], edge["smallest_unstable_lr_above"]
-    if lo is not None:
-        ax.axvline(lo, color=VERDICT_COLORS["healthy"], ls="--", lw=1.2, label=f"largest stable lr {lo:.3g}")
-    if hi is not None:
-        ax.axvline(hi, color=VERDICT_COLORS["exploding"], ls=":", lw=1.4, label=f"smallest unstable lr above {hi:.3g}")
+    lo, hi = edge.get("smallest_stable_lr"), edge["largest_stable_lr"]
+    up, down = edge["smallest_unstable_lr_above"], edge.get("largest_unstable_lr_below")
     if lo is not None and hi is not None:
-        ax.axvspan(lo, hi, color="#E69F00", alpha=0.15, lw=0, label="stability edge")
+        ax.axvspan(lo, hi, color=VERDICT_COLORS["healthy"], alpha=0.12, lw=0,
+                   label=f"stable band: lr {lo:.3g} .. {hi:.3g}")
+    if up is not None:
+        ax.axvline(up, color=VERDICT_COLORS["exploding"], ls=":", lw=1.4, label=f"first unstable lr above: {up:.3g}")
+    if down is not None:
+        ax.axvline(down, color=VERDICT_COLORS["stalled"], ls=":", lw=1.4, label=f"first unstable lr below: {down:.3g}")
     best = summary["best"]
     if best is not None:
         ax.scatter([best["lr"]], [best["loss"]], s=180, marker="*", color="#E69F00", edgecolor="black", zorder=4,
@@ -327,7 +391,10 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
                  f"{summary['feasible']} stable, {summary['diverged']} diverged", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7.5, loc="best", framealpha=0.9)
-    fig.tight_layout()
+    definition = summary.get("edge_definition")
+    if definition:
+        fig.text(0.01, 0.01, _wrap(definition, 125), fontsize=7, color="#444444", va="bottom")
+    fig.tight_layout(rect=(0, 0.08 if definition else 0, 1, 1))
     return fig
 
 

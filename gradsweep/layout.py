@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS, VERDICTS
+from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS
+from gradsweep.verdicts import SEVERITY, VERDICTS
 
 REPLICATE_KEYS = ("train.seed",)  # aggregated over, never an axis
 PREFERRED_X = "model.depth"
@@ -21,7 +22,6 @@ STATISTICS = {
     "wgrad_ratio": ("wgrad_ratio_log10", "log10 |dL/dW| first Linear / last Linear"),
 }
 AT = {"init": "", "training": "_median"}  # the statistic at step 0, or its median over training
-SEVERITY = {"diverged": 3, "exploding": 2, "vanishing": 1, "healthy": 0}  # ties in a cell go to the worse verdict
 
 
 def config_keys(runs: pd.DataFrame) -> list[str]:
@@ -101,18 +101,25 @@ def facet_labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     return label
 
 
-def aggregate(runs: pd.DataFrame, layout: Layout, column: str) -> pd.DataFrame:
-    """One row per cell (x, y, facets): the median of ``column`` over the cell's non-diverged runs,
-    how many runs and how many diverged, and the cell's verdict (the most common, ties to the worse)."""
+def aggregate(runs: pd.DataFrame, layout: Layout, column: str, step0: bool = False) -> pd.DataFrame:
+    """One row per cell (x, y, facets): the median of ``column`` over the cell's non-diverged runs (``step0``: over
+    all its runs, a quantity measured before any update, which a later divergence does not touch), how many runs
+    and how many diverged, and the cell's verdict (the most common, ties to the worse); ``at_baseline`` where the
+    value is no better than the data's baseline loss (the stall line: ``(1 - verdict.stall_margin) * baseline``)."""
     keys = layout.keys
     df = runs.copy()
     df["_diverged"] = df["verdict"] == "diverged"
-    df["_value"] = np.where(df["_diverged"], np.nan, df[column].astype(float))
+    df["_value"] = df[column].astype(float) if step0 else np.where(df["_diverged"], np.nan, df[column].astype(float))
+    has_base = "baseline_loss" in df.columns and "verdict.stall_margin" in df.columns
+    df["_line"] = (1 - df["verdict.stall_margin"].astype(float)) * df["baseline_loss"].astype(float) if has_base else np.nan
     if not keys:
         df["_all"] = "all runs"
         keys = ["_all"]
     grouped = df.groupby(keys, dropna=False, sort=True)
-    out = grouped.agg(value=("_value", _median), n=("verdict", "size"), n_diverged=("_diverged", "sum")).reset_index()
+    out = grouped.agg(value=("_value", _median), n=("verdict", "size"), n_diverged=("_diverged", "sum"),
+                      stall_line=("_line", _median)).reset_index()
+    with np.errstate(invalid="ignore"):
+        out["at_baseline"] = out["value"] >= out["stall_line"]  # NaN either side: False
     out["verdict"] = grouped["verdict"].agg(_cell_verdict).to_numpy()
     out["facet"] = facet_labels(out, layout.facets)
     return out

@@ -21,12 +21,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from gradsweep.layout import AT, SEVERITY, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
-from gradsweep.tables import TUNE_DIR, load_runs, load_steps
+from gradsweep.layout import AT, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
+from gradsweep.tables import SCHEMA_VERSION, TUNE_DIR, load_runs, load_steps
+from gradsweep.verdicts import SEVERITY
 
 # What the report reads from every runs table; a sweep written before one of them existed cannot be reported.
-REQUIRED_COLUMNS = ("run_id", "verdict", "grad_ratio_log10", "final_loss", "initial_loss", "diverged_step",
-                    "verdict.vanish_below", "verdict.explode_above")
+REQUIRED_COLUMNS = ("run_id", "verdict", "init_verdict", "grad_ratio_log10", "grad_ratio_log10_median", "final_loss",
+                    "initial_loss", "baseline_loss", "diverged_step", "dead_step", "dead_layer",
+                    "verdict.vanish_below", "verdict.explode_above", "verdict.stall_margin")
+# Within a verdict, the run a flow map shows: the most telling one (column, ascending).
+FLOW_PICK = {"diverged": ("diverged_step", True), "dead": ("dead_step", True), "stalled": ("_stall", False)}
 
 
 def _first_line(e: Exception) -> str:
@@ -59,14 +63,17 @@ def sweep_command(sweep_dir: Path) -> str:
 
 
 def pick_flow_runs(runs: pd.DataFrame, n: int | None = None) -> list[str]:
-    """One run per verdict present, worst verdict first, within a verdict the most extreme ratio (the
-    earliest divergence); with ``n``, then the next most extreme runs up to ``n`` maps in all."""
+    """One run per verdict present, worst verdict first; within a verdict the earliest divergence or death, the
+    stalled run furthest above its baseline, else the most extreme ratio; with ``n``, then the next most extreme
+    runs up to ``n`` maps in all."""
     chosen: list[str] = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stall = runs["final_loss"].astype(float) / runs["baseline_loss"].astype(float)
     ranked = runs.assign(_sev=runs["verdict"].map(SEVERITY).fillna(-1),
-                         _ext=runs["grad_ratio_log10"].abs().fillna(np.inf))
+                         _ext=runs["grad_ratio_log10"].abs().fillna(np.inf), _stall=stall)
     for verdict, sub in sorted(ranked.groupby("verdict"), key=lambda kv: -SEVERITY.get(kv[0], -1)):
-        key = "diverged_step" if verdict == "diverged" else "_ext"
-        best = sub.sort_values(key, ascending=(verdict == "diverged")).iloc[0]
+        key, ascending = FLOW_PICK.get(verdict, ("_ext", False))
+        best = sub.sort_values(key, ascending=ascending, kind="stable").iloc[0]
         chosen.append(best["run_id"])
     if n is None:
         return chosen
@@ -75,9 +82,23 @@ def pick_flow_runs(runs: pd.DataFrame, n: int | None = None) -> list[str]:
     return chosen[:max(n, 1)]
 
 
+def verdict_reason(row: pd.Series) -> str:
+    """What made a run's verdict, in a few words."""
+    if row["verdict"] == "dead":
+        return f"no signal below layer {int(row['dead_layer'])} from step {int(row['dead_step'])}"
+    if row["verdict"] == "stalled":
+        return f"final loss {row['final_loss']:.3g} = {row['final_loss'] / row['baseline_loss']:.0%} of the baseline"
+    if row["verdict"] == "diverged":
+        return f"diverged at step {int(row['diverged_step'])} ({row['diverged_reason']})"
+    text = f"ratio {row['grad_ratio_log10']:+.2f} at step 0"
+    if row["verdict"] in ("vanishing", "exploding") and row.get("init_verdict") == "healthy":
+        text += f", median {row['grad_ratio_log10_median']:+.2f} through training"
+    return text
+
+
 def _title(run_id: str, row: pd.Series, keys: list[str]) -> str:
     parts = [f"{k}={row[k]}" for k in keys] or [f"run {run_id}"]
-    return ", ".join(parts) + f"\n{row['verdict']}, ratio {row['grad_ratio_log10']:+.2f}"
+    return ", ".join(parts) + f"\n{row['verdict']}: {verdict_reason(row)}"
 
 
 MAX_LOSS_PANELS = 12  # beyond this many (y x facet) panels the facets are pooled into the median
@@ -101,7 +122,7 @@ def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tupl
 
 
 def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
-                facets: list[str] | None = None, stat: str = "grad_ratio", at: str = "init",
+                facets: list[str] | None = None, stat: str = "grad_ratio",
                 flow_runs: list[str] | None = None, n_flow: int | None = None, quiet: bool = False) -> Path:
     """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest)."""
     from gradsweep import figures
@@ -120,6 +141,10 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     if missing:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (no {', '.join(missing)} in its runs table); "
                           "rerun the sweep with this version")
+    version = runs.attrs.get("schema_version", 1)
+    if version < SCHEMA_VERSION:
+        raise ReportError(f"{sweep_dir} was written by an older gradsweep (tables schema {version}, this version reads "
+                          f"{SCHEMA_VERSION}: its verdicts mean something else); rerun the sweep with this version")
     out = Path(out) if out else sweep_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -128,14 +153,14 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         probe.unlink()
     except OSError as e:
         raise ReportError(f"cannot write the report to {out}: {e.strerror or e}; give another place with --out") from None
-    column = STATISTICS[stat][0] + AT[at]
+    column = STATISTICS[stat][0]
     try:
         layout = infer_layout(runs, x, y, facets)
     except ValueError as e:
         raise ReportError(str(e)) from None
     vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
     images: list[tuple[str, str, str]] = []  # (file, title, caption)
-    bar = tqdm(total=9, desc="report", unit="part", disable=quiet, leave=False)
+    bar = tqdm(total=10, desc="report", unit="part", disable=quiet, leave=False)
 
     def save(fig, name: str, title: str, caption: str) -> None:
         fig.savefig(out / name, dpi=110)
@@ -143,35 +168,53 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         images.append((name, title, caption))
         bar.update(1)
 
-    cells = aggregate(runs, layout, column)
-    at_words = "at initialisation (step 0)" if at == "init" else "median over training"
-    save(figures.heatmap(cells, layout, "ratio", f"Where gradients vanish or explode\n{STATISTICS[stat][1]}, {at_words}",
-                         label="log10 ratio, first Linear over last\n<- vanishing      exploding ->",
-                         vanish=vanish, explode=explode),
-         "heatmap_ratio.png", "Gradient ratio",
-         f"Median over seeds of {column}. Blue: the first layer receives less signal than the readout (vanishing); "
-         f"red: more (exploding). Verdict thresholds: {vanish:+g} and {explode:+g}.")
+    what = STATISTICS[stat][1]
+    label = "log10 ratio, first Linear over last\n<- vanishing      exploding ->"
+    cells = aggregate(runs, layout, column, step0=True)
+    save(figures.heatmap(cells, layout, "ratio", f"Where gradients vanish or explode at initialisation\n{what}, step 0",
+                         label=label, vanish=vanish, explode=explode, step0=True),
+         "heatmap_ratio.png", "Gradient ratio at initialisation",
+         f"Median over seeds of {column} at step 0 (runs that diverged later included: it is measured before any "
+         f"update). Blue: the first layer receives less signal than the readout (vanishing); red: more (exploding). "
+         f"Verdict thresholds {vanish:+g} and {explode:+g}, the black lines on the colour bar; the same colours as "
+         "the through-training twin below.")
+    save(figures.heatmap(aggregate(runs, layout, column + AT["training"]), layout, "ratio",
+                         f"... and through training\n{what}, median over the logged steps",
+                         label=label, vanish=vanish, explode=explode),
+         "heatmap_ratio_training.png", "Gradient ratio through training",
+         f"Median over seeds of {column + AT['training']}: each run's median over its logged steps (before any "
+         "divergence). A cell that is pale at step 0 and dark here lost its signal while training; -inf: no signal "
+         "reached the first layer for most of training (dead units).")
     predicted = runs["pred_grad_ratio_log10"].astype(float) if "pred_grad_ratio_log10" in runs else pd.Series([], dtype=float)
     if np.isfinite(predicted).any():
-        pred_column = "pred_" + column if at == "init" and "pred_" + column in runs else "pred_grad_ratio_log10"
-        save(figures.heatmap(aggregate(runs, layout, pred_column), layout, "ratio",
+        pred_column = "pred_" + column if "pred_" + column in runs else "pred_grad_ratio_log10"
+        save(figures.heatmap(aggregate(runs, layout, pred_column, step0=True), layout, "ratio",
                              "Predicted by mean-field theory, at initialisation",
-                             label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish, explode=explode),
+                             label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish,
+                             explode=explode, step0=True),
              "heatmap_predicted.png", "Gradient ratio predicted by theory",
-             f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout as the measured "
-             "heatmap; cells without a prediction (residual or normalised nets) are empty.")
+             f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout and colours as the "
+             "measured heatmap; cells without a prediction (residual or normalised nets) are empty.")
         save(figures.prediction_scatter(runs), "prediction_scatter.png", "Theory against measurement",
              "One point per run: the measured ratio at step 0 against the mean-field prediction; the dashed line is "
              "measured = predicted.")
     loss_cells = aggregate(runs, layout, "final_loss")
-    save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)"),
-         "heatmap_loss.png", "Final loss", "Loss on the whole data set after the last step; diverged runs left out.")
+    trivial = baseline_words(runs)
+    save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)",
+                         baseline_words=trivial),
+         "heatmap_loss.png", "Final loss",
+         "Loss on the whole data set after the last step; diverged runs left out. Cross-hatched: the cell's loss is "
+         f"no better than the baseline ({trivial}), within verdict.stall_margin: those runs learned nothing.")
     if "test_accuracy" in runs and np.isfinite(runs["test_accuracy"].astype(float)).any():
         save(figures.heatmap(aggregate(runs, layout, "test_accuracy"), layout, "accuracy",
                              "Test accuracy (median over seeds)", label="accuracy on the held-out points"),
              "heatmap_accuracy.png", "Test accuracy", "Accuracy on the data's held-out points after the last step.")
-    save(figures.heatmap(cells, layout, "verdict", "Verdict (most common over seeds)"),
-         "heatmap_verdict.png", "Verdict", "Each cell's most common verdict; ties go to the worse one.")
+    save(figures.heatmap(aggregate(runs, layout, column), layout, "verdict",
+                         "Verdict over the whole run (most common over seeds)"),
+         "heatmap_verdict.png", "Verdict",
+         "Each cell's most common verdict; ties go to the worse one. diverged: NaN/Inf; dead: no signal reaches the "
+         "first layer by the end of training; vanishing/exploding: the ratio beyond the thresholds at step 0 or as "
+         "its median over training; stalled: the final loss no better than the baseline; healthy: none of these.")
 
     chosen = flow_runs or pick_flow_runs(runs, n_flow)
     by_id = runs.set_index("run_id")
@@ -226,6 +269,16 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
 ARTICLE_KEY = "article"  # the column the experiment presets (conf/experiment/) record
 
 
+def baseline_words(runs: pd.DataFrame) -> str:
+    """What the baseline loss is for this sweep's loss: predicting the mean, or the class prior."""
+    losses = set(runs["loss"].dropna()) if "loss" in runs else set()
+    if losses == {"cross_entropy"}:
+        return "predicts the class prior"
+    if losses == {"mse"}:
+        return "predicts the mean"
+    return "the trivial predictor's loss"
+
+
 def article_experiment(runs: pd.DataFrame) -> str | None:
     """The article experiment this sweep reproduces (``+experiment=...``), if it is one and only one."""
     if ARTICLE_KEY not in runs.columns:
@@ -257,10 +310,10 @@ def _tune_caption(best_json: Path) -> str:
     parts = [f"Study {summary.get('study_name')}: {summary.get('trials')} trials, {summary.get('feasible')} stable."]
     if best:
         parts.append(f"Best stable lr {best['lr']:.4g} ({summary.get('objective')} {best['loss']:.4g}).")
-    if edge.get("largest_stable_lr") is not None:
-        parts.append(f"Stable up to lr {edge['largest_stable_lr']:.4g}"
-                     + (f", unstable from {edge['smallest_unstable_lr_above']:.4g}." if edge.get("smallest_unstable_lr_above")
-                        else "."))
+    if edge.get("smallest_stable_lr") is not None:
+        from gradsweep.tune import edge_words
+
+        parts.append(edge_words(edge)[0].upper() + edge_words(edge)[1:] + ".")
     return " ".join(parts)
 
 
@@ -268,9 +321,10 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     counts = verdict_counts(runs)
     lines = [f"{len(runs)} runs: " + ", ".join(f"{n} {v}" for v, n in counts.items()),
              f"layout: x={layout.x}, y={layout.y}" + (f", facets={', '.join(layout.facets)}" if layout.facets else "")]
-    bad = runs[runs.verdict != "healthy"].sort_values("grad_ratio_log10", key=lambda s: -s.abs())
-    for _, r in bad.head(5).iterrows():
-        lines.append(f"  {r['verdict']:9s} ratio {r['grad_ratio_log10']:+7.2f}  " + (r["override_dirname"] or r["run_id"]))
+    bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),
+                                                 _ext=lambda d: d["grad_ratio_log10"].abs().fillna(np.inf))
+    for _, r in bad.sort_values(["_sev", "_ext"], ascending=False).head(5).iterrows():
+        lines.append(f"  {r['verdict']:9s} {(r['override_dirname'] or r['run_id'])}: {verdict_reason(r)}")
     lines.append(f"report: {index}")
     return "\n".join(lines)
 
@@ -289,7 +343,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--y", help="config key on the y axis (default the first categorical swept key)")
     ap.add_argument("--facet", action="append", help="config key to facet by (repeatable; default: the remaining swept keys)")
     ap.add_argument("--stat", choices=sorted(STATISTICS), default="grad_ratio", help="the heatmap's statistic")
-    ap.add_argument("--at", choices=sorted(AT), default="init", help="at step 0 or the median over training")
     ap.add_argument("--run", action="append", dest="runs", help="run_id for a gradient-flow map (repeatable)")
     ap.add_argument("--flow-maps", type=int, help="how many gradient-flow maps (default: one per verdict present)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -297,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         sweep_dir = Path(args.sweep_dir) if args.sweep_dir else latest_sweep()
-        index = make_report(sweep_dir, args.out, args.x, args.y, args.facet, args.stat, args.at, args.runs,
+        index = make_report(sweep_dir, args.out, args.x, args.y, args.facet, args.stat, args.runs,
                             args.flow_maps, args.quiet)
     except ReportError as e:
         print(f"gradsweep.report: error: {e}", file=sys.stderr)

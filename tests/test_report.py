@@ -15,7 +15,8 @@ from gradsweep.report import main, make_report
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
-FILES = ["heatmap_ratio.png", "heatmap_predicted.png", "prediction_scatter.png", "heatmap_loss.png", "heatmap_verdict.png",
+FILES = ["heatmap_ratio.png", "heatmap_ratio_training.png", "heatmap_predicted.png", "prediction_scatter.png",
+         "heatmap_loss.png", "heatmap_verdict.png",
          "flow_maps.png", "loss_curves.png",
          "summary.csv", "index.html"]
 
@@ -57,7 +58,7 @@ def test_five_keys_and_options(tmp_path):
     index = make_report(tmp_path, out=tmp_path / "r1", quiet=True)
     assert index.parent == tmp_path / "r1"
     index = make_report(tmp_path, out=tmp_path / "r2", x="optim.lr", y="model.activation", facets=["init"],
-                        stat="wgrad_ratio", at="training", n_flow=2, quiet=True)
+                        stat="wgrad_ratio", n_flow=2, quiet=True)
     assert (index.parent / "heatmap_ratio.png").exists()
 
 
@@ -124,8 +125,13 @@ def test_one_swept_key(tmp_path):
 def test_flow_maps_default_to_one_per_verdict_worst_first():
     from gradsweep.report import pick_flow_runs
 
-    runs = pd.DataFrame({"run_id": list("abcdef"), "verdict": ["healthy", "vanishing", "vanishing", "diverged",
-                                                                 "healthy", "diverged"],
-                         "grad_ratio_log10": [0.1, -3.0, -5.0, 1.0, -0.5, 2.0], "diverged_step": [None, None, None, 7, None, 2]})
-    assert pick_flow_runs(runs) == ["f", "c", "e"]  # diverged earliest, most vanishing, most extreme healthy
-    assert pick_flow_runs(runs, 5) == ["f", "c", "e", "d", "b"]
+    runs = pd.DataFrame({"run_id": list("abcdefghij"),
+                         "verdict": ["healthy", "vanishing", "vanishing", "diverged", "healthy", "diverged", "dead", "dead",
+                                     "stalled", "stalled"],
+                         "grad_ratio_log10": [0.1, -3.0, -5.0, 1.0, -0.5, 2.0, -0.4, -0.2, 0.0, 0.3],
+                         "diverged_step": [None, None, None, 7, None, 2, None, None, None, None],
+                         "dead_step": [None] * 6 + [40, 1, None, None],
+                         "final_loss": [0.1] * 8 + [9.9, 12.0], "baseline_loss": [9.76] * 10})
+    # diverged earliest, dead earliest, most vanishing, the stalled run furthest above its baseline, most extreme healthy
+    assert pick_flow_runs(runs) == ["f", "h", "c", "j", "e"]
+    assert pick_flow_runs(runs, 7) == ["f", "h", "c", "j", "e", "d", "g"]
