@@ -11,13 +11,13 @@ from typing import Any
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
-__all__ = ["load_sweep", "__version__"]
+__all__ = ["load_sweep", "select", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that Hydra's plugin and callback discovery does not import torch and pandas.
-    if name == "load_sweep":
-        from gradsweep.tables import load_sweep
+    if name in ("load_sweep", "select"):
+        from gradsweep import tables
 
-        return load_sweep
+        return getattr(tables, name)
     raise AttributeError(f"module 'gradsweep' has no attribute {name!r}")

@@ -9,6 +9,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from gradsweep.progress import bar
+
 log = logging.getLogger("gradsweep")
 
 SUMMARY_ROWS = 40  # runs listed one by one in the end-of-sweep summary; more are counted per verdict only
@@ -35,7 +37,8 @@ def summarize(sweep_dir: str) -> str:
 
     runs = load_runs(sweep_dir, write_index=True)
     counts = runs.verdict.value_counts()
-    lines = [f"{len(runs)} runs in {sweep_dir}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)]
+    n = len(runs)
+    lines = [f"{n} run{'s' if n != 1 else ''} in {sweep_dir}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)]
     if len(runs) <= SUMMARY_ROWS:
         table = runs[["override_dirname", "verdict", "grad_ratio_log10", "final_loss", "diverged_step"]].copy()
         table["override_dirname"] = table.override_dirname.replace("", "(defaults)")
@@ -52,7 +55,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         total = count_jobs(config.hydra.overrides.task)
-        self.bar = tqdm(total=total, desc="sweep", unit="run", disable=bool(config.get("quiet", False)))
+        self.bar = bar(total=total, desc="sweep", unit="run", quiet=bool(config.get("quiet", False)))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.bar is not None:

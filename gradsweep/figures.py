@@ -44,10 +44,15 @@ def _panels(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return list(cells.groupby("facet", sort=False))
 
 
+MAX_WIDTH_IN = 12.2  # at the report's 110 dpi, 1,342 px: the page's width at 1400 px, so no figure is scaled down
+
+
 def _grid(n: int, panel_w: float, panel_h: float, extra_w: float = 0.0) -> tuple[plt.Figure, list[plt.Axes]]:
-    ncols = min(n, 3)
+    """Panels in as many columns (up to 3) as fit MAX_WIDTH_IN; more rows instead of smaller text."""
+    panel_w = min(panel_w, MAX_WIDTH_IN - extra_w)
+    ncols = max(1, min(n, 3, int((MAX_WIDTH_IN - extra_w) // panel_w)))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(min(panel_w * ncols + extra_w, 40), min(panel_h * nrows + 1.0, 60)),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + extra_w, panel_h * nrows + 1.0),
                              squeeze=False, layout="constrained")
     flat = list(axes.ravel())
     for ax in flat[n:]:
@@ -63,11 +68,13 @@ def _pivot(panel: pd.DataFrame, layout: Layout, col: str, x_values, y_values) ->
         index=y_values, columns=x_values)
 
 
-def _axis_values(cells: pd.DataFrame, key: str | None) -> list:
+def _axis_values(cells: pd.DataFrame, key: str | None, layout: Layout | None = None) -> list:
     if key is None:
         return ["all runs"]
-    return sorted(cells[key].dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v)) + (
-        ["null"] if cells[key].isna().any() else [])
+    values = cells[key].dropna().unique().tolist()
+    if layout is not None:
+        return sorted(values, key=lambda v: layout.rank(key, v)) + (["null"] if cells[key].isna().any() else [])
+    return sorted(values, key=lambda v: (isinstance(v, str), v)) + (["null"] if cells[key].isna().any() else [])
 
 
 def ratio_scale(vanish: float, explode: float) -> tuple[mcolors.Colormap, mcolors.Normalize, list[float]]:
@@ -94,16 +101,16 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
     for key in (layout.x, layout.y):
         if key is not None:
             cells[key] = cells[key].where(cells[key].notna(), "null")
-    x_values, y_values = _axis_values(cells, layout.x), _axis_values(cells, layout.y)
+    x_values, y_values = _axis_values(cells, layout.x, layout), _axis_values(cells, layout.y, layout)
     panels = _panels(cells)
     nx, ny = len(x_values), len(y_values)
-    fig, axes = _grid(len(panels), panel_w=max(3.2, 0.95 * nx + 1.6), panel_h=max(2.0, 0.5 * ny + 1.3),
+    fig, axes = _grid(len(panels), panel_w=max(3.0, 0.62 * nx + 1.3), panel_h=max(2.0, 0.5 * ny + 1.3),
                       extra_w=0.5 if kind == "verdict" else 3.0)
     annotate = nx * ny <= MAX_ANNOTATED_CELLS
     same_n = cells["n"].nunique() == 1  # then the count goes in the title, not in every cell
     if same_n and int(cells["n"].iloc[0]) > 1:
         title += f" ({int(cells['n'].iloc[0])} runs per cell)"
-    fontsize = 10 if nx * ny <= 40 else 8 if nx * ny <= 150 else 6
+    fontsize = 10 if nx * ny <= 40 else 9 if nx * ny <= 150 else 8
 
     finite = cells["value"].to_numpy(dtype=float)
     finite = finite[np.isfinite(finite)]
@@ -145,7 +152,7 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
             cell_n = n.to_numpy()[i, j]
             if pd.isna(cell_n):
                 if annotate:
-                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize - 1, color="#777777",
+                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize, color="#777777",
                             in_layout=False)
                 continue
             all_diverged = ndiv.to_numpy()[i, j] == cell_n and not step0
@@ -172,6 +179,10 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         ax.set_ylim(ny, 0)
         ax.set_title(facet, fontsize=10)
     fig.suptitle(title, fontsize=11)
+    # what the report records of this figure (figures.json), for checks a script can make
+    fig.gradsweep_info = {"kind": kind, "x": layout.x, "y": layout.y, "facets": list(layout.facets),
+                          "colour": [float(e) for e in ratio_edges] if kind == "ratio" else
+                          [float(norm.vmin), float(norm.vmax)] if kind in ("loss", "accuracy") else None}
     if kind == "verdict":
         fig.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS], loc="outside lower center",
                    ncol=3, frameon=False, fontsize=9)
@@ -179,6 +190,13 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
     bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02, aspect=25,
                        extend="both" if kind == "ratio" else "neither")
     bar.set_label(label, fontsize=9)
+    if kind == "loss":  # 1-2-5 ticks in plain numbers, not only the powers of ten
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        bar.ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        bar.ax.tick_params(labelsize=8)
     if kind == "ratio":
         ticks = [e for e in ratio_edges if e != 0]
         bar.set_ticks(ticks, labels=[_ratio_words(t, vanish, explode) for t in ticks], fontsize=8)
@@ -200,6 +218,17 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
 def _has_empty_cell(cells: pd.DataFrame, layout: Layout, x_values: list, y_values: list) -> bool:
     per_panel = len(x_values) * len(y_values)
     return any(len(panel) < per_panel for _, panel in _panels(cells))
+
+
+def smallest_text_pt(fig: plt.Figure) -> float:
+    """The smallest font size (points) of any text the figure shows (call after it has been drawn)."""
+    import matplotlib.text
+
+    def shown(t: matplotlib.text.Text) -> bool:
+        return bool(t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible()))
+
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if shown(t)]
+    return float(min(sizes)) if sizes else 0.0
 
 
 def _ratio_words(t: float, vanish: float, explode: float) -> str:
@@ -241,21 +270,30 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
 
     A signal of exactly 0 gets its own colour by cause (gradsweep.verdicts.zero_causes): cut off, every unit below
     a layer dead (or saturated to its float bound), or a decaying signal that underflowed the run's dtype."""
+    from matplotlib.ticker import MaxNLocator
+
     from gradsweep.verdicts import CUT, UNDERFLOW, underflow_floor, zero_causes
 
     ids = list(titles)
-    fig, axes = _grid(len(ids), panel_w=5.8, panel_h=3.3, extra_w=1.2)
+    # Two maps a row, each with its own colour range: one run whose signal falls to 1e-26 must not wash out the rest.
+    ncols = min(len(ids), 2)
+    nrows = math.ceil(len(ids) / ncols)
+    # Each map with its step-0 profile and its colour bar as real axes, so the layout engine makes room for them.
+    fig, grid_axes = plt.subplots(nrows, 3 * ncols, figsize=(MAX_WIDTH_IN / 2 * ncols, 3.6 * nrows + 0.8),
+                                  squeeze=False, layout="constrained", width_ratios=[1.0, 0.26, 0.045] * ncols)
+    axes = [grid_axes[i // ncols][3 * (i % ncols)] for i in range(nrows * ncols)]
+    side = {id(grid_axes[i // ncols][3 * (i % ncols)]): (grid_axes[i // ncols][3 * (i % ncols) + 1],
+                                                         grid_axes[i // ncols][3 * (i % ncols) + 2])
+            for i in range(nrows * ncols)}
+    for ax in axes[len(ids):]:
+        for a in (ax, *side[id(ax)]):
+            a.set_visible(False)
     h = flow["hgrad_norm"].to_numpy(dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         vals = np.log10(h)
-    finite = vals[np.isfinite(vals)]
-    lo, hi = (np.percentile(finite, 1), np.percentile(finite, 99)) if finite.size else (-1.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 1, hi + 1
     cmap = plt.get_cmap("magma")
     flow = flow.assign(log_h=vals)
     by_id = runs.set_index("run_id")
-    mappable = None
     seen: set[int] = set()
     for ax, run_id in zip(axes, ids):
         one = flow[flow.run_id == run_id]
@@ -264,6 +302,10 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
         steps, layers_ = grid.columns.to_numpy(), grid.index.to_numpy()
         x_edges = np.append(steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)) - 0.5
         y_edges = np.append(layers_, layers_[-1] + 1) - 0.5
+        finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
+        lo, hi = (np.percentile(finite, 1), np.percentile(finite, 99)) if finite.size else (-1.0, 1.0)
+        if hi - lo < 0.5:
+            lo, hi = lo - 0.5, hi + 0.5
         mappable = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid.to_numpy()), cmap=cmap,
                                  vmin=lo, vmax=hi, shading="flat")
         row = by_id.loc[run_id]
@@ -276,15 +318,22 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
                               cmap=mcolors.ListedColormap([colour]), shading="flat")
         ax.set_facecolor(MISSING_FACE)
         if pd.notna(row["diverged_step"]):
-            ax.axvline(int(row["diverged_step"]), color="#00BFFF", lw=1.5, ls="--")
-            ax.text(int(row["diverged_step"]), layers_[-1] + 0.4, " diverged", color="#0077AA", fontsize=8, va="top")
-        ax.set_title(titles[run_id], fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("Linear layer (1 = input side)")
-        _profile_inset(ax, one, row, layers_)
+            d = int(row["diverged_step"])
+            right = d > (x_edges[0] + x_edges[-1]) / 2
+            ax.axvline(d, color="#00BFFF", lw=1.5, ls="--")
+            ax.text(d, layers_[-1], ("diverged " if right else " diverged"), color="#0077AA", fontsize=9, va="top",
+                    ha="right" if right else "left", clip_on=True)
+        ax.set_title(_wrap_title(titles[run_id], 60), fontsize=9, loc="left")
+        ax.set_xlabel("step", fontsize=9)
+        ax.set_ylabel("Linear layer (1 = input side)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        profile_ax, bar_ax = side[id(ax)]
+        _profile_inset(ax, one, row, layers_, profile_ax)
         ax.set_yticks(layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)])
-    fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=30, extend="min").set_label(
-        "log10 |dL/dh| (backpropagated signal)", fontsize=9)
+        bar = fig.colorbar(mappable, cax=bar_ax, extend="min")
+        bar.set_label("log10 |dL/dh|", fontsize=8)
+        bar.ax.tick_params(labelsize=8)
     handles = []
     if CUT in seen:
         handles.append(Patch(color=ZERO_SIGNAL, label="exactly 0: cut off above (every unit of a layer dead or saturated)"))
@@ -297,13 +346,23 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     return fig
 
 
-def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.ndarray) -> None:
+def _wrap_title(title: str, width: int) -> str:
+    """A flow map's title, its key=value line broken at commas where it is wider than the map."""
+    import textwrap
+
+    head, _, rest = title.partition("\n")
+    return "\n".join([*textwrap.wrap(head, width, break_long_words=False), *([rest] if rest else [])])
+
+
+def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.ndarray, inset: plt.Axes) -> None:
     """Beside a flow map: the step-0 profile, log10 |dL/dh_l| / |dL/dh_readout| per layer, measured (dots) and
     as mean-field theory predicts it (line: 0.5 sum of log10 chi over the blocks above the layer)."""
     first = one[one["step"] == one["step"].min()].set_index("layer")["log_h"]
     if first.empty or first.index.max() not in first.index or not np.isfinite(first.loc[first.index.max()]):
+        inset.set_visible(False)
         return
-    inset = ax.inset_axes([1.04, 0.0, 0.22, 1.0], sharey=ax)
+    first = first[np.isfinite(first)]  # a zero signal has no log: it is coloured in the map, not plotted here
+    inset.sharey(ax)
     measured = first - first.loc[first.index.max()]
     inset.plot(measured.to_numpy(), measured.index.to_numpy(), "o", ms=3, color="#333333", label="measured")
     chi = row.get("pred_chi")
@@ -312,47 +371,77 @@ def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.
             above = 0.5 * np.cumsum(np.log10(np.asarray(chi, dtype=float))[::-1])[::-1]  # layer l: blocks l..depth
         inset.plot(np.append(above, 0.0), layers_, "-", color="#E69F00", lw=1.8, label="theory")
     inset.axvline(0, color="#BBBBBB", lw=0.8)
-    inset.set_xlabel("log10 ratio\nat step 0", fontsize=7)
-    inset.tick_params(labelsize=7, labelleft=False)
-    inset.legend(fontsize=6, loc="lower left", framealpha=0.8)
+    inset.set_xlabel("log10 ratio\nat step 0", fontsize=8)
+    inset.tick_params(labelsize=8, labelleft=False)
+    inset.legend(fontsize=8, loc="lower left", framealpha=0.8, handlelength=1.0)
 
 
-def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, pooled: str = "seeds") -> plt.Figure:
-    """Median loss (over ``pooled``) against step; panels by y (and facets), colour by x; x marks where
-    diverged runs end."""
-    panel_key = curves["panel"]
-    panels = list(dict.fromkeys(panel_key))
-    fig, axes = _grid(len(panels), panel_w=4.8, panel_h=3.4)
-    hue_values = list(dict.fromkeys(sorted(curves["hue"].unique(), key=lambda v: (isinstance(v, str), v))))
+def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, baseline: float | None = None) -> plt.Figure:
+    """Loss against step as small multiples: rows are facet combinations, columns y values, one line per x value
+    (``curves`` from report._loss_frames). Log y when the finite losses span more than two decades; diverged runs
+    are marked at the top of their panel at the step their record ends, so their 1e20s do not flatten the rest."""
+    rows = list(dict.fromkeys(curves.sort_values("row_rank", kind="stable")["row"]))
+    cols = list(dict.fromkeys(curves.sort_values("col_rank", kind="stable")["col"]))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(min(3.9 * len(cols) + 1.2, MAX_WIDTH_IN), 2.5 * len(rows) + 1.0),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    hue_values = sorted(curves["hue"].unique(), key=lambda v: layout.rank(layout.x, v) if layout.x else 0)
     palette = dict(zip(hue_values, sns.color_palette("viridis" if len(hue_values) > 8 else "colorblind",
                                                      len(hue_values))))
-    pos = curves["loss"].to_numpy(dtype=float)
-    pos = pos[np.isfinite(pos) & (pos > 0)]
-    log_y = pos.size > 0 and pos.max() / pos.min() > 100
-    for ax, panel in zip(axes, panels):
-        sub = curves[curves["panel"] == panel]
-        for hue, line in sub.groupby("hue", sort=False):
-            ax.plot(line["step"], line["loss"], color=palette[hue], lw=1.4, label=_fmt(hue))
-        end = ends[ends["panel"] == panel]
-        if len(end):
-            ax.scatter(end["step"], end["loss"], marker="x", color="#D55E00", s=40, zorder=5, label="diverged (run ends)")
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"loss (median over {pooled})" if len(pooled) < 30 else "loss (median)")
-        ax.grid(alpha=0.3)
-        if len(hue_values) <= 12:
-            ax.legend(title=layout.x or "", fontsize=7, title_fontsize=8, loc="best")
-    if pooled != "seeds":
-        fig.suptitle(f"median over {pooled}", fontsize=9)
+    finite = curves["loss"].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    diverged_steps = set(zip(ends["row"], ends["col"], ends["hue"]))
+    # The y range from curves that did not diverge (a diverging median runs off to 1e20 and would flatten the rest).
+    steady = curves[[(r, c, h) not in diverged_steps for r, c, h in zip(curves["row"], curves["col"], curves["hue"])]]
+    ok = steady["loss"].to_numpy(dtype=float)
+    ok = ok[np.isfinite(ok)] if np.isfinite(ok).any() else finite
+    log_y = bool(ok.size) and bool((ok > 0).all()) and ok.max() / ok.min() > 100
+    # Transient spikes (a run that recovers from 1e9) are clipped to the top edge rather than stretching the axis.
+    lo, hi = (float(ok.min()), float(min(ok.max(), 3 * np.percentile(ok, 99)))) if ok.size else (0.0, 1.0)
+    if log_y:
+        lo, hi = lo / 1.5, hi * 1.5
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 1.0  # one value (a single step): a band around it
+        lo, hi = lo - pad, hi + pad
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = axes[i][j]
+            sub = curves[(curves["row"] == row) & (curves["col"] == col)]
+            for hue in hue_values:
+                line = sub[sub["hue"] == hue]
+                if len(line):
+                    ax.plot(line["step"], line["loss"].clip(upper=hi), color=palette[hue], lw=1.4, label=_fmt(hue))
+            end = ends[(ends["row"] == row) & (ends["col"] == col)]
+            if len(end):
+                ax.scatter(end["step"], np.full(len(end), hi), marker="x", color="#D55E00", s=40, zorder=5,
+                           clip_on=False, label="diverged (record ends)")
+            if baseline is not None and lo < baseline < hi:
+                ax.axhline(baseline, color="#555555", ls=":", lw=1)
+            if log_y:
+                ax.set_yscale("log")
+            ax.set_ylim(lo, hi)
+            ax.set_title(", ".join(t for t in (row, col) if t), fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if i == len(rows) - 1:
+                ax.set_xlabel("step", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("loss", fontsize=9)
+    handles = [plt.Line2D([], [], color=palette[h], lw=1.6, label=_fmt(h)) for h in hue_values]
+    if len(ends):
+        handles.append(plt.Line2D([], [], color="#D55E00", marker="x", ls="", label="diverged: its record ends here"))
+    if baseline is not None:
+        handles.append(plt.Line2D([], [], color="#555555", ls=":", label=f"baseline loss {baseline:.3g}"))
+    fig.gradsweep_info = {"log_y": bool(log_y), "panels": len(rows) * len(cols)}
+    fig.suptitle("Loss, median over seeds" + (" (log scale)" if log_y else "") +
+                 (f"; one line per {layout.x}" if layout.x else ""), fontsize=11)
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 8), fontsize=9, frameon=False)
     return fig
 
 
 def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     """Loss (log) against learning rate (log) for every trial of a tune study: stable trials, unstable ones coloured
     by their verdict, diverged ones at the top; the stable band around the best trial shaded, its definition below."""
-    fig, ax = plt.subplots(figsize=(8.0, 5.2))
+    fig, ax = plt.subplots(figsize=(8.5, 5.6))
     done = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
     finite = done[np.isfinite(done["value"].astype(float))] if len(done) else done
     top = float(finite["value"].max()) * 3 if len(finite) else 1.0
@@ -390,10 +479,10 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     ax.set_title(f"Learning-rate search: {summary['study_name']}\n{summary['trials']} trials, "
                  f"{summary['feasible']} stable, {summary['diverged']} diverged", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="best", framealpha=0.9)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     definition = summary.get("edge_definition")
     if definition:
-        fig.text(0.01, 0.01, _wrap(definition, 125), fontsize=7, color="#444444", va="bottom")
+        fig.text(0.01, 0.01, _wrap(definition, 110), fontsize=8, color="#444444", va="bottom")
     fig.tight_layout(rect=(0, 0.08 if definition else 0, 1, 1))
     return fig
 
@@ -459,22 +548,35 @@ def prediction_scatter(runs: pd.DataFrame) -> plt.Figure:
     palette = dict(zip(values, sns.color_palette("colorblind", len(values))))
     for ax, (pred, meas, what) in zip(axes, [("pred_grad_ratio_log10", "grad_ratio_log10", "|dL/dh|"),
                                              ("pred_wgrad_ratio_log10", "wgrad_ratio_log10", "|dL/dW|")]):
-        sub = runs[np.isfinite(runs[pred].astype(float)) & np.isfinite(runs[meas].astype(float))]
+        predicted = runs[np.isfinite(runs[pred].astype(float))]
+        measured = predicted[meas].astype(float)
+        sub = predicted[np.isfinite(measured)]
+        floor = predicted[np.isneginf(measured)]  # no signal at all reached layer 1: drawn at the bottom edge
         for value in values:
             one = sub[sub[hue].map(_fmt) == value]
             if len(one):
                 ax.scatter(one[pred], one[meas], s=22, color=palette[value], label=f"{hue}={value}", alpha=0.85)
-        if len(sub):
-            lo = float(min(sub[pred].min(), sub[meas].min())) - 0.3
-            hi = float(max(sub[pred].max(), sub[meas].max())) + 0.3
+        if len(sub) or len(floor):
+            both = pd.concat([sub[pred], sub[meas], floor[pred]]).astype(float)
+            lo, hi = float(both.min()) - 0.3, float(both.max()) + 0.3
             ax.plot([lo, hi], [lo, hi], color="#555555", lw=1, ls="--", label="measured = predicted")
+            if len(floor):
+                ax.scatter(floor[pred], np.full(len(floor), lo), marker="v", s=40, color="#333333", clip_on=False,
+                           zorder=4, label=f"measured -inf: no signal ({len(floor)})")
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
         ax.set_xlabel(f"predicted log10 {what} ratio, first Linear / readout")
         ax.set_ylabel("measured at step 0")
-        ax.set_title(f"{what}: {len(sub)} runs with a prediction", fontsize=9)
+        distinct = len(sub[[pred, meas]].round(3).drop_duplicates())
+        words = f"{what}: {len(predicted)} runs with a prediction"
+        if len(floor):
+            words += f", {len(floor)} measured -inf (at the bottom)"
+        if distinct < len(sub):
+            words += f"\n{len(sub)} finite points, {distinct} distinct (seeds or lrs overlap)"
+        ax.set_title(words, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Mean-field theory against measurement, at initialisation", fontsize=11)
     fig.tight_layout()
     return fig

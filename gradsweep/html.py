@@ -26,7 +26,8 @@ figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd
 figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 table { border-collapse: collapse; font-size: 0.82em; }
 th, td { border-bottom: 1px solid #e3e3e3; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
-th { position: sticky; top: 0; background: #fafafa; cursor: pointer; user-select: none; }
+th { position: sticky; top: 0; background: #fafafa; cursor: pointer; user-select: none; white-space: normal;
+     vertical-align: bottom; }
 th.sorted-asc::after { content: " \\25B2"; } th.sorted-desc::after { content: " \\25BC"; }
 td.text, th.text { text-align: left; }
 .tablewrap { max-height: 70vh; overflow: auto; border: 1px solid #ddd; }
@@ -71,8 +72,9 @@ def _cell(value) -> tuple[str, str, bool]:
 
 
 def _table(runs: pd.DataFrame, columns: list[str]) -> str:
-    head = "".join(f'<th class="{"text" if not pd.api.types.is_numeric_dtype(runs[c]) else ""}">{html.escape(c)}</th>'
-                   for c in columns)
+    # Long column names may break after '_' or '.', so that a narrow number column is not as wide as its name.
+    head = "".join(f'<th class="{"text" if not pd.api.types.is_numeric_dtype(runs[c]) else ""}">'
+                   f'{html.escape(c).replace("_", "_<wbr>").replace(".", ".<wbr>")}</th>' for c in columns)
     rows = []
     for values in runs[columns].itertuples(index=False, name=None):
         cells = []

@@ -45,7 +45,7 @@ def device_bytes_per_run(cfg: Any) -> int:
     """
     from gradsweep.data import data_shape
     from gradsweep.model import _linear_dims, layers
-    from gradsweep.stats import LAYER_STATS
+    from gradsweep.schema import LAYER_STATS
     from gradsweep.train import HOST_COPY_EVERY
 
     n, in_dim, out_dim = data_shape(cfg.data)
@@ -77,7 +77,7 @@ def runs_per_group(cfg: Any, memory_gb: float, cap: int | None, free_bytes: int 
     ``free_bytes`` (the device's free memory, on a GPU) holds while training, and ``cap``.
     """
     from gradsweep.model import layers
-    from gradsweep.stats import LAYER_STATS
+    from gradsweep.schema import LAYER_STATS
 
     logged = -(-cfg.train.steps // cfg.train.log_every) + 1
     per_run = logged * len(layers(cfg.model)) * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
@@ -124,7 +124,8 @@ def run_chunk(group_cfgs: list, meta: list[dict], dirs: list[Path], job_files: l
     if group_error is not None:  # the group's tables are every run's: each run fails with them
         failures = [f or group_error for f in failures]
     m = group_cfgs[0].model
-    line = (f"{len(group_cfgs)} runs (depth {m.depth}, width {m.width}, {m.activation}), {trace.device}, "
+    n = len(group_cfgs)
+    line = (f"{n} run{'s' if n != 1 else ''} (depth {m.depth}, width {m.width}, {m.activation}), {trace.device}, "
             f"{len(group_cfgs) * group_cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
             f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
     return runs.to_dict("records"), failures, line
@@ -411,7 +412,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
         first = cfgs[members[0]]
         size = runs_per_group(first, launcher.memory_gb, launcher.max_group_runs, free_device_bytes(first.device))
         chunks += [members[k:k + size] for k in range(0, len(members), size)]
-    log.info(f"Launching {len(todo)} jobs fused: {len(chunks)} group(s) of one architecture each "
+    log.info(f"Launching {len(todo)} job{'s' if len(todo) != 1 else ''} fused: {len(chunks)} group(s) of one architecture each "
              f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
 
     payloads = [([cfgs[i] for i in chunk],

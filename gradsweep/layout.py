@@ -22,6 +22,8 @@ STATISTICS = {
     "wgrad_ratio": ("wgrad_ratio_log10", "log10 |dL/dW| first Linear / last Linear"),
 }
 AT = {"init": "", "training": "_median"}  # the statistic at step 0, or its median over training
+# Keys that cannot change anything measured at step 0 (before the first update): a step-0 figure is not split by them.
+STEP0_BLIND = ("optim", "train.steps", "train.clip_norm", "train.log_every", "verdict", "quiet")
 
 
 def config_keys(runs: pd.DataFrame) -> list[str]:
@@ -60,14 +62,37 @@ class Layout:
     x: str | None
     y: str | None
     facets: list[str] = field(default_factory=list)
+    order: dict[str, list[str]] = field(default_factory=dict)
+    """Per key, its values in the order the sweep's command gave them (as text); others sort naturally."""
 
     @property
     def keys(self) -> list[str]:
         return [k for k in (self.x, self.y, *self.facets) if k is not None]
 
+    def at_step0(self) -> tuple[Layout, list[str]]:
+        """This layout without the keys a step-0 quantity cannot depend on (``STEP0_BLIND``), and those keys."""
+        def blind(k: str | None) -> bool:
+            return k is not None and any(k == b or k.startswith(b + ".") for b in STEP0_BLIND)
+
+        dropped = [k for k in self.keys if blind(k)]
+        return Layout(None if blind(self.x) else self.x, None if blind(self.y) else self.y,
+                      [f for f in self.facets if not blind(f)], self.order), dropped
+
+    def rank(self, key: str, value: object) -> tuple:
+        """Sort key of a value on ``key``'s axis: command order where known, else numbers before text."""
+        listed = self.order.get(key, [])
+        text = "null" if value is None or (isinstance(value, float) and np.isnan(value)) else value_text(value)
+        if text in listed:
+            return (0, listed.index(text), "")
+        return (1, 0, value) if isinstance(value, (int, float, np.number)) else (2, 0, text)
+
+
+def value_text(value: object) -> str:
+    return f"{float(value):g}" if isinstance(value, (float, np.floating)) else str(value)
+
 
 def infer_layout(runs: pd.DataFrame, x: str | None = None, y: str | None = None,
-                 facets: list[str] | None = None) -> Layout:
+                 facets: list[str] | None = None, order: dict[str, list[str]] | None = None) -> Layout:
     """``model.depth`` (or the first numeric swept key) on x, a categorical key on y, the rest as facets.
 
     Any of x, y, facets given by the caller wins; the rest is filled from the swept keys left over.
@@ -87,7 +112,7 @@ def infer_layout(runs: pd.DataFrame, x: str | None = None, y: str | None = None,
         categorical.sort(key=lambda k: PREFERRED_Y.index(k) if k in PREFERRED_Y else len(PREFERRED_Y))
         y = categorical[0] if categorical else free[0]
         free.remove(y)
-    return Layout(x, y, list(facets) if facets is not None else free)
+    return Layout(x, y, list(facets) if facets is not None else free, dict(order or {}))
 
 
 def facet_labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
@@ -122,6 +147,9 @@ def aggregate(runs: pd.DataFrame, layout: Layout, column: str, step0: bool = Fal
         out["at_baseline"] = out["value"] >= out["stall_line"]  # NaN either side: False
     out["verdict"] = grouped["verdict"].agg(_cell_verdict).to_numpy()
     out["facet"] = facet_labels(out, layout.facets)
+    if layout.facets:  # panels in the command's order
+        ranks = [out[k].map(lambda v, k=k: layout.rank(k, v)) for k in layout.facets]
+        out = out.iloc[sorted(range(len(out)), key=lambda i: tuple(r.iloc[i] for r in ranks))].reset_index(drop=True)
     return out
 
 

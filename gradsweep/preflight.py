@@ -35,6 +35,20 @@ def _values(override: Any) -> list[Any]:
     return [override.value()]
 
 
+def check_single_run(overrides: list[str]) -> None:
+    """Without ``-m`` a sweep (``key=a,b``) is an error in Hydra (six lines on 'Ambiguous value'): one line instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # check_overrides reports it
+    for o in parsed:
+        if o.is_sweep_override():
+            raise ConfigError(f"{o.input_line} is a sweep, which needs -m: python -m gradsweep -m {' '.join(overrides)}")
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

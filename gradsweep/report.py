@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
-from gradsweep.layout import AT, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, verdict_counts
+from gradsweep.layout import AT, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, value_text, verdict_counts
+from gradsweep.progress import bar as progress_bar
 from gradsweep.tables import SCHEMA_VERSION, TUNE_DIR, load_runs, load_steps
 from gradsweep.verdicts import SEVERITY
 
@@ -29,6 +29,7 @@ from gradsweep.verdicts import SEVERITY
 REQUIRED_COLUMNS = ("run_id", "verdict", "init_verdict", "grad_ratio_log10", "grad_ratio_log10_median", "final_loss",
                     "initial_loss", "baseline_loss", "diverged_step", "dead_step", "dead_layer",
                     "verdict.vanish_below", "verdict.explode_above", "verdict.stall_margin")
+DPI = 110  # figures are drawn at this resolution; fonts >= 8 pt then read >= 12 px (CSS 9 pt) unscaled
 # Within a verdict, the run a flow map shows: the most telling one (column, ascending).
 FLOW_PICK = {"diverged": ("diverged_step", True), "dead": ("dead_step", True), "stalled": ("_stall", False)}
 
@@ -60,6 +61,21 @@ def sweep_command(sweep_dir: Path) -> str:
             task = list(node.hydra.overrides.task) if multirun else list(node)
             return "python -m gradsweep " + ("-m " if multirun else "") + " ".join(task)
     return ""
+
+
+def command_order(sweep_dir: Path) -> dict[str, list[str]]:
+    """Each swept key's values in the order the command gave them (``key=a,b,c``), from Hydra's record."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return {}
+    order: dict[str, list[str]] = {}
+    for item in OmegaConf.load(path).hydra.overrides.task:
+        key, _, values = str(item).partition("=")
+        if "," in values and "(" not in values and "[" not in values:  # a plain list, not range()/choice()/[...]
+            order[key.lstrip("+~")] = [v.strip() for v in values.split(",")]
+    return order
 
 
 def pick_flow_runs(runs: pd.DataFrame, n: int | None = None) -> list[str]:
@@ -101,24 +117,24 @@ def _title(run_id: str, row: pd.Series, keys: list[str]) -> str:
     return ", ".join(parts) + f"\n{row['verdict']}: {verdict_reason(row)}"
 
 
-MAX_LOSS_PANELS = 12  # beyond this many (y x facet) panels the facets are pooled into the median
-
-
-def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Per panel, line and step the median loss; where each diverged run ends; and what the median pools."""
+def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Small multiples: per panel (a facet combination, row; a y value, column), line (an x value) and step, the
+    median loss over seeds only, every other swept key being fixed by the panel and the line; and where each
+    diverged run's record ends."""
     meta = runs[["run_id", "verdict", *layout.keys]].copy()
-    panel_keys = [k for k in (layout.y, *layout.facets) if k]
-    pooled = "seeds"
-    if panel_keys and meta.groupby(panel_keys, dropna=False).ngroups > MAX_LOSS_PANELS:
-        pooled = "seeds and " + ", ".join(layout.facets)
-        panel_keys = [layout.y] if layout.y else []
     meta["hue"] = meta[layout.x] if layout.x else "all runs"
-    meta["panel"] = facet_labels(meta, panel_keys)
-    df = loss.merge(meta[["run_id", "hue", "panel", "verdict"]], on="run_id")
-    curves = df.groupby(["panel", "hue", "step"], sort=True, dropna=False)["loss"].median().reset_index()
-    div = df[(df.verdict == "diverged") & np.isfinite(df["loss"])]
-    ends = div.sort_values("step").groupby("run_id").tail(1)[["panel", "step", "loss"]]
-    return curves, ends, pooled
+    meta["row"] = facet_labels(meta, layout.facets)
+    meta["col"] = facet_labels(meta, [layout.y]) if layout.y else ""
+    meta["row_rank"] = [tuple(layout.rank(k, v) for k, v in zip(layout.facets, vals))
+                        for vals in meta[layout.facets].itertuples(index=False, name=None)] if layout.facets else 0
+    meta["col_rank"] = meta[layout.y].map(lambda v: layout.rank(layout.y, v)) if layout.y else 0
+    df = loss.merge(meta[["run_id", "hue", "row", "col", "row_rank", "col_rank", "verdict"]], on="run_id")
+    keys = ["row", "col", "hue", "step"]
+    curves = df.groupby(keys, sort=False, dropna=False)["loss"].median().reset_index()
+    curves = curves.merge(df[["row", "col", "row_rank", "col_rank"]].drop_duplicates(["row", "col"]), on=["row", "col"])
+    div = df[(df.verdict == "diverged")]
+    ends = div.sort_values("step").groupby("run_id").tail(1)[["row", "col", "hue", "step", "loss"]]
+    return curves, ends
 
 
 def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
@@ -146,6 +162,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (tables schema {version}, this version reads "
                           f"{SCHEMA_VERSION}: its verdicts mean something else); rerun the sweep with this version")
     out = Path(out) if out else sweep_dir / "report"
+    replaced = (out / "index.html").is_file()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -155,26 +172,33 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         raise ReportError(f"cannot write the report to {out}: {e.strerror or e}; give another place with --out") from None
     column = STATISTICS[stat][0]
     try:
-        layout = infer_layout(runs, x, y, facets)
+        layout = infer_layout(runs, x, y, facets, command_order(sweep_dir))
     except ValueError as e:
         raise ReportError(str(e)) from None
     vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
     images: list[tuple[str, str, str]] = []  # (file, title, caption)
-    bar = tqdm(total=10, desc="report", unit="part", disable=quiet, leave=False)
+    bar = progress_bar(total=10, desc="report", unit="part", quiet=quiet, leave=False)
+
+    sizes: dict[str, dict[str, float]] = {}
 
     def save(fig, name: str, title: str, caption: str) -> None:
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=DPI)
+        # what the page's text-size check needs: the smallest font drawn and the image's width
+        sizes[name] = {"min_font_pt": figures.smallest_text_pt(fig), "width_px": fig.get_figwidth() * DPI,
+                       **getattr(fig, "gradsweep_info", {})}
         figures.plt.close(fig)
         images.append((name, title, caption))
         bar.update(1)
 
     what = STATISTICS[stat][1]
     label = "log10 ratio, first Linear over last\n<- vanishing      exploding ->"
-    cells = aggregate(runs, layout, column, step0=True)
-    save(figures.heatmap(cells, layout, "ratio", f"Where gradients vanish or explode at initialisation\n{what}, step 0",
+    layout0, blind = layout.at_step0()
+    pooled0 = "seeds" + (f" and {', '.join(blind)} (which cannot change a step-0 value)" if blind else "")
+    cells = aggregate(runs, layout0, column, step0=True)
+    save(figures.heatmap(cells, layout0, "ratio", f"Where gradients vanish or explode at initialisation\n{what}, step 0",
                          label=label, vanish=vanish, explode=explode, step0=True),
          "heatmap_ratio.png", "Gradient ratio at initialisation",
-         f"Median over seeds of {column} at step 0 (runs that diverged later included: it is measured before any "
+         f"Median over {pooled0} of {column} at step 0 (runs that diverged later included: it is measured before any "
          f"update). Blue: the first layer receives less signal than the readout (vanishing); red: more (exploding). "
          f"Verdict thresholds {vanish:+g} and {explode:+g}, the black lines on the colour bar; the same colours as "
          "the through-training twin below.")
@@ -188,16 +212,18 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     predicted = runs["pred_grad_ratio_log10"].astype(float) if "pred_grad_ratio_log10" in runs else pd.Series([], dtype=float)
     if np.isfinite(predicted).any():
         pred_column = "pred_" + column if "pred_" + column in runs else "pred_grad_ratio_log10"
-        save(figures.heatmap(aggregate(runs, layout, pred_column, step0=True), layout, "ratio",
+        save(figures.heatmap(aggregate(runs, layout0, pred_column, step0=True), layout0, "ratio",
                              "Predicted by mean-field theory, at initialisation",
                              label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish,
                              explode=explode, step0=True),
              "heatmap_predicted.png", "Gradient ratio predicted by theory",
              f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout and colours as the "
              "measured heatmap; cells without a prediction (residual or normalised nets) are empty.")
+        no_signal = int((np.isfinite(predicted) & np.isneginf(runs["grad_ratio_log10"].astype(float))).sum())
         save(figures.prediction_scatter(runs), "prediction_scatter.png", "Theory against measurement",
              "One point per run: the measured ratio at step 0 against the mean-field prediction; the dashed line is "
-             "measured = predicted.")
+             "measured = predicted" + (f"; {no_signal} run{'s' if no_signal != 1 else ''} measured -inf (no signal "
+                                       "reached layer 1), drawn as triangles on the bottom edge." if no_signal else "."))
     loss_cells = aggregate(runs, layout, "final_loss")
     trivial = baseline_words(runs)
     save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)",
@@ -239,9 +265,11 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
             save(figures.article_figure(loss, runs, arm, experiment), "article.png", f"The article's experiment: {experiment}",
                  article_caption(runs, arm))
             images.insert(0, images.pop())
-    curves, ends, pooled = _loss_frames(runs, loss, layout)
-    save(figures.loss_curves(curves, ends, layout, pooled), "loss_curves.png", "Loss curves",
-         f"Median loss over {pooled} per configuration; x marks the last finite loss of each diverged run.")
+    curves, ends = _loss_frames(runs, loss, layout)
+    save(figures.loss_curves(curves, ends, layout, baseline_line(runs)), "loss_curves.png", "Loss curves",
+         "Small multiples: one panel per combination of the other swept keys, one line per "
+         f"{layout.x or 'run'}, each the median over seeds only; a log axis when the losses span more than two "
+         "decades; the dotted line is the baseline loss; diverged runs are marked at the top, where their record ends.")
 
     # A learning-rate search stored in this sweep's directory (gradsweep.tune tune.out_dir=<sweep_dir>), or this
     # directory being a search's own.
@@ -252,21 +280,45 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
             break
 
     swept = swept_keys(runs)
-    ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "grad_ratio_log10", "grad_ratio_log10_median",
-               "wgrad_ratio_log10", "wgrad_ratio_log10_median", "initial_loss", "final_loss", "min_loss",
-               "diverged_step"]
+    ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
+               "grad_ratio_log10_median", "wgrad_ratio_log10", "wgrad_ratio_log10_median", "initial_loss", "final_loss",
+               "baseline_loss", "min_loss", "diverged_step", "dead_step", "dead_layer"]
     ordered = list(dict.fromkeys(c for c in ordered if c in runs.columns))
     summary = runs[ordered + [c for c in runs.columns if c not in ordered]]
-    summary.to_csv(out / "summary.csv", index=False)
-    index = write_index(out, runs=summary, shown=ordered, images=images, command=sweep_command(sweep_dir),
+    csv_safe(summary).to_csv(out / "summary.csv", index=False)
+    # The page's table: what tells runs apart and why each got its verdict; every column is in summary.csv.
+    shown = [c for c in ["run_dir", *swept, "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
+                         "grad_ratio_log10_median", "final_loss", "diverged_step", "dead_step"]
+             if c in summary.columns and (c != "train.seed" or summary[c].nunique() > 1)]
+    index = write_index(out, runs=summary, shown=list(dict.fromkeys(shown)), images=images, command=sweep_command(sweep_dir),
                         counts=verdict_counts(runs), layout=layout, sweep_dir=sweep_dir)
     bar.update(1)
     bar.close()
-    (out / "summary.txt").write_text(text_summary(runs, layout, index) + "\n")
+    (out / "figures.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    summary_text = text_summary(runs, layout, index)
+    if replaced:
+        summary_text += "\n(replaced the report that was there; give --out to keep several)"
+    (out / "summary.txt").write_text(summary_text + "\n")
     return index
 
 
+def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """List columns (``pred_chi``) as one-line JSON arrays: pandas would write numpy's multi-line repr."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
+            out[col] = out[col].map(lambda v: json.dumps([float(x) for x in v]) if isinstance(v, (list, tuple, np.ndarray))
+                                    else v)
+    return out
+
+
 ARTICLE_KEY = "article"  # the column the experiment presets (conf/experiment/) record
+
+
+def baseline_line(runs: pd.DataFrame) -> float | None:
+    """The data's baseline loss, where the sweep has one (the same for every run)."""
+    base = runs["baseline_loss"].astype(float).dropna().unique() if "baseline_loss" in runs else []
+    return float(base[0]) if len(base) == 1 else None
 
 
 def baseline_words(runs: pd.DataFrame) -> str:
@@ -323,10 +375,39 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
              f"layout: x={layout.x}, y={layout.y}" + (f", facets={', '.join(layout.facets)}" if layout.facets else "")]
     bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),
                                                  _ext=lambda d: d["grad_ratio_log10"].abs().fillna(np.inf))
-    for _, r in bad.sort_values(["_sev", "_ext"], ascending=False).head(5).iterrows():
-        lines.append(f"  {r['verdict']:9s} {(r['override_dirname'] or r['run_id'])}: {verdict_reason(r)}")
+    bad = bad.sort_values(["_sev", "_ext"], ascending=False, kind="stable")
+    for verdict, keys, varied, values, worst in worst_groups(bad, [k for k in layout.keys if k in runs])[:5]:
+        where = ", ".join(f"{k}={v}" for k, v in keys.items()) or worst["run_id"]
+        values = sorted(values, key=lambda v: layout.rank(varied, float(v) if v.replace(".", "", 1).isdigit() else v))
+        more = f"; {varied}={','.join(values)}" if varied else ""
+        why = verdict_reason(worst) if not varied else f"worst at {varied}={value_text(worst[varied])}: {verdict_reason(worst)}"
+        lines.append(f"  {verdict:9s} {where}{more}: {why}")
     lines.append(f"report: {index}")
     return "\n".join(lines)
+
+
+def worst_groups(bad: pd.DataFrame, keys: list[str]) -> list[tuple[str, dict, str | None, list[str], pd.Series]]:
+    """The runs of ``bad`` (worst first) gathered where they share their verdict and all swept keys but one: the
+    same configuration at three learning rates is one line, not three. Each: (verdict, shared keys, the varying
+    key, its values, the worst run)."""
+    def text(v: object) -> str:
+        return "null" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v)
+
+    best: list = [(v, {k: text(r[k]) for k in keys}, None, [], r) for _, r in bad.iterrows()
+                  for v in [r["verdict"]]]
+    for varied in keys:
+        rest = [k for k in keys if k != varied]
+        groups: dict[tuple, list] = {}
+        for _, r in bad.iterrows():
+            groups.setdefault((r["verdict"], *(text(r[k]) for k in rest)), []).append(r)
+        if len(groups) < len(best):
+            best = [(g[0]["verdict"], {k: text(g[0][k]) for k in rest}, varied if len(g) > 1 else None,
+                     list(dict.fromkeys(text(r[varied]) for r in g)) if len(g) > 1 else [], g[0])
+                    for g in groups.values()]
+            if len(best) and any(len(v[3]) <= 1 for v in best):  # singletons name their own value
+                best = [(v, {**k, **({varied: text(w[varied])} if not vals else {})}, var, vals, w)
+                        for v, k, var, vals, w in best]
+    return best
 
 
 class _Parser(argparse.ArgumentParser):

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from gradsweep.config import SECTIONS, RunCfg, column_of, config_hash, flatten
-from gradsweep.stats import LAYER_STATS
+from gradsweep.schema import LAYER_STATS
 from gradsweep.verdicts import conditions, dead_runs, underflow_floor, verdicts
 
 RUNS_FILE = "runs.parquet"
@@ -389,6 +389,9 @@ def _run_files(root: Path) -> list[Path]:
     files = sorted((f for f in root.rglob(RUNS_FILE) if f.relative_to(root).parts[0] != TUNE_DIR), key=_natural_key)
     if not files:  # a run directory of a fused sweep: its rows are in its group's files beside it
         files = sorted((root.parent / GROUPS_DIR).glob(f"*/{RUNS_FILE}"), key=_natural_key)
+    if not files and (root / TUNE_DIR).is_dir() and any((root / TUNE_DIR).rglob(RUNS_FILE)):
+        raise FileNotFoundError(f"{root}: its runs are a learning-rate search's, under {root / TUNE_DIR}; read that "
+                                "directory (python -m gradsweep.report " + str(root / TUNE_DIR) + ")")
     if not files:
         raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
     return files
@@ -489,3 +492,20 @@ def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     runs = load_runs(path)
     return runs, load_steps(path, run_ids=runs["run_id"].tolist())
+
+
+def select(runs: pd.DataFrame, **equal: Any) -> pd.DataFrame:
+    """The rows of ``runs`` whose columns equal the given values (a list or tuple: any of them).
+
+    Config columns are named like override keys, with dots, which ``DataFrame.query`` needs in backticks
+    (``runs.query("`model.depth` == 30")``); here the first underscore stands for the dot:
+    ``select(runs, model_depth=30, init="kaiming", optim_lr=[0.01, 0.1])``.
+    """
+    mask = pd.Series(True, index=runs.index)
+    for name, value in equal.items():
+        col = name if name in runs.columns else name.replace("_", ".", 1)
+        if col not in runs.columns:
+            raise KeyError(f"{name!r} names no column; columns: {', '.join(map(str, runs.columns))}")
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        mask &= runs[col].isin(values)
+    return runs[mask]

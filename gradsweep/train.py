@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gradsweep.config import ConfigError, RunCfg
 from gradsweep.data import load_data
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
+from gradsweep.progress import bar as progress_bar
 from gradsweep.stats import StatsPlan
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     rec_scalar, rec_layer, host_scalar, host_layer, logged = [], [], [], [], []
     x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
     batches = _batches(cfgs, n)
-    show = (not first.quiet) if progress is None else progress
-    bar = tqdm(total=steps, desc=f"train {R} run{'s' if R > 1 else ''}", disable=not show, leave=False, unit="step")
+    quiet = first.quiet if progress is None else not progress
+    bar = progress_bar(total=steps, desc=f"train {n_runs} run{'s' if n_runs > 1 else ''}", quiet=quiet, leave=False,
+                       unit="step")
 
     def flush() -> None:
         if rec_scalar:

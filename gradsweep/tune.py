@@ -592,7 +592,8 @@ class Heartbeat:
 def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool = False) -> dict[str, Any]:
     """Run ``tune.n_trials`` more trials of the study in batches; write and return the summary."""
     import optuna
-    from tqdm.auto import tqdm
+
+    from gradsweep.progress import bar as progress_bar
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = tune.study_name or default_study_name(base)
@@ -626,7 +627,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
         study.set_user_attr(BASE_ATTR, base_hash)
     tdir.mkdir(parents=True, exist_ok=True)
     progress = not (quiet or base.quiet)
-    bar = tqdm(total=tune.n_trials, desc=f"tune {name}", unit="trial", disable=not progress)
+    bar = progress_bar(total=tune.n_trials, desc=f"tune {name}", unit="trial", quiet=not progress)
     t0 = time.perf_counter()
     done = 0
     failed: list[tuple[int, Exception]] = []

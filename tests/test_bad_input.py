@@ -103,6 +103,7 @@ CASES = [
     (RUN, _fixed("model.bogus=1"), "model.bogus is not a known key; valid keys: model.depth"),
     (RUN, _fixed("-m", "model.depth=2,0", "hydra.sweep.dir={tmp}/s"), "model.depth=0 is not valid"),
     (RUN, _fixed("loss=cross_entropy"), "loss='cross_entropy' is not valid with data=regression"),
+    (RUN, _fixed("model.depth=2,10"), "model.depth=2,10 is a sweep, which needs -m: python -m gradsweep -m model.depth=2,10"),
     (RUN, _fixed("data=digits", "data.n_test=1797"), "data.n_test=1797 is not valid"),
     (RUN, _fixed("-m", "+experiment=dropout", "hydra.sweep.dir={tmp}/s"), "experiment='dropout' is not valid"),
     (RUN, _fixed("-m", "optim.lr=0.1", "hydra.sweep.dir=/proc/gradsweep-test"),
@@ -111,6 +112,7 @@ CASES = [
     # the report: missing, empty, torn, truncated, older, bad options, unwritable output
     (REPORT, _fixed("{tmp}/nowhere"), "nowhere: no such directory"),
     (REPORT, _empty_dir, "no gradsweep runs found"),
+    (REPORT, _fixed("{good}/tuned"), "its runs are a learning-rate search's, under"),
     (REPORT, _corrupt_runs, "a runs table cannot be read"),
     (REPORT, _truncated_steps, "a steps table cannot be read"),
     (REPORT, _older_schema, "was written by an older gradsweep (no verdict, grad_ratio_log10"),

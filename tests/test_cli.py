@@ -141,3 +141,15 @@ def test_a_bad_job_inside_a_basic_sweep_fails_it_in_one_line(tmp_path):
     assert out.returncode == 2
     assert "gradsweep: error: data.n_features=4 is not valid" in out.stderr
     assert (tmp_path / "sweep" / "0" / "runs.parquet").exists() and not (tmp_path / "sweep" / "1" / "runs.parquet").exists()
+
+
+def test_help_lists_every_runner_group_and_its_options():
+    """The help's group list is written out (Hydra's would list the tuner's own group too): it must stay true."""
+    import yaml
+
+    from gradsweep.preflight import GROUPS, group_options
+
+    template = yaml.safe_load((REPO / "conf" / "hydra" / "help" / "gradsweep.yaml").read_text())["template"]
+    for group in GROUPS:
+        assert f"{group}: {', '.join(group_options(group))}" in template, group
+    assert "tune:" not in template

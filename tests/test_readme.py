@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gradsweep.stats import LAYER_STATS
+from gradsweep.schema import LAYER_STATS
 from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS, STEP_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
+REFERENCE = (REPO / "docs" / "reference.md").read_text()
 
 
 def _first_commands() -> list[str]:
@@ -26,4 +27,10 @@ def test_first_two_commands():
 
 def test_every_column_is_documented():
     for col in [*ID_COLUMNS, *RESULT_COLUMNS, *STEP_COLUMNS, *LAYER_STATS]:
-        assert f"`{col}`" in README, col
+        assert f"`{col}`" in REFERENCE, col
+
+
+def test_the_pictures_the_docs_show_exist():
+    for doc, text in ((REPO, README), (REPO / "docs", REFERENCE)):
+        for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+            assert (doc / target).is_file(), target

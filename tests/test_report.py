@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from sweeps import grid, write_sweep
@@ -14,7 +15,6 @@ from sweeps import grid, write_sweep
 from gradsweep.report import main, make_report
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "outputs" / "test-artifacts"
 FILES = ["heatmap_ratio.png", "heatmap_ratio_training.png", "heatmap_predicted.png", "prediction_scatter.png",
          "heatmap_loss.png", "heatmap_verdict.png",
          "flow_maps.png", "loss_curves.png",
@@ -87,7 +87,6 @@ def test_html_in_headless_chromium(partial):
         pytest.skip("Debian chromium is not installed (.ci/run installs it)")
     playwright = pytest.importorskip("playwright.sync_api")
     index = make_report(partial, quiet=True)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -110,7 +109,7 @@ def test_html_in_headless_chromium(partial):
         assert first.inner_text() == verdicts[0]
         header.click()
         assert first.inner_text() == verdicts[-1]
-        page.screenshot(path=str(ARTIFACTS / "report_index.png"), full_page=True)
+        page.screenshot(path=str(index.parent / "report_index.png"), full_page=True)  # beside the report, not the checkout
         browser.close()
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
@@ -135,3 +134,16 @@ def test_flow_maps_default_to_one_per_verdict_worst_first():
     # diverged earliest, dead earliest, most vanishing, the stalled run furthest above its baseline, most extreme healthy
     assert pick_flow_runs(runs) == ["f", "h", "c", "j", "e"]
     assert pick_flow_runs(runs, 7) == ["f", "h", "c", "j", "e", "d", "g"]
+
+
+def test_scatter_counts_runs_without_signal_and_overlapping_points():
+    from gradsweep import figures
+
+    runs = pd.DataFrame({"model.activation": ["relu"] * 6, "init": ["kaiming"] * 6,
+                         "pred_grad_ratio_log10": [-1.0, -1.0, -2.0, -3.0, -4.0, np.nan],
+                         "grad_ratio_log10": [-1.1, -1.1, -2.2, -np.inf, -np.inf, -0.5],
+                         "pred_wgrad_ratio_log10": [0.1] * 6, "wgrad_ratio_log10": [0.1] * 6})
+    fig = figures.prediction_scatter(runs)
+    title = fig.axes[0].get_title()
+    assert "5 runs with a prediction, 2 measured -inf" in title and "3 finite points, 2 distinct" in title
+    figures.plt.close(fig)

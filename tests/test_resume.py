@@ -76,7 +76,9 @@ KILL_POINTS = {"before any group": ("after", 0), "after 2 groups": ("after", 2),
 def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, where):
     kind, k = KILL_POINTS[where]
     d = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Progress bars are off when stderr is not a terminal; this test reads them, so it asks for them.
+    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "GRADSWEEP_PROGRESS": "1"})
     stderr = _Stderr(proc)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

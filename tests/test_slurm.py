@@ -166,8 +166,10 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
     d = tmp_path / "slurm"
     cmd = [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *SLURM, "hydra.launcher.max_group_runs=4",
            f"hydra.sweep.dir={d}"]
-    # Not quiet: each job's progress bar in its SLURM log says how far its group has trained.
-    proc = subprocess.Popen([*cmd, "quiet=false"], cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE,
+    # Not quiet, and bars asked for although stderr is a file: each job's bar in its SLURM log says how far its group
+    # has trained.
+    proc = subprocess.Popen([*cmd, "quiet=false"], cwd=tmp_path, env={**slurm_env, "GRADSWEEP_PROGRESS": "1"},
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.monotonic() + 300

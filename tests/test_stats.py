@@ -9,7 +9,8 @@ import torch
 
 from gradsweep.config import ModelCfg
 from gradsweep.model import ParamLayout, forward, layers
-from gradsweep.stats import LAYER_STATS, StatsPlan, _evenly_spaced
+from gradsweep.schema import LAYER_STATS
+from gradsweep.stats import StatsPlan, _evenly_spaced
 
 
 def _layout(model: ModelCfg) -> ParamLayout:

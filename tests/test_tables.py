@@ -161,3 +161,27 @@ def test_a_run_whose_directory_cannot_be_written_fails_alone(tmp_path):
     failures = write_job_dirs([tmp_path / "blocked", tmp_path / "ok"], [({"a": 1}, ["x=1"])] * 2, ".hydra")
     assert isinstance(failures[0], OSError) and failures[1] is None
     assert (tmp_path / "ok" / ".hydra" / "config.yaml").read_text() == "a: 1\n"
+
+
+def test_load_sweep_reads_parquet_without_importing_torch(tmp_path):
+    """Reading a sweep is pandas and pyarrow only (torch takes seconds to import on a busy machine)."""
+    import subprocess
+    import sys
+
+    cfgs = [make_cfg(model={"depth": 2}, train={"steps": 3})]
+    write_tables(tmp_path, *build_tables(cfgs, train_group(cfgs)))
+    code = f"import sys, gradsweep; gradsweep.load_sweep({str(tmp_path)!r}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_select_by_keyword_stands_for_the_dotted_columns():
+    from gradsweep import select
+
+    runs = pd.DataFrame({"model.depth": [2, 10, 30, 30], "init": ["xavier", "kaiming", "kaiming", "xavier"],
+                         "optim.lr": [0.01, 0.1, 0.01, 0.1], "verdict": ["healthy", "healthy", "dead", "vanishing"]})
+    assert select(runs, model_depth=30).index.tolist() == runs.query("`model.depth` == 30").index.tolist() == [2, 3]
+    assert select(runs, model_depth=30, init="kaiming").verdict.tolist() == ["dead"]
+    assert select(runs, optim_lr=[0.1], verdict=("healthy", "dead")).index.tolist() == [1]
+    with pytest.raises(KeyError, match="'model_colour' names no column"):
+        select(runs, model_colour="red")

@@ -9,7 +9,7 @@ from conftest import make_cfg
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
-from gradsweep.stats import LAYER_STATS
+from gradsweep.schema import LAYER_STATS
 from gradsweep.train import _batches, train_group
 
 S = {name: i for i, name in enumerate(LAYER_STATS)}

@@ -265,7 +265,8 @@ def _trials_and_tables_agree(out: Path, study: optuna.Study) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     cmd = [sys.executable, "-m", "gradsweep.tune", *KILL_CMD, f"tune.out_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "GRADSWEEP_PROGRESS": "1"})  # bars on a pipe: asked for
     text = ""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:  # the second batch a third to 3/4 trained
