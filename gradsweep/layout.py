@@ -88,6 +88,9 @@ class Layout:
 
 
 def value_text(value: object) -> str:
+    """A value as the command line writes it: 0.01, relu, null."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return "null"
     return f"{float(value):g}" if isinstance(value, (float, np.floating)) else str(value)
 
 

@@ -376,37 +376,37 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),
                                                  _ext=lambda d: d["grad_ratio_log10"].abs().fillna(np.inf))
     bad = bad.sort_values(["_sev", "_ext"], ascending=False, kind="stable")
-    for verdict, keys, varied, values, worst in worst_groups(bad, [k for k in layout.keys if k in runs])[:5]:
-        where = ", ".join(f"{k}={v}" for k, v in keys.items()) or worst["run_id"]
+    for verdict, keys, varied, values, worst, n in worst_groups(bad, [k for k in layout.keys if k in runs])[:5]:
+        where = ", ".join(f"{k}={v}" for k, v in keys.items())
         values = sorted(values, key=lambda v: layout.rank(varied, float(v) if v.replace(".", "", 1).isdigit() else v))
-        more = f"; {varied}={','.join(values)}" if varied else ""
+        more = (f"; {varied}={','.join(values)}" if where else f"{varied}={','.join(values)}") if varied else ""
+        where = where or ("" if varied else worst["run_id"])
         why = verdict_reason(worst) if not varied else f"worst at {varied}={value_text(worst[varied])}: {verdict_reason(worst)}"
-        lines.append(f"  {verdict:9s} {where}{more}: {why}")
+        lines.append(f"  {verdict:9s} {where}{more}{f' ({n} runs)' if n > 1 else ''}: {why}")
     lines.append(f"report: {index}")
     return "\n".join(lines)
 
 
-def worst_groups(bad: pd.DataFrame, keys: list[str]) -> list[tuple[str, dict, str | None, list[str], pd.Series]]:
+def worst_groups(bad: pd.DataFrame, keys: list[str]) -> list[tuple[str, dict, str | None, list[str], pd.Series, int]]:
     """The runs of ``bad`` (worst first) gathered where they share their verdict and all swept keys but one: the
     same configuration at three learning rates is one line, not three. Each: (verdict, shared keys, the varying
-    key, its values, the worst run)."""
-    def text(v: object) -> str:
-        return "null" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v)
-
-    best: list = [(v, {k: text(r[k]) for k in keys}, None, [], r) for _, r in bad.iterrows()
-                  for v in [r["verdict"]]]
+    key, its values, the worst run, how many runs)."""
+    text = value_text
+    best: list = [(r["verdict"], {k: text(r[k]) for k in keys}, None, [], r, 1) for _, r in bad.iterrows()]
     for varied in keys:
         rest = [k for k in keys if k != varied]
         groups: dict[tuple, list] = {}
         for _, r in bad.iterrows():
             groups.setdefault((r["verdict"], *(text(r[k]) for k in rest)), []).append(r)
         if len(groups) < len(best):
-            best = [(g[0]["verdict"], {k: text(g[0][k]) for k in rest}, varied if len(g) > 1 else None,
-                     list(dict.fromkeys(text(r[varied]) for r in g)) if len(g) > 1 else [], g[0])
-                    for g in groups.values()]
-            if len(best) and any(len(v[3]) <= 1 for v in best):  # singletons name their own value
-                best = [(v, {**k, **({varied: text(w[varied])} if not vals else {})}, var, vals, w)
-                        for v, k, var, vals, w in best]
+            best = []
+            for g in groups.values():
+                values = list(dict.fromkeys(text(r[varied]) for r in g))
+                shared = {k: text(g[0][k]) for k in rest}
+                if len(values) == 1:  # only seeds differ: the value is shared too
+                    best.append((g[0]["verdict"], {**shared, varied: values[0]}, None, [], g[0], len(g)))
+                else:
+                    best.append((g[0]["verdict"], shared, varied, values, g[0], len(g)))
     return best
 
 
