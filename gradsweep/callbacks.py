@@ -1,4 +1,4 @@
-"""Hydra callbacks (configured in conf/config.yaml): a bar over a sweep's runs, and its summary at the end."""
+"""Hydra callbacks (configured in gradsweep/conf/config.yaml): a bar over a sweep's runs, and its summary at the end."""
 
 from __future__ import annotations
 

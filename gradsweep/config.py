@@ -1,6 +1,6 @@
 """Config schemas: one dataclass per YAML group, validated on construction.
 
-Hydra composes YAML from ``conf/``; :func:`to_run_cfg` converts the composed
+Hydra composes YAML from ``gradsweep/conf/``; :func:`to_run_cfg` converts the composed
 ``DictConfig`` once, at the entry point, into a :class:`RunCfg`. Nothing below
 the entry point sees a ``DictConfig``.
 """

@@ -86,11 +86,6 @@ class ParamLayout:
         i = self.names.index(name)
         return slice(self.offsets[i], self.offsets[i] + math.prod(self.shapes[i]))
 
-    def segment_ids(self, device: torch.device | str) -> torch.Tensor:
-        """(P,) the index of the parameter each flat column belongs to."""
-        sizes = torch.tensor([math.prod(s) for s in self.shapes])
-        return torch.repeat_interleave(torch.arange(len(self.names)), sizes).to(device)
-
 
 @dataclass
 class Stack:

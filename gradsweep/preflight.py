@@ -14,12 +14,12 @@ from typing import Any
 
 from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so that a wheel carries it
 GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
 
 
 def group_options(group: str) -> list[str]:
-    """The presets of a config group, from the YAML files in ``conf/<group>/``."""
+    """The presets of a config group, from the YAML files in ``gradsweep/conf/<group>/``."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
@@ -108,7 +108,7 @@ def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
 
 
 def compose_values(overrides: list[str]) -> dict[str, Any]:
-    """Compose ``conf/`` with Hydra's compose API into a plain resolved dict (``hydra`` removed); a config
+    """Compose ``gradsweep/conf/`` with Hydra's compose API into a plain resolved dict (``hydra`` removed); a config
     Hydra rejects becomes a one-line :class:`ConfigError`."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

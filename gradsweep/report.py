@@ -312,7 +312,7 @@ def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-ARTICLE_KEY = "article"  # the column the experiment presets (conf/experiment/) record
+ARTICLE_KEY = "article"  # the column the experiment presets (gradsweep/conf/experiment/) record
 
 
 def baseline_line(runs: pd.DataFrame) -> float | None:

@@ -1,7 +1,7 @@
 """``python -m gradsweep.tune [overrides]``: search a stable learning rate with Optuna, trials trained in fused batches.
 
-The configuration is the runner's (``conf/``, the same overrides: ``model.depth=30 init=kaiming``...) plus the
-``tune`` group (``conf/tune/default.yaml``). ``tune.batch_size`` trials are asked at once and trained as one
+The configuration is the runner's (``gradsweep/conf/``, the same overrides: ``model.depth=30 init=kaiming``...) plus the
+``tune`` group (``gradsweep/conf/tune/default.yaml``). ``tune.batch_size`` trials are asked at once and trained as one
 stacked group; each is told its objective (the loss after training, or the mean logged loss) and its
 stability constraints (Optuna's ``Trial.set_constraint``, named as below; on Optuna 4 the samplers that take a
 ``constraints_func`` get them through it):
@@ -68,7 +68,7 @@ class SearchDim:
 
 @dataclass
 class TuneCfg:
-    """The ``tune`` group; see ``conf/tune/default.yaml``."""
+    """The ``tune`` group; see ``gradsweep/conf/tune/default.yaml``."""
 
     n_trials: int = 64
     batch_size: int = 16
@@ -150,7 +150,7 @@ def _search_dims(value: Any) -> list[SearchDim]:
 
 
 def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
-    """Compose ``conf/`` plus the ``tune`` group; return the plain config, the base run and the tune settings."""
+    """Compose ``gradsweep/conf/`` plus the ``tune`` group; return the plain config, the base run and the tune settings."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -857,7 +857,7 @@ def edge_words(edge: dict[str, float | None]) -> str:
 HELP = """usage: python -m gradsweep.tune [overrides]
 
 Search the learning rate that trains fastest without instability, with Optuna; trials are trained in fused
-batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (conf/tune/default.yaml):
+batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (gradsweep/conf/tune/default.yaml):
   tune.n_trials, tune.batch_size, tune.lr_min, tune.lr_max, tune.search, tune.sampler, tune.seed,
   tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s, tune.safety
 Rerunning the same command continues the same study; trials a killed worker left running are queued again. Open it with:

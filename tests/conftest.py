@@ -1,13 +1,8 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # the tests' own reference helpers (tests/reference.py)
-
-from gradsweep.config import RunCfg, build_run_cfg  # noqa: E402
+from gradsweep.config import RunCfg, build_run_cfg
 
 
 def make_cfg(**sections) -> RunCfg:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # every case is a command run in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -63,6 +63,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow  # subprocesses
 def test_help_and_cfg(tmp_path):
     out = _run(["--help"], tmp_path)
     assert out.returncode == 0 and "init: default, kaiming, large, normal, orthogonal, uniform, xavier" in out.stdout
@@ -149,7 +150,7 @@ def test_help_lists_every_runner_group_and_its_options():
 
     from gradsweep.preflight import GROUPS, group_options
 
-    template = yaml.safe_load((REPO / "conf" / "hydra" / "help" / "gradsweep.yaml").read_text())["template"]
+    template = yaml.safe_load((REPO / "gradsweep" / "conf" / "hydra" / "help" / "gradsweep.yaml").read_text())["template"]
     for group in GROUPS:
         assert f"{group}: {', '.join(group_options(group))}" in template, group
     assert "tune:" not in template

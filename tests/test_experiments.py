@@ -36,6 +36,7 @@ def test_preset_is_one_command_and_its_report_has_the_articles_figure(tmp_path, 
     assert "Measured: " in page
 
 
+@pytest.mark.slow  # a subprocess
 def test_unknown_experiment_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "+experiment=dropout", f"hydra.sweep.dir={tmp_path / 's'}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)

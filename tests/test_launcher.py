@@ -36,6 +36,7 @@ class TestFusedLauncher(LauncherTestSuite):
 @pytest.mark.parametrize("task_launcher_cfg, extra_flags",
                          [({}, ["-m", "hydra/launcher=gradsweep"]), ({}, ["-m", "hydra/launcher=gradsweep",
                                                                            "hydra/sweeper=gradsweep"])])
+@pytest.mark.slow  # Hydra's integration suite runs each app in a subprocess
 class TestFusedLauncherIntegration(IntegrationTestSuite):
     pass
 

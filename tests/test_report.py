@@ -51,6 +51,7 @@ def test_single_run(tmp_path):
     assert len(pd.read_csv(index.parent / "summary.csv")) == 1
 
 
+@pytest.mark.slow  # a 5-key sweep and its full report: ~20 s
 def test_five_keys_and_options(tmp_path):
     points = grid(**{"model.depth": [2, 3], "init": ["xavier", "kaiming"], "optim.lr": [0.01, 0.05],
                      "model.activation": ["relu", "tanh"], "train.clip_norm": [None, 1.0]})
@@ -74,6 +75,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_prints_a_summary(partial):
     out = subprocess.run([sys.executable, "-m", "gradsweep.report", str(partial), "--quiet"], capture_output=True,
                          text=True, timeout=300)

@@ -18,6 +18,8 @@ import pytest
 from gradsweep import load_sweep
 from gradsweep.tables import GROUPS_DIR, RUNS_FILE, completed_runs
 
+pytestmark = pytest.mark.slow  # real sweeps in subprocesses, killed and rerun
+
 STEPS = 600
 SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.02,0.05", "train.seed=range(0,4)", f"train.steps={STEPS}",
          "hydra.launcher.max_group_runs=4"]  # 24 runs in 6 groups of 4, each training for about half a second

@@ -163,6 +163,7 @@ def test_a_run_whose_directory_cannot_be_written_fails_alone(tmp_path):
     assert (tmp_path / "ok" / ".hydra" / "config.yaml").read_text() == "a: 1\n"
 
 
+@pytest.mark.slow  # a subprocess
 def test_load_sweep_reads_parquet_without_importing_torch(tmp_path):
     """Reading a sweep is pandas and pyarrow only (torch takes seconds to import on a busy machine)."""
     import subprocess

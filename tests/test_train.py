@@ -160,6 +160,7 @@ def test_cross_entropy_on_digits_matches_plain_pytorch():
     assert trace.test_accuracy[0] == pytest.approx((logits.argmax(1) == d.y_test).double().mean().item(), abs=1e-12)
 
 
+@pytest.mark.slow  # a subprocess
 def test_blas_is_position_independent_once_gradsweep_is_imported_first():
     """gradsweep sets MKL_CBWR=AUTO,STRICT on import (before torch's first matrix product): a float32 product then
     has the same bits wherever its operands sit, which the float32 bit-for-bit tests above rest on. A process whose

@@ -96,6 +96,7 @@ def test_vanishing_init_is_infeasible_whatever_the_lr(tmp_path):
     ("optim.lr=0.1,0.2", "is a sweep"),
     ("model.depth=0", "model.depth=0 is not valid"),
 ])
+@pytest.mark.slow  # each case a command in a subprocess
 def test_bad_input_one_line_exit_2_study_untouched(tmp_path, override, words):
     if override == "tune.lr_min=1.0":
         override, words = "tune.lr_min=10", "tune.lr_max=10.0 is not valid; it must be a number > tune.lr_min (10)"
@@ -297,6 +298,7 @@ def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     assert json.loads((tmp_path / "tune" / "best.json").read_text())["complete"] == 12
 
 
+@pytest.mark.slow  # processes
 def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
     """Trials left RUNNING as a dead worker leaves them: one by a dead process on this machine (whose
     configuration already has complete tables: read, not trained again), one by another machine that stopped
