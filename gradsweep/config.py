@@ -36,6 +36,21 @@ class ConfigError(ValueError):
     """A bad config value; its message is one line naming the key, the value and what is valid."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one line for the user: the first line of its message, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each Linear layer of the MLP ``model`` describes, input side first."""
+    dims = [in_dim] + [model.width] * model.depth + [out_dim]
+    return list(zip(dims[:-1], dims[1:]))
+
+
+PRELU_INIT = 0.25  # nn.PReLU's initial slope
+
+
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")

@@ -43,13 +43,14 @@ def device_bytes_per_run(cfg: Any) -> int:
     statistics' terms: 14 copies), the forward pass kept for backward and its gradients (6 tensors of
     batch x width per block), and the statistics of the steps held on the device between host copies.
     """
+    from gradsweep.config import linear_dims
     from gradsweep.data import data_shape
-    from gradsweep.model import _linear_dims, layers
+    from gradsweep.model import layers
     from gradsweep.schema import LAYER_STATS
     from gradsweep.train import HOST_COPY_EVERY
 
     n, in_dim, out_dim = data_shape(cfg.data)
-    dims = _linear_dims(cfg.model, in_dim, out_dim)
+    dims = linear_dims(cfg.model, in_dim, out_dim)
     n_params = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width
     batch = min(cfg.train.batch_size or n, n)
     values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
@@ -204,9 +205,6 @@ class _LocalOrphan:
     @property
     def state(self) -> str:
         return self.get_info()["State"]
-
-
-ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
 def inflight_jobs(launcher: Any, sweep_dir: Path) -> list[tuple[Any, tuple]]:

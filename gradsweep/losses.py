@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-LOSS_NAMES = ("mse", "cross_entropy", "projection")
+from gradsweep.config import LOSSES
+
+LOSS_NAMES = tuple(name for name in LOSSES if name != "auto")  # what a run computes: "auto" is resolved before
 
 
 def per_run_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradsweep.config import InitCfg, ModelCfg
+from gradsweep.config import PRELU_INIT, InitCfg, ModelCfg, linear_dims
 from gradsweep.init import apply_init
 
 RELU_FAMILY = ("relu", "leaky_relu", "prelu", "elu", "gelu", "selu")
 SATURATING = ("sigmoid", "tanh")
 BN_EPS = 1e-5  # nn.BatchNorm1d's and nn.LayerNorm's default eps
-PRELU_INIT = 0.25  # nn.PReLU's default
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,6 @@ def layers(cfg: ModelCfg) -> list[Layer]:
             out.append(Layer(i, "norm"))
     out.append(Layer(cfg.depth + 1, "linear"))
     return out
-
-
-def _linear_dims(cfg: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
-    dims = [in_dim] + [cfg.width] * cfg.depth + [out_dim]
-    return list(zip(dims[:-1], dims[1:]))
 
 
 def new_linear(fan_in: int, fan_out: int, init: InitCfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +110,7 @@ def build_params(
     is built, before the next. Torch's global RNG is restored afterwards.
     """
     per_run: list[dict[str, torch.Tensor]] = []
-    dims = _linear_dims(cfg, in_dim, out_dim)
+    dims = linear_dims(cfg, in_dim, out_dim)
     with torch.random.fork_rng(devices=[]):
         for init, seed in zip(inits, seeds, strict=True):
             torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section
+from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section, first_line
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so that a wheel carries it
 GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
@@ -57,7 +57,7 @@ def check_overrides(overrides: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+        raise ConfigError(first_line(e)) from None
     for o in parsed:  # names first: an unknown key or preset is reported before anything is composed
         key = o.key_or_group
         if key.startswith("hydra") or o.package is not None:

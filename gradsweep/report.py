@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gradsweep.config import first_line
 from gradsweep.layout import AT, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys, value_text, verdict_counts
 from gradsweep.progress import bar as progress_bar
 from gradsweep.tables import SCHEMA_VERSION, TUNE_DIR, load_runs, load_steps
@@ -32,11 +33,6 @@ REQUIRED_COLUMNS = ("run_id", "verdict", "init_verdict", "grad_ratio_log10", "gr
 DPI = 110  # figures are drawn at this resolution; fonts >= 8 pt then read >= 12 px (CSS 9 pt) unscaled
 # Within a verdict, the run a flow map shows: the most telling one (column, ascending).
 FLOW_PICK = {"diverged": ("diverged_step", True), "dead": ("dead_step", True), "stalled": ("_stall", False)}
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ReportError(Exception):
@@ -152,7 +148,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     except (pa.ArrowException, OSError) as e:  # a torn, truncated or foreign file where a runs table should be
-        raise ReportError(f"{sweep_dir}: a runs table cannot be read ({_first_line(e)})") from None
+        raise ReportError(f"{sweep_dir}: a runs table cannot be read ({first_line(e)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in runs.columns]
     if missing:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (no {', '.join(missing)} in its runs table); "
@@ -252,7 +248,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
                           (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen), run_ids=run_ids)
     except (pa.ArrowException, OSError) as e:
-        raise ReportError(f"{sweep_dir}: a steps table cannot be read ({_first_line(e)})") from None
+        raise ReportError(f"{sweep_dir}: a steps table cannot be read ({first_line(e)})") from None
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
     save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
          "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")

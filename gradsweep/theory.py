@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradsweep.config import InitCfg, RunCfg
+from gradsweep.config import PRELU_INIT, InitCfg, RunCfg, linear_dims
 
 QUAD_POINTS = 100  # and 200 to check convergence (numpy's hermgauss stays accurate to ~300)
 SMOOTH_Q_MAX = 16.0  # sqrt(q) <= 4: the Gauss-Hermite rule resolves phi(sqrt(q) z) (checked in tests/test_theory.py)
 SELU_LAMBDA, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
-LEAKY_SLOPE, PRELU_SLOPE = 0.01, 0.25  # F.leaky_relu's default; nn.PReLU's initial slope
+LEAKY_SLOPE, PRELU_SLOPE = 0.01, PRELU_INIT  # F.leaky_relu's default; nn.PReLU's initial slope
 
 Fn = Callable[[np.ndarray], np.ndarray]
 
@@ -202,9 +202,8 @@ def predict(cfg: RunCfg, q_in: float, in_dim: int, out_dim: int) -> Prediction |
         return "no prediction: residual connections (the plain-MLP recursion does not apply)"
     if m.norm != "none":
         return f"no prediction: model.norm={m.norm} (the plain-MLP recursion does not apply)"
-    dims = [in_dim] + [m.width] * m.depth + [out_dim]
     sw, sb = [], []
-    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+    for fan_in, fan_out in linear_dims(m, in_dim, out_dim):
         v = weight_variance(cfg.init, fan_in, fan_out)
         if isinstance(v, str):
             return v

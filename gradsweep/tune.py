@@ -40,7 +40,18 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.config import SECTIONS, ConfigError, RunCfg, _check, _choice, _coerce, _hints, build_run_cfg, config_hash
+from gradsweep.config import (
+    SECTIONS,
+    ConfigError,
+    RunCfg,
+    _check,
+    _choice,
+    _coerce,
+    _hints,
+    build_run_cfg,
+    config_hash,
+    first_line,
+)
 from gradsweep.tables import TUNE_DIR
 
 log = logging.getLogger("gradsweep.tune")
@@ -227,7 +238,7 @@ def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
         except OSError as e:
             raise ConfigError(f"tune.storage={str(path)!r} cannot be opened: {e.strerror or e}") from None
         except ValueError as e:
-            raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"tune.storage={str(path)!r} cannot be read: {first_line(e)}") from None
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(TABLE_CREATION_TRIES):
@@ -240,13 +251,13 @@ def open_storage(tune: TuneCfg, out_dir: Path) -> tuple[Any, str]:
             # CREATE fails on a duplicate catalog entry (PostgreSQL: UniqueViolation on pg_type, or
             # DuplicateTable). The tables exist by then: try again.
             if isinstance(e, ProgrammingError) and "already exists" not in str(e):
-                raise ConfigError(f"tune.storage={redact(url)!r} cannot be used: {_first_line(e)}") from None
+                raise ConfigError(f"tune.storage={redact(url)!r} cannot be used: {first_line(e)}") from None
             if attempt == TABLE_CREATION_TRIES - 1:
                 raise ConfigError(f"tune.storage={redact(url)!r}: Optuna's tables could not be created "
                                   f"({TABLE_CREATION_TRIES} tries)") from None
             time.sleep(0.2 * (attempt + 1))
         except Exception as e:  # unreachable server, bad credentials, unknown dialect, missing driver
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ConfigError(f"tune.storage={redact(url)!r} is not reachable: {first}") from None
     raise AssertionError("unreachable")
 
@@ -577,7 +588,7 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception as e:  # storage briefly unreachable: try again at the next beat
-                log.warning(f"heartbeat not recorded: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                log.warning(f"heartbeat not recorded: {first_line(e)}")
 
     def __enter__(self) -> Heartbeat:
         self.beat()
@@ -606,7 +617,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     except KeyError:
         existing = None
     except Exception as e:  # a corrupt journal, a database that is not Optuna's
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"tune.storage={where!r} cannot be read: {first}") from None
     if existing is not None:
         made_for = existing.user_attrs.get(BASE_ATTR)
@@ -621,7 +632,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
         study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                     sampler=sampler)
     except Exception as e:  # e.g. a journal whose lines are not Optuna's
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError(f"tune.storage={where!r} cannot be read: {first}") from None
     if existing is None:
         study.set_user_attr(BASE_ATTR, base_hash)
@@ -667,13 +678,9 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     wall = time.perf_counter() - t0
     summary = summarize(study, tune, where, out_dir)
     summary["this_invocation"] = {"trials": tune.n_trials, "batch_size": tune.batch_size, "wall_s": wall}
-    summary["failed"] = [{"trial": n, "error": f"{type(e).__name__}: {_first_line(e)}"} for n, e in failed]
+    summary["failed"] = [{"trial": n, "error": f"{type(e).__name__}: {first_line(e)}"} for n, e in failed]
     write_outputs(study, summary, tdir)
     return summary
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _tell(study: Any, trial: Any, outcome: tuple[float, dict[str, Any]] | Exception) -> None:
@@ -682,7 +689,7 @@ def _tell(study: Any, trial: Any, outcome: tuple[float, dict[str, Any]] | Except
     try:
         if isinstance(outcome, Exception):
             study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(outcome).__name__}: "
-                                               f"{_first_line(outcome)}")
+                                               f"{first_line(outcome)}")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
         value, attrs = outcome

@@ -14,10 +14,10 @@ from gradsweep.stats import StatsPlan, _evenly_spaced
 
 
 def _layout(model: ModelCfg) -> ParamLayout:
-    from gradsweep.model import _linear_dims
+    from gradsweep.config import linear_dims
 
     t: dict[str, torch.Tensor] = {}
-    for i, (fi, fo) in enumerate(_linear_dims(model, 3, 2), start=1):
+    for i, (fi, fo) in enumerate(linear_dims(model, 3, 2), start=1):
         t[f"linear{i}.weight"], t[f"linear{i}.bias"] = torch.empty(fo, fi), torch.empty(fo)
         if model.norm != "none" and i <= model.depth:
             t[f"norm{i}.weight"], t[f"norm{i}.bias"] = torch.empty(fo), torch.empty(fo)
