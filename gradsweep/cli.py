@@ -10,7 +10,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from gradsweep.config import ConfigError
-from gradsweep.preflight import CONF_DIR, check_overrides, check_single_run
+from gradsweep.preflight import CONF_DIR, check_overrides
 
 log = logging.getLogger("gradsweep")
 
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     own_config = args.config_name is None and args.config_dir is None and args.config_path is None
     if own_config and not any(getattr(args, flag) for flag in _INFO_FLAGS):
         try:
-            if not args.multirun:
-                check_single_run(args.overrides)
-            check_overrides(args.overrides)
+            check_overrides(args.overrides, args.multirun)
             check_writable(args.overrides, args.multirun)
         except ConfigError as e:
             print(f"gradsweep: error: {e}", file=sys.stderr)

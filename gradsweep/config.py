@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 def first_line(e: BaseException) -> str:
     """An exception as one line for the user: the first line of its message, or its type when it has none."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:

@@ -68,13 +68,11 @@ def _pivot(panel: pd.DataFrame, layout: Layout, col: str, x_values, y_values) ->
         index=y_values, columns=x_values)
 
 
-def _axis_values(cells: pd.DataFrame, key: str | None, layout: Layout | None = None) -> list:
+def _axis_values(cells: pd.DataFrame, key: str | None, layout: Layout) -> list:
     if key is None:
         return ["all runs"]
     values = cells[key].dropna().unique().tolist()
-    if layout is not None:
-        return sorted(values, key=lambda v: layout.rank(key, v)) + (["null"] if cells[key].isna().any() else [])
-    return sorted(values, key=lambda v: (isinstance(v, str), v)) + (["null"] if cells[key].isna().any() else [])
+    return sorted(values, key=lambda v: layout.rank(key, v)) + (["null"] if cells[key].isna().any() else [])
 
 
 def ratio_scale(vanish: float, explode: float) -> tuple[mcolors.Colormap, mcolors.Normalize, list[float]]:
@@ -82,8 +80,9 @@ def ratio_scale(vanish: float, explode: float) -> tuple[mcolors.Colormap, mcolor
     fixed and symmetric, in steps whose edges include the verdict thresholds, light inside them and dark beyond,
     so that -2.25 (vanishing) and -1.88 (healthy) never share a colour. Values beyond the ends take the end colours.
     """
-    t = max(abs(vanish), abs(explode))
-    edges = [-3 * t, -2 * t, -t, -t / 2, -t / 4, t / 4, t / 2, t, 2 * t, 3 * t]
+    # Symmetric for the default thresholds (+-2); with other ones each side keeps its own threshold as an edge.
+    edges = [3 * vanish, 2 * vanish, vanish, vanish / 2, vanish / 4, explode / 4, explode / 2, explode, 2 * explode,
+             3 * explode]
     base = plt.get_cmap(RATIO_CMAP)
     # blues for the negative bins, reds for the positive; the healthy bins (|x| < t) stay pale
     shades = [0.0, 0.1, 0.3, 0.38, 0.5, 0.62, 0.7, 0.9, 1.0]
@@ -127,7 +126,6 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         cmap, norm = plt.get_cmap("viridis"), mcolors.LogNorm(vmin=lo, vmax=hi)
     else:
         cmap = mcolors.ListedColormap([VERDICT_COLORS[v] for v in VERDICTS])
-        span = 0.0
         norm = mcolors.BoundaryNorm(np.arange(-0.5, len(VERDICTS)), len(VERDICTS))
 
     mappable = None
@@ -208,14 +206,14 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
                              label=f"learned nothing: {baseline_words or 'no better than the baseline'}"))
     if not step0 and (cells["n_diverged"] == cells["n"]).any():
         handles.append(Patch(facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", label="all runs diverged"))
-    if _has_empty_cell(cells, layout, x_values, y_values):
+    if _has_empty_cell(cells, x_values, y_values):
         handles.append(Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="no run"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
-def _has_empty_cell(cells: pd.DataFrame, layout: Layout, x_values: list, y_values: list) -> bool:
+def _has_empty_cell(cells: pd.DataFrame, x_values: list, y_values: list) -> bool:
     per_panel = len(x_values) * len(y_values)
     return any(len(panel) < per_panel for _, panel in _panels(cells))
 
@@ -389,9 +387,9 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, baseli
                                                      len(hue_values))))
     finite = curves["loss"].to_numpy(dtype=float)
     finite = finite[np.isfinite(finite)]
-    diverged_steps = set(zip(ends["row"], ends["col"], ends["hue"]))
+    diverged_lines = set(zip(ends["row"], ends["col"], ends["hue"]))
     # The y range from curves that did not diverge (a diverging median runs off to 1e20 and would flatten the rest).
-    steady = curves[[(r, c, h) not in diverged_steps for r, c, h in zip(curves["row"], curves["col"], curves["hue"])]]
+    steady = curves[[(r, c, h) not in diverged_lines for r, c, h in zip(curves["row"], curves["col"], curves["hue"])]]
     ok = steady["loss"].to_numpy(dtype=float)
     ok = ok[np.isfinite(ok)] if np.isfinite(ok).any() else finite
     log_y = bool(ok.size) and bool((ok > 0).all()) and ok.max() / ok.min() > 100
@@ -434,7 +432,7 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, baseli
     fig.gradsweep_info = {"log_y": bool(log_y), "panels": len(rows) * len(cols)}
     fig.suptitle("Loss, median over seeds" + (" (log scale)" if log_y else "") +
                  (f"; one line per {layout.x}" if layout.x else ""), fontsize=11)
-    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 8), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=9, frameon=False)
     return fig
 
 
@@ -567,12 +565,14 @@ def prediction_scatter(runs: pd.DataFrame) -> plt.Figure:
             ax.set_ylim(lo, hi)
         ax.set_xlabel(f"predicted log10 {what} ratio, first Linear / readout")
         ax.set_ylabel("measured at step 0")
-        distinct = len(sub[[pred, meas]].round(3).drop_duplicates())
+        # Points closer than a marker's width (1/60 of the axis, ~8 px here) read as one: count what a reader sees.
+        cell = (hi - lo) / 60 if len(sub) or len(floor) else 1.0
+        distinct = len(np.unique(np.floor(sub[[pred, meas]].to_numpy(dtype=float) / cell), axis=0))
         words = f"{what}: {len(predicted)} runs with a prediction"
         if len(floor):
             words += f", {len(floor)} measured -inf (at the bottom)"
         if distinct < len(sub):
-            words += f"\n{len(sub)} finite points, {distinct} distinct (seeds or lrs overlap)"
+            words += f"\n{len(sub)} finite points, {distinct} distinct at this scale (the rest overlap)"
         ax.set_title(words, fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

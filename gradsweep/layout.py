@@ -81,7 +81,7 @@ class Layout:
     def rank(self, key: str, value: object) -> tuple:
         """Sort key of a value on ``key``'s axis: command order where known, else numbers before text."""
         listed = self.order.get(key, [])
-        text = "null" if value is None or (isinstance(value, float) and np.isnan(value)) else value_text(value)
+        text = value_text(value)
         if text in listed:
             return (0, listed.index(text), "")
         return (1, 0, value) if isinstance(value, (int, float, np.number)) else (2, 0, text)

@@ -35,22 +35,12 @@ def _values(override: Any) -> list[Any]:
     return [override.value()]
 
 
-def check_single_run(overrides: list[str]) -> None:
-    """Without ``-m`` a sweep (``key=a,b``) is an error in Hydra (six lines on 'Ambiguous value'): one line instead."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+def check_overrides(overrides: list[str], multirun: bool = True) -> None:
+    """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings).
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException:
-        return  # check_overrides reports it
-    for o in parsed:
-        if o.is_sweep_override():
-            raise ConfigError(f"{o.input_line} is a sweep, which needs -m: python -m gradsweep -m {' '.join(overrides)}")
-
-
-def check_overrides(overrides: list[str]) -> None:
-    """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings)."""
+    Without ``multirun`` (no ``-m``) a sweep (``key=a,b``) is an error, which Hydra reports in six lines on
+    'Ambiguous value': here one line that says to add ``-m``.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -58,6 +48,9 @@ def check_overrides(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(first_line(e)) from None
+    for o in parsed if not multirun else []:
+        if o.is_sweep_override():
+            raise ConfigError(f"{o.input_line} is a sweep, which needs -m: python -m gradsweep -m {' '.join(overrides)}")
     for o in parsed:  # names first: an unknown key or preset is reported before anything is composed
         key = o.key_or_group
         if key.startswith("hydra") or o.package is not None:
@@ -136,8 +129,7 @@ def _format(value: Any) -> str:
 
 
 def _one_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
+    text = first_line(e)
     if "Could not find" in text and "/" in text:
         group = text.rsplit("'", 2)[-2].split("/")[0]
         if group in GROUPS:

@@ -361,7 +361,8 @@ def _tune_caption(best_json: Path) -> str:
     if edge.get("smallest_stable_lr") is not None:
         from gradsweep.tune import edge_words
 
-        parts.append(edge_words(edge)[0].upper() + edge_words(edge)[1:] + ".")
+        words = edge_words(edge)
+        parts.append(words[0].upper() + words[1:] + ".")
     return " ".join(parts)
 
 
@@ -372,9 +373,8 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),
                                                  _ext=lambda d: d["grad_ratio_log10"].abs().fillna(np.inf))
     bad = bad.sort_values(["_sev", "_ext"], ascending=False, kind="stable")
-    for verdict, keys, varied, values, worst, n in worst_groups(bad, [k for k in layout.keys if k in runs])[:5]:
+    for verdict, keys, varied, values, worst, n in worst_groups(bad, [k for k in layout.keys if k in runs], layout)[:5]:
         where = ", ".join(f"{k}={v}" for k, v in keys.items())
-        values = sorted(values, key=lambda v: layout.rank(varied, float(v) if v.replace(".", "", 1).isdigit() else v))
         more = (f"; {varied}={','.join(values)}" if where else f"{varied}={','.join(values)}") if varied else ""
         where = where or ("" if varied else worst["run_id"])
         why = verdict_reason(worst) if not varied else f"worst at {varied}={value_text(worst[varied])}: {verdict_reason(worst)}"
@@ -383,10 +383,11 @@ def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     return "\n".join(lines)
 
 
-def worst_groups(bad: pd.DataFrame, keys: list[str]) -> list[tuple[str, dict, str | None, list[str], pd.Series, int]]:
+def worst_groups(bad: pd.DataFrame, keys: list[str],
+                 layout: Layout) -> list[tuple[str, dict, str | None, list[str], pd.Series, int]]:
     """The runs of ``bad`` (worst first) gathered where they share their verdict and all swept keys but one: the
     same configuration at three learning rates is one line, not three. Each: (verdict, shared keys, the varying
-    key, its values, the worst run, how many runs)."""
+    key, its values in the layout's order, the worst run, how many runs)."""
     text = value_text
     best: list = [(r["verdict"], {k: text(r[k]) for k in keys}, None, [], r, 1) for _, r in bad.iterrows()]
     for varied in keys:
@@ -397,7 +398,8 @@ def worst_groups(bad: pd.DataFrame, keys: list[str]) -> list[tuple[str, dict, st
         if len(groups) < len(best):
             best = []
             for g in groups.values():
-                values = list(dict.fromkeys(text(r[varied]) for r in g))
+                raw = sorted({text(r[varied]): r[varied] for r in g}.values(), key=lambda v: layout.rank(varied, v))
+                values = [text(v) for v in raw]
                 shared = {k: text(g[0][k]) for k in rest}
                 if len(values) == 1:  # only seeds differ: the value is shared too
                     best.append((g[0]["verdict"], {**shared, varied: values[0]}, None, [], g[0], len(g)))

@@ -132,9 +132,8 @@ class StatsPlan:
 
     def _record_hgrad(self, k: int, grad: torch.Tensor) -> None:
         flat = grad.flatten(1)
-        plain = torch.linalg.vector_norm(flat, dim=1)
-        scaled = torch.linalg.vector_norm(flat * self.scale, dim=1) / self.scale
-        self._hgrad[k] = torch.where(plain >= self.small, plain, scaled)
+        self._hgrad[k] = self._norm(torch.linalg.vector_norm(flat, dim=1),
+                                    torch.linalg.vector_norm(flat * self.scale, dim=1))
 
     def collect(self, grad: torch.Tensor, update: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
         """One step's statistics, (R, n_layers, len(LAYER_STATS)).
@@ -156,7 +155,8 @@ class StatsPlan:
         torch.mul(update, self.scale, out=terms[5]).square_()
         sums = self._per_weight(terms, torch.sum)  # (7, R, L)
         g2, g2_scaled, nonzero, nonfinite, u2, u2_scaled, w2 = sums.unbind(0)
-        g_norm, u_norm = self._norm(g2, g2_scaled), self._norm(u2, u2_scaled)
+        g_norm = self._norm(torch.sqrt(g2), torch.sqrt(g2_scaled))
+        u_norm = self._norm(torch.sqrt(u2), torch.sqrt(u2_scaled))
         gmax = self._per_weight(absg, torch.amax)
         w_norm = torch.sqrt(w2)
         ratio = torch.where(updated.unsqueeze(1), u_norm / w_norm, nan)
@@ -177,10 +177,10 @@ class StatsPlan:
         ], dim=2)
 
 
-    def _norm(self, sq: torch.Tensor, sq_scaled: torch.Tensor) -> torch.Tensor:
-        """A norm from its plain sum of squares and the sum over entries scaled by ``self.scale``."""
-        plain = torch.sqrt(sq)
-        return torch.where(plain >= self.small, plain, torch.sqrt(sq_scaled) / self.scale)
+    def _norm(self, plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        """A norm from the plain one and the one of the entries times ``self.scale``: the plain one unless it is
+        too small to be exact (below ``self.small``)."""
+        return torch.where(plain >= self.small, plain, scaled / self.scale)
 
 
 def _small_scale(dtype: torch.dtype) -> tuple[float, float]:

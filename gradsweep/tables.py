@@ -188,7 +188,6 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
     h = trace.layer[:, :, :, S["hgrad_norm"]]
     w = trace.layer[:, :, :, S["wgrad_norm"]]
     ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
-    linear = [k for k, la in enumerate(lays) if la.kind == "linear"]
     wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
     with warnings.catch_warnings():  # all-NaN columns (a run diverged at step 0) are legitimate NaN results
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -198,6 +197,7 @@ def build_tables(cfgs: list[RunCfg], trace: Any, meta: list[dict[str, Any]] | No
         final_ok = np.where(np.isfinite(trace.final_loss), trace.final_loss, np.nan)
         min_loss = np.nanmin(np.vstack([losses, final_ok[None, :]]), axis=0)
     diverged = div >= 0
+    linear = [k for k, la in enumerate(lays) if la.kind == "linear"]
     dead_step, dead_layer = dead_runs(h[:, :, linear], trace.steps, valid, np.array([lays[k].index for k in linear]),
                                       underflow_floor(cfgs[0].train.dtype))
     baseline = np.full(R, trace.baseline_loss)

@@ -768,11 +768,6 @@ def stable_band(frame: Any) -> tuple[Any, dict[str, Any]]:
     return chosen.drop(columns="_unstable"), edge
 
 
-def stability_edge(frame: Any) -> dict[str, Any]:
-    """The edges of the widest stable band (:func:`stable_band`)."""
-    return stable_band(frame)[1]
-
-
 def _float_or_none(v: Any) -> float | None:
     return None if v is None or pd.isna(v) else float(v)
 
