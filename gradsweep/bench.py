@@ -72,7 +72,7 @@ def _cli_sweep(args: list[str], sweep_dir: Path) -> float:
 
 def _training_s(sweep_dir: Path) -> float:
     """Seconds spent inside train_group: every run of a group records the group's wall_s."""
-    from gradsweep.tables import load_runs
+    from gradsweep.store import load_runs
 
     runs = load_runs(sweep_dir)
     return float(runs.drop_duplicates(["wall_s", "group_size"])["wall_s"].sum())

@@ -18,6 +18,8 @@ SUMMARY_ROWS = 40  # runs listed one by one in the end-of-sweep summary; more ar
 
 def count_jobs(overrides: list[str]) -> int | None:
     """How many jobs the basic sweeper makes of these command-line overrides (None if it cannot tell)."""
+    # Private: Hydra's basic sweeper (only in hydra._internal) is what expands the overrides into jobs; its own
+    # split_arguments counts them exactly as the sweep will run them.
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -32,7 +34,7 @@ def summarize(sweep_dir: str) -> str:
     """A short text summary of a sweep: runs per verdict, then (for small sweeps) one line per run."""
     import pandas as pd
 
-    from gradsweep.tables import load_runs
+    from gradsweep.store import load_runs
     from gradsweep.verdicts import VERDICTS
 
     runs = load_runs(sweep_dir, write_index=True)

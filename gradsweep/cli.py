@@ -6,7 +6,6 @@ import logging
 import sys
 from typing import Any
 
-import pandas as pd
 from omegaconf import DictConfig
 
 from gradsweep.config import ConfigError
@@ -24,7 +23,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.types import RunMode
 
     from gradsweep.config import to_run_cfg
-    from gradsweep.tables import build_tables, write_tables
+    from gradsweep.group import job_result
+    from gradsweep.store import write_tables
+    from gradsweep.summary import build_tables
     from gradsweep.train import train_group
 
     try:
@@ -45,12 +46,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 run.gradsweep_fusable = True  # the fused launcher trains this task's jobs in stacked groups
-
-
-def job_result(row: Any) -> dict[str, Any]:
-    """A job's return value (its ``JobReturn.return_value``): the headline of its runs-table row."""
-    return {k: (None if k == "diverged_step" and row[k] is pd.NA else row[k])
-            for k in ("run_id", "verdict", "final_loss", "grad_ratio_log10", "diverged_step")}
 
 
 def check_writable(overrides: list[str], multirun: bool) -> None:
@@ -77,6 +72,8 @@ def check_writable(overrides: list[str], multirun: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Check the overrides, then hand over to Hydra."""
     import hydra
+
+    # Private: Hydra's command-line parser, so that the checks here read argv exactly as hydra.main will.
     from hydra._internal.utils import get_args_parser
 
     argv = sys.argv[1:] if argv is None else argv

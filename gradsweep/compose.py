@@ -42,12 +42,14 @@ class _Fallback(Exception):
 
 def _plain(node: Any) -> bool:
     """True when every node below is an untyped DictConfig/ListConfig or AnyNode (no structured schema)."""
+    # Private OmegaConf: a node's schema type (_metadata.object_type) and the node itself rather than its value
+    # (_get_node) have no public accessor; OmegaConf.get_type() resolves values, which is what is checked here.
     if isinstance(node, DictConfig):
         if node._metadata.object_type not in (None, dict):
             return False
-        return all(_plain(node._get_node(k)) for k in node.keys())
+        return all(_plain(node._get_node(k)) for k in node.keys())  # private, as above
     if OmegaConf.is_list(node):
-        return all(_plain(node._get_node(i)) for i in range(len(node)))
+        return all(_plain(node._get_node(i)) for i in range(len(node)))  # private, as above
     return isinstance(node, AnyNode)
 
 
@@ -90,7 +92,7 @@ class SweepComposer:
         """The task config composed by Hydra with these group overrides only; None if it is not plain."""
         if groups not in self._templates:
             cfg = self.loader.load_sweep_config(self.master, list(groups))
-            task = {k: cfg._get_node(k) for k in cfg.keys() if k != "hydra"}
+            task = {k: cfg._get_node(k) for k in cfg.keys() if k != "hydra"}  # private: the nodes, see _plain
             ok = all(_plain(node) for node in task.values())
             container = OmegaConf.to_container(cfg, resolve=False) if ok else None
             if container is not None:
@@ -100,6 +102,8 @@ class SweepComposer:
 
     def compose(self, overrides: list[str], idx: int = 0) -> JobConfig:
         """Job ``idx`` of the sweep (Hydra's hydra.job.num, which interpolations may read)."""
+        # Private: Hydra computes hydra.job.override_dirname with this function and exports it nowhere public;
+        # calling it is what keeps a fast-composed job's directory name identical to Hydra's own.
         from hydra._internal.config_loader_impl import get_overrides_dirname
 
         parsed = [self._parse(line) for line in overrides]

@@ -8,14 +8,13 @@ the entry point sees a ``DictConfig``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradsweep.checks import check, choice, coerce, field_hints, finite
+from gradsweep.errors import ConfigError, first_line  # noqa: F401  (importable from here, as before)
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "gelu", "selu", "identity")
 NORMS = ("none", "batchnorm", "layernorm")
@@ -32,16 +31,6 @@ DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
-    """A bad config value; its message is one line naming the key, the value and what is valid."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one line for the user: the first line of its message, or its type when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
-
-
 def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
     """(fan_in, fan_out) of each Linear layer of the MLP ``model`` describes, input side first."""
     dims = [in_dim] + [model.width] * model.depth + [out_dim]
@@ -49,20 +38,6 @@ def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, i
 
 
 PRELU_INIT = 0.25  # nn.PReLU's initial slope
-
-
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
-
-
-def _check(key: str, value: Any, ok: bool, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not valid; it must be {rule}")
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -81,10 +56,10 @@ class ModelCfg:
     """Normalisation between Linear and activation: none, batchnorm (gamma=1, beta=0), layernorm."""
 
     def __post_init__(self) -> None:
-        _check("model.depth", self.depth, self.depth >= 1, "an integer >= 1")
-        _check("model.width", self.width, self.width >= 1, "an integer >= 1")
-        _choice("model.activation", self.activation, ACTIVATIONS)
-        _choice("model.norm", self.norm, NORMS)
+        check("model.depth", self.depth, self.depth >= 1, "an integer >= 1")
+        check("model.width", self.width, self.width >= 1, "an integer >= 1")
+        choice("model.activation", self.activation, ACTIVATIONS)
+        choice("model.norm", self.norm, NORMS)
 
 
 @dataclass
@@ -115,16 +90,16 @@ class InitCfg:
     """null keeps PyTorch's default bias init (as the article does); a number fills every bias with it."""
 
     def __post_init__(self) -> None:
-        _choice("init.scheme", self.scheme, INIT_SCHEMES)
-        _choice("init.distribution", self.distribution, DISTRIBUTIONS)
-        _choice("init.mode", self.mode, FAN_MODES)
-        _choice("init.nonlinearity", self.nonlinearity, NONLINEARITIES)
-        _check("init.gain", self.gain, _finite(self.gain) and self.gain > 0, "a finite number > 0")
-        _check("init.std", self.std, _finite(self.std) and self.std >= 0, "a finite number >= 0")
-        _check("init.bound", self.bound, _finite(self.bound) and self.bound >= 0, "a finite number >= 0")
-        _check("init.a", self.a, _finite(self.a), "a finite number")
-        _check("init.mean", self.mean, _finite(self.mean), "a finite number")
-        _check("init.bias", self.bias, self.bias is None or _finite(self.bias), "null or a finite number")
+        choice("init.scheme", self.scheme, INIT_SCHEMES)
+        choice("init.distribution", self.distribution, DISTRIBUTIONS)
+        choice("init.mode", self.mode, FAN_MODES)
+        choice("init.nonlinearity", self.nonlinearity, NONLINEARITIES)
+        check("init.gain", self.gain, finite(self.gain) and self.gain > 0, "a finite number > 0")
+        check("init.std", self.std, finite(self.std) and self.std >= 0, "a finite number >= 0")
+        check("init.bound", self.bound, finite(self.bound) and self.bound >= 0, "a finite number >= 0")
+        check("init.a", self.a, finite(self.a), "a finite number")
+        check("init.mean", self.mean, finite(self.mean), "a finite number")
+        check("init.bias", self.bias, self.bias is None or finite(self.bias), "null or a finite number")
 
 
 @dataclass
@@ -147,14 +122,14 @@ class OptimCfg:
     """Adam: denominator epsilon."""
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, OPTIMIZERS)
-        _check("optim.lr", self.lr, _finite(self.lr) and self.lr > 0, "a finite number > 0")
-        _check("optim.momentum", self.momentum, _finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
-        _check("optim.weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0,
+        choice("optim.name", self.name, OPTIMIZERS)
+        check("optim.lr", self.lr, finite(self.lr) and self.lr > 0, "a finite number > 0")
+        check("optim.momentum", self.momentum, finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
+        check("optim.weight_decay", self.weight_decay, finite(self.weight_decay) and self.weight_decay >= 0,
                "a finite number >= 0")
-        _check("optim.beta1", self.beta1, _finite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)")
-        _check("optim.beta2", self.beta2, _finite(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)")
-        _check("optim.eps", self.eps, _finite(self.eps) and self.eps > 0, "a finite number > 0")
+        check("optim.beta1", self.beta1, finite(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)")
+        check("optim.beta2", self.beta2, finite(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)")
+        check("optim.eps", self.eps, finite(self.eps) and self.eps > 0, "a finite number > 0")
 
 
 @dataclass
@@ -175,12 +150,12 @@ class TrainCfg:
     """float32 or float64 arithmetic (parameters and data are drawn in float32 either way)."""
 
     def __post_init__(self) -> None:
-        _check("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
-        _check("train.batch_size", self.batch_size, self.batch_size is None or self.batch_size >= 1, "null or an integer >= 1")
-        _check("train.clip_norm", self.clip_norm, self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm >= 0),
+        check("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
+        check("train.batch_size", self.batch_size, self.batch_size is None or self.batch_size >= 1, "null or an integer >= 1")
+        check("train.clip_norm", self.clip_norm, self.clip_norm is None or (finite(self.clip_norm) and self.clip_norm >= 0),
                "null or a finite number >= 0")
-        _check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
-        _choice("train.dtype", self.dtype, DTYPES)
+        check("train.log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
+        choice("train.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -212,21 +187,21 @@ class DataCfg:
     """gaussian: output (target) dimension."""
 
     def __post_init__(self) -> None:
-        _choice("data.name", self.name, DATASETS)
-        _check("data.n_samples", self.n_samples, self.n_samples >= 1, "an integer >= 1")
-        _check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
-        _check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
-        _check("data.in_dim", self.in_dim, self.in_dim >= 1, "an integer >= 1")
-        _check("data.out_dim", self.out_dim, self.out_dim >= 1, "an integer >= 1")
-        _check("data.noise", self.noise, _finite(self.noise) and self.noise >= 0, "a finite number >= 0")
-        _check("data.scale_min", self.scale_min, _finite(self.scale_min) and self.scale_min > 0, "a finite number > 0")
-        _check("data.scale_max", self.scale_max, _finite(self.scale_max) and self.scale_max >= self.scale_min,
+        choice("data.name", self.name, DATASETS)
+        check("data.n_samples", self.n_samples, self.n_samples >= 1, "an integer >= 1")
+        check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
+        check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
+        check("data.in_dim", self.in_dim, self.in_dim >= 1, "an integer >= 1")
+        check("data.out_dim", self.out_dim, self.out_dim >= 1, "an integer >= 1")
+        check("data.noise", self.noise, finite(self.noise) and self.noise >= 0, "a finite number >= 0")
+        check("data.scale_min", self.scale_min, finite(self.scale_min) and self.scale_min > 0, "a finite number > 0")
+        check("data.scale_max", self.scale_max, finite(self.scale_max) and self.scale_max >= self.scale_min,
                "a finite number >= data.scale_min")
         if self.name == "regression":
-            _check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
+            check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
         if self.name == "digits":
-            _check("data.n_test", self.n_test, self.n_test < DIGITS_SIZE, f"< {DIGITS_SIZE} for data=digits")
-            _check("data.n_samples", self.n_samples, self.n_samples <= DIGITS_SIZE - self.n_test,
+            check("data.n_test", self.n_test, self.n_test < DIGITS_SIZE, f"< {DIGITS_SIZE} for data=digits")
+            check("data.n_samples", self.n_samples, self.n_samples <= DIGITS_SIZE - self.n_test,
                    f"<= {DIGITS_SIZE - self.n_test} for data=digits with data.n_test={self.n_test}")
 
 
@@ -243,11 +218,11 @@ class VerdictCfg:
     """'stalled' when final_loss >= (1 - stall_margin) * baseline_loss: no better than the trivial predictor."""
 
     def __post_init__(self) -> None:
-        _check("verdict.vanish_below", self.vanish_below, _finite(self.vanish_below) and self.vanish_below < 0,
+        check("verdict.vanish_below", self.vanish_below, finite(self.vanish_below) and self.vanish_below < 0,
                "a finite number < 0")
-        _check("verdict.explode_above", self.explode_above, _finite(self.explode_above) and self.explode_above > 0,
+        check("verdict.explode_above", self.explode_above, finite(self.explode_above) and self.explode_above > 0,
                "a finite number > 0")
-        _check("verdict.stall_margin", self.stall_margin, _finite(self.stall_margin) and 0 <= self.stall_margin < 1,
+        check("verdict.stall_margin", self.stall_margin, finite(self.stall_margin) and 0 <= self.stall_margin < 1,
                "a number >= 0 and < 1")
 
 
@@ -272,8 +247,8 @@ class RunCfg:
     """Top-level keys added with ``+key=value`` (e.g. a tag); recorded as columns."""
 
     def __post_init__(self) -> None:
-        _choice("device", self.device, DEVICES)
-        _choice("loss", self.loss, LOSSES)
+        choice("device", self.device, DEVICES)
+        choice("loss", self.loss, LOSSES)
         classes = self.data.name in CLASSIFICATION
         if self.loss == "auto":
             self.loss = "cross_entropy" if classes else "mse"
@@ -282,11 +257,58 @@ class RunCfg:
             raise ConfigError(f"loss={self.loss!r} is not valid with data={self.data.name}; valid values: auto, {valid}")
         if self.model.norm == "batchnorm":
             bs = self.train.batch_size or self.data.n_samples
-            _check("train.batch_size", self.train.batch_size, bs >= 2,
+            check("train.batch_size", self.train.batch_size, bs >= 2,
                    "null or >= 2 with model.norm=batchnorm (batch statistics)")
         if self.train.batch_size is not None:
-            _check("train.batch_size", self.train.batch_size, self.train.batch_size <= self.data.n_samples,
+            check("train.batch_size", self.train.batch_size, self.train.batch_size <= self.data.n_samples,
                    f"null or <= data.n_samples ({self.data.n_samples})")
+
+
+SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "cmaes")  # gradsweep.tune's Optuna samplers
+OBJECTIVES = ("final_loss", "loss_auc")
+
+
+@dataclass
+class SearchDim:
+    """One extra search dimension: a float config key searched in [low, high]."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass
+class TuneCfg:
+    """The ``tune`` group; see ``gradsweep/conf/tune/default.yaml``."""
+
+    n_trials: int = 64
+    batch_size: int = 16
+    lr_min: float = 1e-4
+    lr_max: float = 10.0
+    search: list[SearchDim] = field(default_factory=list)
+    sampler: str = "tpe"
+    seed: int = 0
+    objective: str = "final_loss"
+    study_name: str | None = None
+    storage: str | None = None
+    out_dir: str | None = None
+    stale_after_s: float = 120.0
+    safety: float = 2.0
+
+    def __post_init__(self) -> None:
+        check("tune.n_trials", self.n_trials, self.n_trials >= 1, "an integer >= 1")
+        check("tune.batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        check("tune.lr_min", self.lr_min, 0 < self.lr_min and finite(self.lr_min), "a number > 0")
+        check("tune.lr_max", self.lr_max, self.lr_min < self.lr_max and finite(self.lr_max),
+               f"a number > tune.lr_min ({self.lr_min:g})")
+        choice("tune.sampler", self.sampler, SAMPLERS)
+        choice("tune.objective", self.objective, OBJECTIVES)
+        check("tune.stale_after_s", self.stale_after_s, self.stale_after_s > 0 and finite(self.stale_after_s),
+               "a number of seconds > 0")
+        check("tune.safety", self.safety, self.safety >= 1 and finite(self.safety), "a number >= 1")
+        if self.study_name is not None:
+            check("tune.study_name", self.study_name, bool(self.study_name.strip()), "a non-empty string or null")
 
 
 SECTIONS: dict[str, type] = {
@@ -298,45 +320,15 @@ TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool, "loss": str}
 _IGNORED_TOP = {"hydra"}
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
-    hint = annotation
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}=null is not valid; it must be {_TYPE_WORDS[hint]}")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{key}={value!r} is not valid; it must be {'null or ' if optional else ''}{_TYPE_WORDS[hint]}")
-
-
-@functools.cache
-def _hints(cls: type) -> tuple[dict[str, Any], list[str]]:
-    """A schema's field types and names (resolving the annotations is slow; a sweep builds thousands of configs)."""
-    return typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
-
-
 def build_section(name: str, values: dict[str, Any]) -> Any:
     """Construct one section's dataclass from plain values, with one-line errors for bad keys or types."""
     cls = SECTIONS[name]
-    hints, fields = _hints(cls)
+    hints, fields = field_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{name}.{key} is not a known key; valid keys: {', '.join(fields)}")
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
@@ -351,7 +343,7 @@ def build_run_cfg(values: dict[str, Any]) -> RunCfg:
                 raise ConfigError(f"{key}={value!r} is not valid; it must be a config group ({key}.<key>=...)")
             sections[key] = build_section(key, value)
         elif key in TOP_LEVEL:
-            top[key] = _coerce(key, value, TOP_LEVEL[key])
+            top[key] = coerce(key, value, TOP_LEVEL[key])
         elif key not in _IGNORED_TOP:
             if isinstance(value, (dict, list)):
                 valid = ", ".join([*SECTIONS, *TOP_LEVEL])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS
+from gradsweep.schema import ID_COLUMNS, RESULT_COLUMNS
 from gradsweep.verdicts import SEVERITY, VERDICTS
 
 REPLICATE_KEYS = ("train.seed",)  # aggregated over, never an axis

@@ -79,7 +79,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
     if base:
         cfg = build_run_cfg(base)
         if cfg.device == "cuda":
-            from gradsweep.train import resolve_device
+            from gradsweep.device import resolve_device
 
             resolve_device("cuda")
 
@@ -114,7 +114,7 @@ def compose_values(overrides: list[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
     values = OmegaConf.to_container(cfg, resolve=True)
@@ -125,10 +125,12 @@ def compose_values(overrides: list[str]) -> dict[str, Any]:
 def _format(value: Any) -> str:
     from hydra.core.override_parser.types import Override
 
+    # Private: how Hydra prints an override value back (quoting, lists, intervals); no public function does it.
     return Override._get_value_element_as_str(value)
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """A Hydra composition error as one line; a missing group option names the group's valid values."""
     text = first_line(e)
     if "Could not find" in text and "/" in text:
         group = text.rsplit("'", 2)[-2].split("/")[0]

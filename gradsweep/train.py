@@ -9,7 +9,6 @@ to the host once per block of logged steps.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradsweep.config import ConfigError, RunCfg
+from gradsweep.config import RunCfg
 from gradsweep.data import load_data
+from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
@@ -28,41 +28,6 @@ from gradsweep.stats import StatsPlan
 log = logging.getLogger(__name__)
 
 DIVERGED_REASONS = (None, "loss", "gradient", "final loss")
-HOST_COPY_EVERY = 64  # logged steps kept on the device before one copy to the host
-
-
-@functools.cache
-def resolve_device(requested: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU (logged once per process); ``cuda`` without a GPU is an error."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is not valid here: no CUDA GPU is available; valid values: auto, cpu")
-    if requested == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device=auto: training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU")
-        return device
-    return torch.device(requested)
-
-
-@functools.cache
-def position_independent_blas() -> bool:
-    """Whether this process's CPU matrix products give a run the same bits wherever it sits in its group.
-
-    True where MKL's strict reproducibility mode took effect (gradsweep/__init__.py sets MKL_CBWR before
-    torch's first matrix product) or the BLAS does not depend on alignment; False where torch multiplied
-    matrices before gradsweep was imported. Checked by one product of a matrix at a 32-byte offset and of its
-    aligned copy.
-    """
-    g = torch.Generator().manual_seed(0)
-    a, x = torch.randn(2, 100, 10, generator=g), torch.randn(100, 1, generator=g)
-    both = torch.bmm(x.expand(2, 100, 1).transpose(1, 2), a)
-    alone = torch.bmm(x.expand(1, 100, 1).transpose(1, 2), a[1:2].clone())
-    exact = torch.equal(both[1], alone[0])
-    if not exact:
-        log.warning("float32 runs on this CPU may differ in the last bits with their position in a group: torch "
-                    "multiplied matrices before gradsweep was imported, so MKL_CBWR=AUTO,STRICT came too late; "
-                    "import gradsweep first, or set MKL_CBWR=AUTO,STRICT in the environment")
-    return exact
-
 
 def group_key(cfg: RunCfg) -> tuple:
     """Everything that fixes a run's computation shape or code path; runs with equal keys train as one group."""
@@ -108,6 +73,11 @@ class GroupTrace:
     device: str
     baseline_loss: float = float("nan")
     """The trivial predictor's loss on the training data (losses.baseline_loss); NaN where there is none."""
+    input_q: float = float("nan")
+    """The data's mean squared input entry (mean-field theory's q_in, for gradsweep.summary's predictions)."""
+    in_dim: int = 0
+    out_dim: int = 0
+    """The data's input and output sizes."""
 
 
 def _logged(step: int, total: int, every: int) -> bool:
@@ -250,5 +220,8 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         wall_s=time.perf_counter() - t0,
         device=str(device),
         baseline_loss=baseline_loss(loss_name, data.y),
+        input_q=float(data.x.double().square().mean()),
+        in_dim=int(data.x.shape[1]),
+        out_dim=int(data.out_dim),
     )
 

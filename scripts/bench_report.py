@@ -21,10 +21,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gradsweep.config import build_run_cfg
+from gradsweep.group import GroupLimits, plan
 from gradsweep.preflight import CONF_DIR
 from gradsweep.report import make_report
-from gradsweep.tables import RUNS_INDEX, build_tables, write_tables
-from gradsweep.train import group_key, train_group
+from gradsweep.schema import RUNS_INDEX
+from gradsweep.store import write_tables
+from gradsweep.summary import build_tables
+from gradsweep.train import train_group
 
 LRS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 CLIPS = [None, 0.1, 1.0, 10.0, 100.0]
@@ -41,29 +44,24 @@ def build_sweep(root: Path, n_runs: int, steps: int) -> None:
     cfgs = [build_run_cfg({"model": {"depth": 9, "activation": act}, "init": presets[init], "optim": {"lr": lr},
                            "train": {"steps": steps, "clip_norm": clip, "seed": seed}, "quiet": True, "device": "cpu"})
             for act, init, lr, clip, seed in points]
-    groups: dict = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(group_key(cfg), []).append(i)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     bar = tqdm(total=len(cfgs), desc="building the sweep", unit="run")
-    for idx in groups.values():
-        for start in range(0, len(idx), 1000):
-            chunk = idx[start:start + 1000]
-            meta = [{"job_num": i, "override_dirname": f"model.activation={points[i][0]},init={points[i][1]},"
-                     f"optim.lr={points[i][2]},train.clip_norm={points[i][3]},train.seed={points[i][4]}"} for i in chunk]
-            runs, steps_t = build_tables([cfgs[i] for i in chunk], train_group([cfgs[i] for i in chunk]), meta)
-            bounds = np.searchsorted(steps_t.run_id.to_numpy(), runs.run_id.to_numpy(), side="left") \
-                if steps_t.run_id.is_monotonic_increasing else None
-            for row, i in enumerate(chunk):
-                if bounds is not None:
-                    lo = bounds[row]
-                    hi = bounds[row + 1] if row + 1 < len(bounds) else len(steps_t)
-                    part = steps_t.iloc[lo:hi]
-                else:
-                    part = steps_t[steps_t.run_id == runs.run_id[row]]
-                write_tables(tmp / str(i), runs.iloc[[row]], part)
-                bar.update(1)
+    for chunk in plan(cfgs, list(range(len(cfgs))), GroupLimits(max_runs=1000)):
+        meta = [{"job_num": i, "override_dirname": f"model.activation={points[i][0]},init={points[i][1]},"
+                 f"optim.lr={points[i][2]},train.clip_norm={points[i][3]},train.seed={points[i][4]}"} for i in chunk]
+        runs, steps_t = build_tables([cfgs[i] for i in chunk], train_group([cfgs[i] for i in chunk]), meta)
+        bounds = np.searchsorted(steps_t.run_id.to_numpy(), runs.run_id.to_numpy(), side="left") \
+            if steps_t.run_id.is_monotonic_increasing else None
+        for row, i in enumerate(chunk):
+            if bounds is not None:
+                lo = bounds[row]
+                hi = bounds[row + 1] if row + 1 < len(bounds) else len(steps_t)
+                part = steps_t.iloc[lo:hi]
+            else:
+                part = steps_t[steps_t.run_id == runs.run_id[row]]
+            write_tables(tmp / str(i), runs.iloc[[row]], part)
+            bar.update(1)
     bar.close()
     tmp.rename(root)
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from conftest import make_cfg
 from omegaconf import OmegaConf
 
+from gradsweep.group import plan
 from gradsweep.preflight import CONF_DIR
-from gradsweep.tables import build_tables, write_tables
-from gradsweep.train import group_key, train_group
+from gradsweep.store import write_tables
+from gradsweep.summary import build_tables
+from gradsweep.train import train_group
 
 
 def grid(**swept) -> list[dict]:
@@ -37,10 +39,7 @@ def write_sweep(root: Path, points: list[dict], steps: int = 20, **base) -> Path
     base.setdefault("train", {})
     base["train"] = {"steps": steps, **base["train"]}
     cfgs = [make_cfg(**_sections(p, base)) for p in points]
-    groups: dict = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(group_key(cfg), []).append(i)
-    for idx in groups.values():
+    for idx in plan(cfgs, list(range(len(cfgs)))):  # trained per group, written per run (a basic-launcher layout)
         runs, steps_t = build_tables([cfgs[i] for i in idx], train_group([cfgs[i] for i in idx]),
                                      [{"job_num": i, "override_dirname": ",".join(f"{k}={v}" for k, v in points[i].items())}
                                       for i in idx])

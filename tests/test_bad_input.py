@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import scaled
 
 pytestmark = pytest.mark.slow  # every case is a command run in a subprocess
 
@@ -167,7 +168,7 @@ def test_a_full_disk_fails_the_runs_in_one_line(good, tmp_path):
     before = _digest(good)
     r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "optim.lr=0.01,0.02", "train.steps=300", "quiet=true",
                         f"hydra.sweep.dir={tmp_path / 'full'}"], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=300, preexec_fn=_full_disk)
+                       timeout=scaled(300), preexec_fn=_full_disk)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1, r.stderr
     assert len(lines) == 1 and lines[0].startswith("gradsweep: error: 2 of 2 runs failed") and "File too large" in lines[0]
@@ -201,7 +202,7 @@ def test_a_full_tmpfs_fails_the_runs_in_one_line_and_spares_the_good_sweep(good,
         find {tmp_path}/disk/full -name runs.parquet > {tmp_path}/committed.txt
         """)
     (tmp_path / "disk").mkdir()
-    subprocess.run(["unshare", "-rm", "bash", "-c", script], check=True, timeout=300, cwd=tmp_path)
+    subprocess.run(["unshare", "-rm", "bash", "-c", script], check=True, timeout=scaled(300), cwd=tmp_path)
     stderr = (tmp_path / "stderr.txt").read_text()
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert (tmp_path / "rc.txt").read_text().strip() == "1", stderr

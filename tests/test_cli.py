@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import scaled
 
 from gradsweep import load_sweep
 from gradsweep.cli import main
@@ -60,7 +61,7 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, names, valid, tmp_path, 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "gradsweep", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=scaled(600))
 
 
 @pytest.mark.slow  # subprocesses
@@ -93,7 +94,7 @@ def test_the_readme_sweep_from_another_directory(tmp_path):
 
     # The README's report step: no argument, the newest sweep in this directory.
     out = subprocess.run([sys.executable, "-m", "gradsweep.report", "--quiet"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=scaled(300))
     assert out.returncode == 0, out.stderr[-2000:]
     report = sweeps[0] / "report"
     for name in ("heatmap_ratio.png", "heatmap_loss.png", "heatmap_verdict.png", "flow_maps.png", "loss_curves.png",

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from gradsweep.train import resolve_device, train_group
+from gradsweep.device import resolve_device
+from gradsweep.train import train_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -56,7 +57,8 @@ def test_no_host_sync_per_step():
 
 
 def test_device_memory_estimate_bounds_what_a_group_takes():
-    from gradsweep.launcher import device_bytes_per_run, free_device_bytes, runs_per_group
+    from gradsweep.device import device_bytes_per_run, free_device_bytes
+    from gradsweep.group import runs_per_group
 
     cfgs = _cfgs("cuda", n=256, dtype="float32", steps=80)
     torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 from gradsweep import load_sweep
 from gradsweep.report import make_report
@@ -21,7 +22,7 @@ ARMS = {"activation": ("model.activation", {"sigmoid", "relu"}), "clipping": ("t
 def test_preset_is_one_command_and_its_report_has_the_articles_figure(tmp_path, experiment):
     sweep = tmp_path / experiment
     r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", f"+experiment={experiment}", "quiet=true",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(600))
     assert r.returncode == 0, r.stderr
     runs, _ = load_sweep(sweep)
     key, arms = ARMS[experiment]
@@ -39,7 +40,7 @@ def test_preset_is_one_command_and_its_report_has_the_articles_figure(tmp_path, 
 @pytest.mark.slow  # a subprocess
 def test_unknown_experiment_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "+experiment=dropout", f"hydra.sweep.dir={tmp_path / 's'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120))
     assert r.returncode == 2
     assert r.stderr.strip() == ("gradsweep: error: experiment='dropout' is not valid; "
                                 "valid values: activation, clipping, init")
@@ -51,7 +52,7 @@ def test_digits_sweep_end_to_end_fused_with_test_accuracy(tmp_path):
     sweep = tmp_path / "digits"
     r = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "data=digits", "model.depth=2,4", "init=default,kaiming",
                         "model.width=32", "optim.lr=0.1", "train.steps=60", "quiet=true", f"hydra.sweep.dir={sweep}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=scaled(600))
     assert r.returncode == 0, r.stderr
     assert (sweep / "groups").is_dir()  # trained by the fused launcher
     runs, _ = load_sweep(sweep)

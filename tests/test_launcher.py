@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import scaled
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from gradsweep import load_sweep
@@ -43,7 +44,7 @@ class TestFusedLauncherIntegration(IntegrationTestSuite):
 
 def _sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradsweep", "-m", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+                          timeout=scaled(600), env={**os.environ, "HYDRA_FULL_ERROR": "1"})
 
 
 SWEEP = ["model.depth=2,5", "init=xavier,kaiming,large", "optim.lr=0.01,0.05", "train.clip_norm=null,1.0",
@@ -69,7 +70,8 @@ def test_fused_sweep_reads_like_the_basic_one(tmp_path):
     for col in [c for c in sf.columns if sf[c].dtype == float]:
         np.testing.assert_allclose(sf[col], sb[col], rtol=1e-10, atol=1e-300, err_msg=col)
     # The runs index the fused launcher writes from memory reads the same as the run files themselves.
-    from gradsweep.tables import RUNS_INDEX, load_runs
+    from gradsweep.schema import RUNS_INDEX
+    from gradsweep.store import load_runs
 
     assert (tmp_path / "fused" / RUNS_INDEX).exists()
     from_index = load_runs(tmp_path / "fused")
@@ -122,7 +124,8 @@ def test_a_run_that_cannot_be_written_fails_alone(tmp_path):
 
 
 def test_groups_are_sized_from_free_device_memory(cfg_factory):
-    from gradsweep.launcher import DEVICE_MEMORY_SHARE, device_bytes_per_run, runs_per_group
+    from gradsweep.device import DEVICE_MEMORY_SHARE, device_bytes_per_run
+    from gradsweep.group import runs_per_group
 
     cfg = cfg_factory(train={"steps": 200})
     per_run = device_bytes_per_run(cfg)
@@ -187,7 +190,7 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
     cmd = [sys.executable, "-m", "gradsweep", "-m", *sweep, "hydra/launcher=gradsweep_submitit_local",
            f"hydra.sweep.dir={d}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)
 
     def job_dirs() -> list[Path]:
         return [p for p in (d / ".submitit").glob("*") if p.name.isdigit()] if (d / ".submitit").is_dir() else []
@@ -196,7 +199,7 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
     assert out.returncode == 0, out.stderr[-3000:]
     waited = re.search(r"Waiting for (\d+) local submitit job\(s\) an earlier start submitted", out.stderr + out.stdout)
     assert waited and int(waited[1]) >= 1, (out.stderr + out.stdout)[-3000:]

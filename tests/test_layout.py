@@ -8,7 +8,7 @@ import pytest
 from sweeps import grid, write_sweep
 
 from gradsweep.layout import aggregate, infer_layout, swept_keys
-from gradsweep.tables import load_runs
+from gradsweep.store import load_runs
 
 
 @pytest.fixture(scope="module")

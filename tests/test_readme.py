@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gradsweep.schema import LAYER_STATS
-from gradsweep.tables import ID_COLUMNS, RESULT_COLUMNS, STEP_COLUMNS
+from gradsweep.schema import ID_COLUMNS, LAYER_STATS, RESULT_COLUMNS, STEP_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import scaled
 from sweeps import grid, write_sweep
 
 from gradsweep.report import main, make_report
@@ -78,7 +79,7 @@ def test_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow  # a subprocess
 def test_cli_prints_a_summary(partial):
     out = subprocess.run([sys.executable, "-m", "gradsweep.report", str(partial), "--quiet"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=scaled(300))
     assert out.returncode == 0, out.stderr
     assert "6 runs:" in out.stdout and "diverged" in out.stdout and "index.html" in out.stdout
 

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 from gradsweep.layout import STEP0_BLIND
-from gradsweep.tables import load_runs
+from gradsweep.store import load_runs
 
 SWEEP = ["model.depth=2,5,10,20,30", "model.activation=relu,tanh,sigmoid", "init=xavier,kaiming,default",
          "optim.lr=0.001,0.01,0.1"]
@@ -25,9 +26,9 @@ def big(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("big")
     sweep = root / "sweep"
     subprocess.run([sys.executable, "-m", "gradsweep", "-m", *SWEEP, "train.steps=40", "quiet=true",
-                    f"hydra.sweep.dir={sweep}"], check=True, capture_output=True, cwd=root, timeout=900)
+                    f"hydra.sweep.dir={sweep}"], check=True, capture_output=True, cwd=root, timeout=scaled(900))
     subprocess.run([sys.executable, "-m", "gradsweep.report", str(sweep), "--quiet"], check=True, capture_output=True,
-                   cwd=root, timeout=600)
+                   cwd=root, timeout=scaled(600))
     return sweep / "report"
 
 

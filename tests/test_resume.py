@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import scaled
 
 from gradsweep import load_sweep
-from gradsweep.tables import GROUPS_DIR, RUNS_FILE, completed_runs
+from gradsweep.schema import GROUPS_DIR, RUNS_FILE
+from gradsweep.store import completed_runs
 
 pytestmark = pytest.mark.slow  # real sweeps in subprocesses, killed and rerun
 
@@ -45,7 +47,7 @@ def _tables(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume") / "whole"
-    subprocess.run(_cmd(d, "quiet=true"), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(d, "quiet=true"), check=True, capture_output=True, timeout=scaled(300))
     return _tables(d)
 
 
@@ -82,7 +84,7 @@ def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, where)
     proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "GRADSWEEP_PROGRESS": "1"})
     stderr = _Stderr(proc)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)
     while time.monotonic() < deadline and proc.poll() is None:
         if kind == "after" and (d / "multirun.yaml").exists() and _groups_done(d) >= k:
             break
@@ -96,7 +98,7 @@ def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, where)
     assert done < 6, "the sweep finished before it could be killed"
     if kind == "training":
         assert done == k - 1, f"killed after {done} groups, not while training group {k}"
-    rerun = subprocess.run(_cmd(d, "quiet=true"), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_cmd(d, "quiet=true"), capture_output=True, text=True, timeout=scaled(300))
     assert rerun.returncode == 0, rerun.stderr
     if done:
         assert f"{4 * done} of 24 runs already complete" in rerun.stderr + rerun.stdout
@@ -112,10 +114,10 @@ def test_a_changed_config_under_the_same_directory_is_refused(tmp_path):
     d = tmp_path / "s"
     small = [sys.executable, "-m", "gradsweep", "-m", "model.depth=2", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
              f"hydra.sweep.dir={d}"]
-    subprocess.run(small, check=True, capture_output=True, timeout=120)
+    subprocess.run(small, check=True, capture_output=True, timeout=scaled(120))
     before = {p: p.stat().st_mtime_ns for p in d.rglob("*.parquet")}
     changed = [a.replace("optim.lr=0.01,0.02", "optim.lr=0.01,0.03") for a in small]
-    r = subprocess.run(changed, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(changed, capture_output=True, text=True, timeout=scaled(120))
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("gradsweep: error:")]
     assert len(err) == 1 and "holds a run of another configuration" in err[0]
@@ -125,7 +127,7 @@ def test_a_changed_config_under_the_same_directory_is_refused(tmp_path):
 def test_interrupted_groups_and_temporaries_are_cleaned(tmp_path):
     d = tmp_path / "s"
     subprocess.run([sys.executable, "-m", "gradsweep", "-m", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
-                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=120)
+                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=scaled(120))
     (d / GROUPS_DIR / "9").mkdir()
     (d / GROUPS_DIR / "9" / "steps.parquet").write_bytes(b"torn")  # steps written, runs never: interrupted
     (d / "0" / ".hydra" / ".config.yaml.tmp-123").write_text("half")
@@ -137,7 +139,7 @@ def test_interrupted_groups_and_temporaries_are_cleaned(tmp_path):
 def test_groups_a_running_job_still_writes_are_left_alone(tmp_path):
     d = tmp_path / "s"
     subprocess.run([sys.executable, "-m", "gradsweep", "-m", "optim.lr=0.01,0.02", "train.steps=5", "quiet=true",
-                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=120)
+                    f"hydra.sweep.dir={d}"], check=True, capture_output=True, timeout=scaled(120))
     for g in ("8", "9"):  # two groups half-written: 8 by a dead start, 9 by a job that still runs on a cluster
         (d / GROUPS_DIR / g).mkdir()
         (d / GROUPS_DIR / g / ".steps.parquet.tmp-77.parquet").write_bytes(b"half")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import scaled
 
 from gradsweep import load_sweep
-from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+from gradsweep.schema import GROUPS_DIR, RUNS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIES = ["wall_s", "group_size"]
@@ -71,7 +72,7 @@ def slurm_env():
 
 def _sweep(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradsweep", "-m", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=scaled(600))
 
 
 def _tables(d: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -133,7 +134,7 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     cmd = [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *SLURM, "hydra.launcher.max_group_runs=2",
            f"hydra.sweep.dir={d}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)
     while time.monotonic() < deadline and proc.poll() is None:
         queued = subprocess.run(["squeue", "-h", "-n", "gradsweep", "-o", "%T"], env=slurm_env, capture_output=True,
                                 text=True).stdout.split()
@@ -144,7 +145,7 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     proc.wait()
     assert len(_job_ids(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
 
-    out = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=scaled(600))
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stderr + out.stdout
     waited = re.search(r"Waiting for (\d+) SLURM job\(s\) an earlier start submitted", log)
@@ -172,7 +173,7 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed = None
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + scaled(300)
     while killed is None and time.monotonic() < deadline and proc.poll() is None:
         for log in (d / ".submitit").glob("*/*_0_log.err") if (d / ".submitit").is_dir() else []:
             steps = [int(n) for n in BAR.findall(log.read_text(errors="replace"))]
@@ -181,7 +182,7 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
                 assert _kill_job_process(killed)
                 break
         time.sleep(0.05)
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=scaled(600))
     assert killed is not None, "no job seen running"
     assert proc.returncode == 1, stderr[-3000:]
     err = [ln for ln in stderr.splitlines() if ln.startswith("gradsweep: error:")]
@@ -191,7 +192,7 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
     assert f"submitit job {killed} ended FAILED without a result" in err[0]
     assert len(list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))) == 1
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=scaled(600))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "4 of 8 runs already complete" in rerun.stderr + rerun.stdout
     assert "Submitted 1 group(s) to submitit (slurm)" in rerun.stderr + rerun.stdout

@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_cfg
+from conftest import make_cfg, scaled
 
 from gradsweep import load_sweep
 from gradsweep.config import config_hash
-from gradsweep.tables import RESULT_COLUMNS, STEP_COLUMNS, build_tables, write_tables
+from gradsweep.schema import RESULT_COLUMNS, STEP_COLUMNS
+from gradsweep.store import write_tables
+from gradsweep.summary import build_tables
 from gradsweep.train import train_group
 
 
@@ -110,7 +112,8 @@ def test_extra_tag_columns_survive_mixed_sweeps(tmp_path):
 def test_runs_index_is_used_only_while_fresh(tmp_path):
     import os
 
-    from gradsweep.tables import RUNS_INDEX, load_runs
+    from gradsweep.schema import RUNS_INDEX
+    from gradsweep.store import load_runs
 
     cfgs, trace = _group()
     runs, steps = build_tables(cfgs, trace)
@@ -132,7 +135,8 @@ def test_runs_index_is_used_only_while_fresh(tmp_path):
 
 
 def test_group_files_read_like_run_files(tmp_path):
-    from gradsweep.tables import GROUPS_DIR, load_runs, write_group, write_job_dirs
+    from gradsweep.schema import GROUPS_DIR
+    from gradsweep.store import load_runs, write_group, write_job_dirs
 
     cfgs, trace = _group()
     runs, steps = build_tables(cfgs, trace, [{"job_num": 0}, {"job_num": 1}])
@@ -155,7 +159,7 @@ def test_group_files_read_like_run_files(tmp_path):
 
 
 def test_a_run_whose_directory_cannot_be_written_fails_alone(tmp_path):
-    from gradsweep.tables import write_job_dirs
+    from gradsweep.store import write_job_dirs
 
     (tmp_path / "blocked").write_text("a file where the run's directory should be")
     failures = write_job_dirs([tmp_path / "blocked", tmp_path / "ok"], [({"a": 1}, ["x=1"])] * 2, ".hydra")
@@ -172,7 +176,7 @@ def test_load_sweep_reads_parquet_without_importing_torch(tmp_path):
     cfgs = [make_cfg(model={"depth": 2}, train={"steps": 3})]
     write_tables(tmp_path, *build_tables(cfgs, train_group(cfgs)))
     code = f"import sys, gradsweep; gradsweep.load_sweep({str(tmp_path)!r}); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120))
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 

@@ -12,7 +12,7 @@ from conftest import make_cfg
 
 from gradsweep.config import InitCfg
 from gradsweep.model import new_linear
-from gradsweep.tables import build_tables
+from gradsweep.summary import build_tables
 from gradsweep.theory import KINKED, SMOOTH, _adaptive, _rule, gaussian_mean, predict, weight_variance
 from gradsweep.train import train_group
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, scaled
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
@@ -170,14 +170,14 @@ def test_blas_is_position_independent_once_gradsweep_is_imported_first():
     import subprocess
     import sys
 
-    from gradsweep.train import position_independent_blas
+    from gradsweep.device import position_independent_blas
 
     assert position_independent_blas()
     late = ("import torch; torch.ones(4, 4) @ torch.ones(4, 4)\n"
             "import logging; logging.basicConfig()\n"
-            "from gradsweep.train import position_independent_blas as p; print(p())")
+            "from gradsweep.device import position_independent_blas as p; print(p())")
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    out = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env, timeout=scaled(120))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("True", "False")
     if out.stdout.strip() == "False":

@@ -19,13 +19,15 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from conftest import scaled
 from optuna.trial import TrialState
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
 from gradsweep import load_sweep
 from gradsweep.config import ConfigError
-from gradsweep.tune import CONSTRAINTS, compose, tune_study
+from gradsweep.tune import compose, tune_study
+from gradsweep.tune.study import CONSTRAINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["model.depth=4", "init=kaiming", "train.steps=40", "quiet=true"]
@@ -38,7 +40,7 @@ def _tune(out: Path, *overrides: str) -> dict:
 
 def _cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradsweep.tune", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=scaled(300))
 
 
 def _journal(out: Path) -> Path:
@@ -134,7 +136,7 @@ def _two_workers(tmp_path: Path, storage: str | None, n: tuple[int, int] = (6, 5
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, k in enumerate(n)]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=scaled(300))
         assert p.returncode == 0, err
     st = storage or optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(_journal(out))))
     trials = optuna.load_study(study_name="concurrent", storage=st).trials
@@ -221,7 +223,7 @@ def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
     from sweeps import grid, write_sweep
 
     from gradsweep.report import make_report
-    from gradsweep.tables import load_runs
+    from gradsweep.store import load_runs
 
     sweep = write_sweep(tmp_path / "sweep", grid(**{"model.depth": [2, 3], "init": ["xavier", "kaiming"]}))
     _tune(sweep, "tune.n_trials=3")  # tune.out_dir=<sweep>: the search sits in the sweep's directory
@@ -246,7 +248,7 @@ def _study(out: Path) -> optuna.Study:
 
 
 def _trials_and_tables_agree(out: Path, study: optuna.Study) -> None:
-    from gradsweep.tables import GROUPS_DIR, RUNS_FILE
+    from gradsweep.schema import GROUPS_DIR, RUNS_FILE
 
     states = {t.number: t.state for t in study.trials}
     assert not [n for n, s in states.items() if s in (TrialState.RUNNING, TrialState.WAITING)], states
@@ -269,14 +271,14 @@ def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "GRADSWEEP_PROGRESS": "1"})  # bars on a pipe: asked for
     text = ""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)
     while time.monotonic() < deadline and proc.poll() is None:  # the second batch a third to 3/4 trained
         text += os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
         steps = [int(n) for n in TRAIN_BAR.findall(text)]
         if steps.count(0) == 2 and KILL_STEPS // 3 <= steps[-1] <= 3 * KILL_STEPS // 4:
             break
     proc.send_signal(sig)
-    text += proc.communicate(timeout=60)[1].decode(errors="replace")
+    text += proc.communicate(timeout=scaled(60))[1].decode(errors="replace")
     if sig == signal.SIGINT:  # Ctrl-C: one line, the conventional exit status
         assert proc.returncode == 130 and text.rstrip().splitlines()[-1].startswith("gradsweep.tune: interrupted;")
     study = _study(tmp_path)
@@ -287,7 +289,7 @@ def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     else:  # interrupted: failed and queued again on the way out
         assert by_state[TrialState.FAIL] == [4, 5, 6, 7] and by_state[TrialState.WAITING] == [8, 9, 10, 11], by_state
 
-    rerun = subprocess.run([*cmd, "quiet=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*cmd, "quiet=true"], cwd=ROOT, capture_output=True, text=True, timeout=scaled(300))
     assert rerun.returncode == 0, rerun.stderr
     if sig == signal.SIGKILL:
         assert rerun.stderr.count("was left RUNNING (its worker") == 4, rerun.stderr
@@ -303,8 +305,8 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
     """Trials left RUNNING as a dead worker leaves them: one by a dead process on this machine (whose
     configuration already has complete tables: read, not trained again), one by another machine that stopped
     beating; a third, beating on another machine, is still being trained there and must be left alone."""
-    from gradsweep.tables import GROUPS_DIR
-    from gradsweep.tune import BEAT_ATTR, WORKER_ATTR
+    from gradsweep.schema import GROUPS_DIR
+    from gradsweep.tune.study import BEAT_ATTR, WORKER_ATTR
 
     _tune(tmp_path, "tune.n_trials=4", "tune.batch_size=4", "tune.sampler=random")
     study = _study(tmp_path)
@@ -340,7 +342,8 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
 
 
 def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_edge():
-    from gradsweep.tune import TuneCfg, summarize
+    from gradsweep.config import TuneCfg
+    from gradsweep.tune import summarize
 
     lrs = [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1.6e-3, 3e-3, 5e-3, 1e-2, 2e-2]
     ok = [False, True, True, True, True, False, True, False, False, False]  # 1e-4 stalled; 3e-3 an island

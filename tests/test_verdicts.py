@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradsweep.losses import baseline_loss
-from gradsweep.tables import build_tables
+from gradsweep.summary import build_tables
 from gradsweep.train import train_group
 from gradsweep.verdicts import CUT, NO_SIGNAL, SIGNAL, UNDERFLOW, conditions, dead_runs, underflow_floor, verdicts, zero_causes
 

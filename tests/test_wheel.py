@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=scaled(600))
     wheel = next(dist.glob("gradsweep-*.whl"))
     # The venv sees this interpreter's packages (torch, hydra, ... already installed: no download), but gradsweep
     # itself comes from the wheel, not from the editable install of this checkout.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=scaled(300))
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=600)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=scaled(600))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run([str(python), "-c", "import gradsweep, gradsweep.preflight as p; print(gradsweep.__file__); "
@@ -34,10 +35,10 @@ def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     sweep = elsewhere / "sweep"
     run = subprocess.run([str(venv / "bin" / "gradsweep"), "-m", "model.depth=2,10,30", "init=xavier,kaiming",
                           "train.steps=20", "quiet=true", f"hydra.sweep.dir={sweep}"], cwd=elsewhere, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=scaled(600))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "6 runs in" in run.stdout and "jobs fused" in run.stdout  # the packaged launcher plugin was found
     report = subprocess.run([str(python), "-m", "gradsweep.report", str(sweep), "--quiet"], cwd=elsewhere,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=scaled(600))
     assert report.returncode == 0, report.stderr[-2000:]
     assert (sweep / "report" / "index.html").is_file()

@@ -1,7 +1,12 @@
-"""The fused launcher: thin here, the work in ``gradsweep.launcher`` (imported when a sweep launches)."""
+"""The fused launcher: thin here, the work in ``gradsweep.launcher`` (imported when a sweep launches).
+
+This is where Hydra calls gradsweep's sweep, so it is where gradsweep's typed errors (``gradsweep.errors``) become
+one line and an exit status: raised further, Hydra would print them as tracebacks.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,15 +39,16 @@ class FusedLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from gradsweep.errors import GradsweepError
         from gradsweep.launcher import launch
 
-        return launch(self, job_overrides, initial_job_idx)
+        try:
+            return launch(self, job_overrides, initial_job_idx)
+        except GradsweepError as e:
+            print(f"gradsweep: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
 
     def __repr__(self) -> str:
         return (f"FusedLauncher(max_group_runs={self.max_group_runs}, memory_gb={self.memory_gb}, "
                 f"executor={self.executor})")
 
-
-def fusable(task_function: Any) -> bool:
-    """Only gradsweep's own task is trained fused; any other task runs job by job."""
-    return bool(getattr(task_function, "gradsweep_fusable", False))

@@ -7,13 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Private: Hydra ships its basic sweeper only in hydra._internal (no public module exports it); subclassing it is
+# how this sweeper keeps Hydra's own override parsing, batching and multirun.yaml exactly.
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from gradsweep.errors import first_line
+from gradsweep.group import fusable
 from hydra_plugins.gradsweep_launcher import config as _config  # noqa: F401  (registers the configs)
-from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher, fusable
+from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher
 
 
 class GradsweepSweeper(BasicSweeper):
@@ -35,7 +39,7 @@ class GradsweepSweeper(BasicSweeper):
         self.overrides = self.split_arguments(parser.parse_overrides(params_conf), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        from gradsweep.tables import write_text_atomic
+        from gradsweep.store import write_text_atomic
 
         write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         returns: list[Sequence[JobReturn]] = []
@@ -55,10 +59,13 @@ class GradsweepSweeper(BasicSweeper):
             # complete runs), then the failure on a line of its own.
             self.hydra_context.callbacks.on_multirun_end(config=self.config)
             first = failed[0]
-            err = str(first._return_value).strip().splitlines()
+            # Private: JobReturn.return_value raises a failed job's exception only after logging "Error executing
+            # job" for it; the attribute behind it is the one way to read the exception without that second line.
+            error = first._return_value
             print(f"gradsweep: error: {len(failed)} of {initial_job_idx} runs failed (the first, "
-                  f"{' '.join(first.overrides) or 'defaults'}: {type(first._return_value).__name__}: "
-                  f"{err[0] if err else ''})"
+                  f"{' '.join(first.overrides) or 'defaults'}: {type(error).__name__}: "
+                  f"{first_line(error) if str(error).strip() else ''})"
                   + ("; the others are complete" if len(failed) < initial_job_idx else ""), file=sys.stderr, flush=True)
             raise SystemExit(1)
         return returns
+

@@ -1,0 +1,78 @@
+"""The device a group trains on: its choice, its free memory, and what one run of a group takes of it.
+
+Also the CPU's one numeric caveat: whether its BLAS gives a run the same bits wherever it sits in a group.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from gradsweep.config import linear_dims
+from gradsweep.data import data_shape
+from gradsweep.errors import ConfigError
+from gradsweep.model import layers
+from gradsweep.schema import LAYER_STATS
+
+log = logging.getLogger(__name__)
+
+HOST_COPY_EVERY = 64  # logged steps kept on the device before one copy to the host
+DEVICE_MEMORY_SHARE = 0.8  # of the free device memory, what one group may take
+
+
+@functools.cache
+def resolve_device(requested: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU (logged once per process); ``cuda`` without a GPU is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not valid here: no CUDA GPU is available; valid values: auto, cpu")
+    if requested == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.info("device=auto: training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU")
+        return device
+    return torch.device(requested)
+
+
+@functools.cache
+def position_independent_blas() -> bool:
+    """Whether this process's CPU matrix products give a run the same bits wherever it sits in its group.
+
+    True where MKL's strict reproducibility mode took effect (gradsweep/__init__.py sets MKL_CBWR before
+    torch's first matrix product) or the BLAS does not depend on alignment; False where torch multiplied
+    matrices before gradsweep was imported. Checked by one product of a matrix at a 32-byte offset and of its
+    aligned copy.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, x = torch.randn(2, 100, 10, generator=g), torch.randn(100, 1, generator=g)
+    both = torch.bmm(x.expand(2, 100, 1).transpose(1, 2), a)
+    alone = torch.bmm(x.expand(1, 100, 1).transpose(1, 2), a[1:2].clone())
+    exact = torch.equal(both[1], alone[0])
+    if not exact:
+        log.warning("float32 runs on this CPU may differ in the last bits with their position in a group: torch "
+                    "multiplied matrices before gradsweep was imported, so MKL_CBWR=AUTO,STRICT came too late; "
+                    "import gradsweep first, or set MKL_CBWR=AUTO,STRICT in the environment")
+    return exact
+
+
+def device_bytes_per_run(cfg: Any) -> int:
+    """An upper estimate of the device memory one run of a group takes while it trains.
+
+    Parameters and everything of their size (gradient, clipped gradient, update, optimiser state, the
+    statistics' terms: 14 copies), the forward pass kept for backward and its gradients (6 tensors of
+    batch x width per block), and the statistics of the steps held on the device between host copies.
+    """
+    n, in_dim, out_dim = data_shape(cfg.data)
+    dims = linear_dims(cfg.model, in_dim, out_dim)
+    n_params = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width
+    batch = min(cfg.train.batch_size or n, n)
+    values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
+    values += HOST_COPY_EVERY * (len(layers(cfg.model)) * len(LAYER_STATS) + 3)
+    return values * (8 if cfg.train.dtype == "float64" else 4)
+
+
+def free_device_bytes(device: str) -> int | None:
+    """Free memory of the CUDA device a run config resolves to; None on the CPU."""
+    dev = resolve_device(device)
+    return torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None

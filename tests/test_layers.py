@@ -1,0 +1,134 @@
+"""The package's shape, checked on the tree: which module may import which, no circles, no oversized modules,
+and ``sys.exit`` only where a command answers the user."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gradsweep", "hydra_plugins")
+MAX_LINES = 400
+
+# Lowest first. A module may import only from its own layer or a lower one.
+LAYERS = [
+    {"gradsweep", "gradsweep.errors", "gradsweep.checks", "gradsweep.progress"},
+    {"gradsweep.config"},
+    {"gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
+     "gradsweep.optim"},
+    {"gradsweep.model", "gradsweep.stats", "gradsweep.theory"},
+    {"gradsweep.device", "gradsweep.train"},
+    {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},
+    {"gradsweep.group", "gradsweep.compose", "gradsweep.preflight", "gradsweep.figures", "gradsweep.html"},
+    {"gradsweep.submit", "gradsweep.launcher", "gradsweep.callbacks", "gradsweep.report_text", "gradsweep.bench",
+     "gradsweep.tune.results"},
+    {"gradsweep.cli", "gradsweep.report", "gradsweep.tune", "gradsweep.__main__", "hydra_plugins"},
+]
+# Where sys.exit / SystemExit may appear: the commands, and the Hydra plugin (where Hydra calls gradsweep's sweep).
+EXITS = {"gradsweep/cli.py", "gradsweep/report.py", "gradsweep/tune/cli.py", "hydra_plugins/gradsweep_launcher/launcher.py",
+         "hydra_plugins/gradsweep_launcher/sweeper.py"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Every first-party module ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def layer_of(module: str) -> int:
+    """The layer that names ``module``, or else the one that names its nearest package."""
+    for name in [".".join(module.split(".")[:k]) for k in range(module.count(".") + 1, 0, -1)]:
+        for i, layer in enumerate(LAYERS):
+            if name in layer and (name != "gradsweep" or module == "gradsweep"):
+                return i
+    raise AssertionError(f"{module} is in no layer of tests/test_layers.py: place it")
+
+
+GRAPH = {m: imports(p, set(modules())) - {m} for m, p in modules().items()}
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_go_down(module):
+    up = [t for t in GRAPH[module] if layer_of(t) > layer_of(module) and not t.startswith(module + ".")]
+    assert not up, f"{module} (layer {layer_of(module)}) imports higher layers: {up}"
+
+
+def test_no_import_circle():
+    # Within one layer imports may go either way; across the package there is no circle at all.
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(GRAPH.get(m, ())):
+            if t.startswith(m + "."):  # a package importing its own submodules
+                continue
+            if state.get(t) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(t):] + [t]))
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_core_never_imports_the_layers_above_it():
+    core = ("gradsweep.data", "gradsweep.model", "gradsweep.stats", "gradsweep.train")
+    above = ("gradsweep.launcher", "gradsweep.store", "gradsweep.tune", "gradsweep.report", "gradsweep.group")
+    for m in core:
+        assert not [t for t in GRAPH[m] if t.startswith(above)], m
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_module_size(module):
+    n = len(modules()[module].read_text().splitlines())
+    assert n <= MAX_LINES, f"{module} has {n} lines; split it along its concerns (at most {MAX_LINES})"
+
+
+def test_sys_exit_only_in_commands():
+    for path in modules().values():
+        rel = path.relative_to(ROOT).as_posix()
+        text = path.read_text()
+        if rel not in EXITS:
+            assert "sys.exit(" not in text and "SystemExit(" not in text, rel
+
+
+def test_private_api_uses_are_documented():
+    """Every access to another library's private members (``obj._name``, ``x._internal``) has a comment within the
+    three lines above it (or on its line) saying why there is no public way."""
+    for path in modules().values():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            private = (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                       and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")))
+            private |= isinstance(node, ast.ImportFrom) and "._" in (node.module or "")
+            if not private:
+                continue
+            window = lines[max(0, node.lineno - 4):node.lineno]
+            assert any("#" in line and "rivate" in line for line in window) or _own(node, lines), \
+                f"{path.relative_to(ROOT)}:{node.lineno}: undocumented private access: {lines[node.lineno - 1].strip()}"
+
+
+def _own(node: ast.AST, lines: list[str]) -> bool:
+    """An attribute of gradsweep's own objects (a module's private helper, a dataclass field)."""
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in (
+        "figures", "store", "schema", "report", "train", "groups")
