@@ -360,3 +360,13 @@ def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_
                          "largest_unstable_lr_below": 1e-4, "band_trials": 4}
     # The lowest loss at least 2x below the first unstable lr above (1.6e-3): 8e-4, not 1e-3 at the edge nor the island.
     assert s["best"]["lr"] == 8e-4 and s["isolated_better_trial"]["lr"] == 3e-3
+
+
+def test_concurrent_workers_never_share_a_sampler_seed():
+    """Workers started together with tune.seed 0 and 1 find 0 or 1 trials before them: no two get the same seed
+    (seed + trials did: 0 + 1 == 1 + 0, and their random start proposed the same learning rates)."""
+    from gradsweep.tune.study import sampler_seed
+
+    seeds = {(s, n): sampler_seed(s, n) for s in range(4) for n in range(50)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert sampler_seed(7, 0) == 7  # a new study is seeded with tune.seed itself

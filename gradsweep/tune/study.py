@@ -107,6 +107,17 @@ def _check_journal(path: Path) -> None:
                               "records); give another tune.storage")
 
 
+SEED_STRIDE = 1_000_003  # a prime: workers with tune.seed a and b collide only if |a - b| is a multiple of it
+
+
+def sampler_seed(seed: int, n_before: int) -> int:
+    """The sampler's seed for an invocation that finds ``n_before`` trials in the study: ``tune.seed`` on a new study
+    (reproducible), moved on by a stride per earlier trial, so a rerun proposes new points. Two workers started
+    together with tune.seed 0 and 1 must not get the same seed (0 + 1 and 1 + 0 did: their random start proposed
+    the same learning rates, so a run was shared by two trials); with a stride they do not."""
+    return (seed + SEED_STRIDE * n_before) % 2**32
+
+
 def make_sampler(tune: TuneCfg, seed: int) -> Any:
     """The sampler by name; on Optuna 4 the constraints reach it through ``constraints_func``."""
     import optuna
@@ -161,7 +172,7 @@ def open_study(tune: TuneCfg, base: RunCfg, name: str, out_dir: Path) -> tuple[A
         if existing.direction != optuna.study.StudyDirection.MINIMIZE:
             raise ConfigError(f"tune.study_name={name!r} is not valid here: that study is not a minimisation")
     n_before = len(existing.trials) if existing is not None else 0
-    sampler = make_sampler(tune, tune.seed + n_before)
+    sampler = make_sampler(tune, sampler_seed(tune.seed, n_before))
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                     sampler=sampler)
