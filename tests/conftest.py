@@ -1,12 +1,41 @@
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
 import pytest
 
+# The suite runs in parallel workers (pytest-xdist, -n auto): one torch thread per worker and per subprocess it starts,
+# so that two workers on two cores do not each spin two threads. A value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from gradsweep.config import RunCfg, build_run_cfg
+
+# Modules whose tests share an expensive module-scoped fixture (a real sweep, a SLURM cluster), longest first: each
+# runs on one xdist worker (--dist loadgroup), so the fixture is built once, and they are handed out first, so that
+# the suite ends on short tests spread over every worker instead of one long module on one.
+SHARED_FIXTURE_MODULES = ("test_resume", "test_tune", "test_slurm", "test_report_readable", "test_bad_input",
+                          "test_report", "test_layout")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker more than the cores, so that a core is not idle while a worker waits on a subprocess it
+    polls, a SLURM queue or a browser."""
+    return (os.cpu_count() or 1) + 1
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.module.__name__.rpartition(".")[2]
+
+    for item in items:
+        if module(item) in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module(item)))
+    rank = {m: i for i, m in enumerate(SHARED_FIXTURE_MODULES)}
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: each module keeps its order
 
 
 def make_cfg(**sections) -> RunCfg:

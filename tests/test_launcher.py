@@ -183,7 +183,9 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
     import re
     import time
 
-    sweep = ["model.depth=2,3", "train.steps=6000", "quiet=true"]
+    # Long enough that the jobs still train when the rerun looks for them; statistics every 10th step, which the
+    # claim does not need at every step.
+    sweep = ["model.depth=2,3", "train.steps=6000", "train.log_every=10", "quiet=true"]
     base = _sweep([*sweep, f"hydra.sweep.dir={tmp_path / 'base'}"], tmp_path)
     assert base.returncode == 0, base.stderr[-2000:]
     d = tmp_path / "local"

@@ -136,8 +136,9 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + scaled(120)
     while time.monotonic() < deadline and proc.poll() is None:
-        queued = subprocess.run(["squeue", "-h", "-n", "gradsweep", "-o", "%T"], env=slurm_env, capture_output=True,
-                                text=True).stdout.split()
+        ids = _job_ids(d) if (d / ".submitit").is_dir() else []  # this sweep's jobs, not a finishing earlier test's
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%T"], env=slurm_env, capture_output=True,
+                                text=True).stdout.split() if len(ids) == 4 else []
         if len(queued) == 4 and "RUNNING" in queued:
             break
         time.sleep(0.1)

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], check=True,
+    # --no-build-isolation: built with this interpreter's setuptools, not one pip downloads into a throwaway env
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(ROOT)], check=True,
                    capture_output=True, timeout=scaled(600))
     wheel = next(dist.glob("gradsweep-*.whl"))
     # The venv sees this interpreter's packages (torch, hydra, ... already installed: no download), but gradsweep
