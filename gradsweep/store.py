@@ -176,7 +176,8 @@ def discard_incomplete(root: Path, busy: frozenset[Path] = frozenset(), groups: 
         if not busy.intersection(Path(os.path.abspath(tmp)).parents):
             tmp.unlink(missing_ok=True)
     for group_dir in group_dirs:
-        if group_dir.is_dir() and not (group_dir / RUNS_FILE).is_file() and Path(os.path.abspath(group_dir)) not in busy:
+        # A named group that is gone already (another trial of it was cleaned first) still leaves its runs' dirs.
+        if not (group_dir / RUNS_FILE).is_file() and Path(os.path.abspath(group_dir)) not in busy:
             shutil.rmtree(group_dir, ignore_errors=True)
             for d in run_dirs:
                 shutil.rmtree(d, ignore_errors=True)

@@ -132,3 +132,15 @@ def _own(node: ast.AST, lines: list[str]) -> bool:
     """An attribute of gradsweep's own objects (a module's private helper, a dataclass field)."""
     return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in (
         "figures", "store", "schema", "report", "train", "groups")
+
+
+def test_the_hydra_plugins_do_not_import_gradsweep_when_scanned():
+    """Hydra imports every plugin module of every app it starts: importing gradsweep there would set MKL_CBWR (and
+    load pandas) in other people's Hydra apps. gradsweep is imported inside the plugins' methods only."""
+    for m, path in modules().items():
+        if not m.startswith("hydra_plugins"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "gradsweep" or n.startswith("gradsweep.") for n in names), f"{m}: {ast.unparse(node)}"

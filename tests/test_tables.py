@@ -190,3 +190,18 @@ def test_select_by_keyword_stands_for_the_dotted_columns():
     assert select(runs, optim_lr=[0.1], verdict=("healthy", "dead")).index.tolist() == [1]
     with pytest.raises(KeyError, match="'model_colour' names no column"):
         select(runs, model_colour="red")
+
+
+def test_a_trial_whose_group_another_trial_cleaned_loses_its_job_dir_too(tmp_path):
+    """Two trials of one interrupted group: cleaning the first removes the group; cleaning the second still removes
+    its job directory (the group being gone already means it never completed)."""
+    from gradsweep.schema import GROUPS_DIR
+    from gradsweep.store import discard_incomplete
+
+    (tmp_path / GROUPS_DIR / "6").mkdir(parents=True)
+    for n in (6, 7):
+        (tmp_path / "trials" / str(n) / ".hydra").mkdir(parents=True)
+    for n in (6, 7):
+        discard_incomplete(tmp_path, groups=["6"], run_dirs=[tmp_path / "trials" / str(n)])
+    assert not (tmp_path / GROUPS_DIR / "6").exists()
+    assert not any((tmp_path / "trials").iterdir())

@@ -14,8 +14,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from gradsweep.errors import first_line
-from gradsweep.group import fusable
 from hydra_plugins.gradsweep_launcher import config as _config  # noqa: F401  (registers the configs)
 from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher
 
@@ -25,6 +23,8 @@ class GradsweepSweeper(BasicSweeper):
         # BasicSweeper composes every job (~100 ms each) only to fail early on a bad one. The fused
         # launcher composes and checks every job of a batch before it trains any, so that is done
         # there, once; for any other launcher or task, Hydra's own check stands.
+        from gradsweep.group import fusable  # here, not at import: Hydra's plugin scan of any app imports this module
+
         if isinstance(self.launcher, FusedLauncher) and fusable(self.launcher.task_function):
             return
         super().validate_batch_is_legal(batch)
@@ -58,6 +58,8 @@ class GradsweepSweeper(BasicSweeper):
             # What Hydra does after a sweep (gradsweep's callback: close the sweep's bar, print the summary of the
             # complete runs), then the failure on a line of its own.
             self.hydra_context.callbacks.on_multirun_end(config=self.config)
+            from gradsweep.errors import first_line
+
             first = failed[0]
             # Private: JobReturn.return_value raises a failed job's exception only after logging "Error executing
             # job" for it; the attribute behind it is the one way to read the exception without that second line.
