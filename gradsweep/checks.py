@@ -34,14 +34,17 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def bare_type(annotation: Any) -> tuple[Any, bool]:
+    """A field's type without ``| None``, and whether it was optional (``int | None`` -> ``(int, True)``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
 def coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are expected."""
-    hint = annotation
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
+    hint, optional = bare_type(annotation)
     if value is None:
         if optional:
             return None

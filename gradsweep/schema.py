@@ -18,14 +18,12 @@ Nothing here imports torch: ``load_sweep`` reads a sweep without it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import types
-import typing
 
 import pandas as pd
 import pyarrow as pa
 
+from gradsweep.checks import bare_type, field_hints
 from gradsweep.config import SECTIONS, column_of
 
 LAYER_STATS = (
@@ -115,11 +113,9 @@ def config_columns() -> dict[str, pa.DataType]:
     """Arrow types of the flattened config columns, derived from the dataclass schemas."""
     out = {}
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            hint = typing.get_type_hints(cls)[f.name]
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                hint = next(a for a in typing.get_args(hint) if a is not type(None))
-            out[column_of(section, f.name)] = _PA_TYPES[hint]
+        hints, names = field_hints(cls)
+        for name in names:
+            out[column_of(section, name)] = _PA_TYPES[bare_type(hints[name])[0]]
     out["loss"] = pa.string()
     return out
 

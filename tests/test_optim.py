@@ -34,13 +34,18 @@ def reference(cfg: OptimCfg, start: torch.Tensor, grads: list[torch.Tensor]) -> 
     return p.detach()
 
 
-@pytest.mark.parametrize("cfgs", [SGD, ADAM], ids=["sgd", "adam"])
-def test_each_run_follows_torch_optim(cfgs):
-    g = torch.Generator().manual_seed(0)
+def stacked(cfgs: list[OptimCfg], seed: int):
+    """Random float64 starting parameters (R, P), STEPS random gradients, and a StackedOptimizer over a copy."""
+    g = torch.Generator().manual_seed(seed)
     start = torch.randn(len(cfgs), P, generator=g, dtype=torch.float64)
     grads = [torch.randn(len(cfgs), P, generator=g, dtype=torch.float64) for _ in range(STEPS)]
     flat = start.clone()
-    opt = StackedOptimizer(flat, cfgs)
+    return start, grads, flat, StackedOptimizer(flat, cfgs)
+
+
+@pytest.mark.parametrize("cfgs", [SGD, ADAM], ids=["sgd", "adam"])
+def test_each_run_follows_torch_optim(cfgs):
+    start, grads, flat, opt = stacked(cfgs, seed=0)
     alive = torch.ones(len(cfgs), dtype=torch.bool)
     for grad in grads:
         before = flat.clone()
@@ -54,11 +59,7 @@ def test_each_run_follows_torch_optim(cfgs):
 @pytest.mark.parametrize("cfgs", [SGD, ADAM], ids=["sgd", "adam"])
 def test_a_run_that_is_not_alive_keeps_everything(cfgs):
     """A diverged run's parameters and optimiser state stay as they were; the others train as if it were not there."""
-    g = torch.Generator().manual_seed(1)
-    start = torch.randn(len(cfgs), P, generator=g, dtype=torch.float64)
-    grads = [torch.randn(len(cfgs), P, generator=g, dtype=torch.float64) for _ in range(STEPS)]
-    flat = start.clone()
-    opt = StackedOptimizer(flat, cfgs)
+    start, grads, flat, opt = stacked(cfgs, seed=1)
     alive = torch.tensor([True, False] + [True] * (len(cfgs) - 2))
     for grad in grads:
         update = opt.step(grad, alive)
