@@ -51,12 +51,12 @@ def uninterrupted(tmp_path_factory):
     return _tables(d)
 
 
-class _Stderr:
-    """A child's stderr, read as it comes: where each group's progress bar stands."""
+class _Output:
+    """A child's output (stdout and stderr in one pipe), read as it comes: where each group's progress bar stands."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.text = ""
-        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
         self._thread.start()
 
     def _read(self, pipe) -> None:
@@ -64,44 +64,52 @@ class _Stderr:
             self.text += chunk.decode(errors="replace")
 
     def training(self) -> tuple[int, int]:
-        """(groups whose training has started, steps the newest of them has reached)."""
+        """(groups whose training this process has started, steps the newest of them has reached)."""
         counts = [int(n) for n in BAR.findall(self.text)]
         return sum(1 for n in counts if n == 0), (counts[-1] if counts else 0)
 
+    def close(self) -> None:
+        self._thread.join(timeout=10)
 
-# Where the sweep is killed: after some groups are complete, or halfway through training a group (its progress
-# bar between a third and three quarters), with earlier groups complete and that group's tables not yet written.
-KILL_POINTS = {"before any group": ("after", 0), "after 2 groups": ("after", 2), "after 5 groups": ("after", 5),
-               "training group 1": ("training", 1), "training group 4": ("training", 4)}
+
+# Where the sweep is killed, in the order one sweep meets them (each start resumes the one killed before it):
+# before any group is complete; while training a group (its progress bar between a third and three quarters,
+# the groups before it complete and its tables not yet written); or once some groups are complete.
+KILL_POINTS = [("after", 0), ("training", 1), ("after", 2), ("training", 4), ("after", 5)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", list(KILL_POINTS))
-def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted, where):
-    kind, k = KILL_POINTS[where]
+def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted):
+    """One sweep killed at each point in turn, every start resuming the last: then run to the end, its tables
+    equal the uninterrupted sweep's, every run once. (Five points in one chain, not five sweeps each killed once:
+    the same resume path, a third of the processes.)"""
     d = tmp_path / "killed"
-    # Progress bars are off when stderr is not a terminal; this test reads them, so it asks for them.
-    proc = subprocess.Popen(_cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "GRADSWEEP_PROGRESS": "1"})
-    stderr = _Stderr(proc)
-    deadline = time.monotonic() + scaled(120)
-    while time.monotonic() < deadline and proc.poll() is None:
-        if kind == "after" and (d / "multirun.yaml").exists() and _groups_done(d) >= k:
-            break
-        started, step = stderr.training()
-        if kind == "training" and started == k and STEPS // 3 <= step <= 3 * STEPS // 4:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = _groups_done(d)
-    assert done < 6, "the sweep finished before it could be killed"
-    if kind == "training":
-        assert done == k - 1, f"killed after {done} groups, not while training group {k}"
+    for kind, k in KILL_POINTS:
+        before = _groups_done(d) if d.exists() else 0
+        # Progress bars are off when stderr is not a terminal; this test reads them (and the log), so it asks for them.
+        proc = subprocess.Popen(_cmd(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADSWEEP_PROGRESS": "1"})
+        out = _Output(proc)
+        deadline = time.monotonic() + scaled(120)
+        while time.monotonic() < deadline and proc.poll() is None:
+            if kind == "after" and (d / "multirun.yaml").exists() and _groups_done(d) >= k:
+                break
+            started, step = out.training()
+            if kind == "training" and before + started == k and STEPS // 3 <= step <= 3 * STEPS // 4:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        out.close()
+        done = _groups_done(d)
+        assert done < 6, f"the sweep finished before it could be killed ({kind} {k})"
+        if kind == "training":
+            assert done == k - 1, f"killed after {done} groups, not while training group {k}"
+        if before:
+            assert f"{4 * before} of 24 runs already complete" in out.text, out.text[-2000:]
     rerun = subprocess.run(_cmd(d, "quiet=true"), capture_output=True, text=True, timeout=scaled(300))
     assert rerun.returncode == 0, rerun.stderr
-    if done:
-        assert f"{4 * done} of 24 runs already complete" in rerun.stderr + rerun.stdout
+    assert f"{4 * done} of 24 runs already complete" in rerun.stderr + rerun.stdout
     assert not list(d.rglob(".*.tmp-*"))
     runs, steps = _tables(d)
     want_runs, want_steps = uninterrupted
