@@ -29,6 +29,7 @@ LOSSES = ("auto", "mse", "cross_entropy", "projection")
 CLASSIFICATION = ("digits",)  # data whose targets are class indices
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("auto", "eager", "compiled")
 
 
 def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
@@ -238,6 +239,9 @@ class RunCfg:
     verdict: VerdictCfg = field(default_factory=VerdictCfg)
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
+    engine: str = "auto"
+    """eager | compiled (one torch.compile'd step per shape, gradsweep.compiled) | auto (compiled where compiling
+    pays: see gradsweep.compiled.resolve_engine). How a run is computed, not what: not part of its run_id."""
     quiet: bool = False
     """No progress bars."""
     loss: str = "auto"
@@ -248,6 +252,7 @@ class RunCfg:
 
     def __post_init__(self) -> None:
         choice("device", self.device, DEVICES)
+        choice("engine", self.engine, ENGINES)
         choice("loss", self.loss, LOSSES)
         classes = self.data.name in CLASSIFICATION
         if self.loss == "auto":
@@ -315,7 +320,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelCfg, "init": InitCfg, "optim": OptimCfg,
     "train": TrainCfg, "data": DataCfg, "verdict": VerdictCfg,
 }
-TOP_LEVEL: dict[str, Any] = {"device": str, "quiet": bool, "loss": str}
+TOP_LEVEL: dict[str, Any] = {"device": str, "engine": str, "quiet": bool, "loss": str}
 # Top-level keys Hydra or the runner itself may add, never recorded as extra columns.
 _IGNORED_TOP = {"hydra"}
 
@@ -385,5 +390,6 @@ def config_hash(cfg: RunCfg) -> str:
     """A stable 16-hex-digit hash of everything that determines a run's result."""
     payload = dataclasses.asdict(cfg)
     payload.pop("quiet")
+    payload.pop("engine")  # the engines agree to rounding: a sweep resumed with another engine keeps its runs
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:16]

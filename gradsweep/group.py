@@ -140,6 +140,7 @@ def run_group(job: GroupJob) -> GroupResult:
     m = cfgs[0].model
     n = len(cfgs)
     line = (f"{n} run{'s' if n != 1 else ''} (depth {m.depth}, width {m.width}, {m.activation}), {trace.device}, "
+            f"{trace.engine}, "
             f"{n * cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
             f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
     return GroupResult(runs.to_dict("records"), failures, line)

@@ -23,7 +23,7 @@ STATISTICS = {
 }
 AT = {"init": "", "training": "_median"}  # the statistic at step 0, or its median over training
 # Keys that cannot change anything measured at step 0 (before the first update): a step-0 figure is not split by them.
-STEP0_BLIND = ("optim", "train.steps", "train.clip_norm", "train.log_every", "verdict", "quiet")
+STEP0_BLIND = ("optim", "train.steps", "train.clip_norm", "train.log_every", "verdict", "quiet", "engine")
 
 
 def config_keys(runs: pd.DataFrame) -> list[str]:

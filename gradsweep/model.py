@@ -169,21 +169,44 @@ class Forward:
     """Per hidden block, the activation's output (before the residual add)."""
 
 
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, separate_bias: bool = False) -> torch.Tensor:
+    """R Linear layers at once: a (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out).
+
+    One fused ``baddbmm`` by default; ``separate_bias``: a ``bmm`` and then the bias added, the form whose product
+    inductor's CPU GEMM template compiles (gradsweep.compiled): the same sum, rounded in another order.
+    """
+    if separate_bias:
+        return torch.bmm(a, weight.transpose(1, 2)) + bias.unsqueeze(1)
+    return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))
+
+
 def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
-            probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None) -> Forward:
+            probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None,
+            *, shifts: list[torch.Tensor] | None = None, separate_bias: bool = False) -> Forward:
     """Run R networks on their inputs x of shape (R, B, in).
 
     ``probe``, if given, sees each block as soon as it is computed (while its tensors are still in cache):
     ``probe(outputs, act_input, act)`` with the block's layer outputs, and for hidden blocks what the
     activation received and returned (None for the readout).
+    ``shifts``, if given, one tensor per layer output (``layers`` order) added to it: zeros whose gradient is
+    dL/d(output), for a caller that cannot hook the outputs (a compiled step). ``separate_bias``: see :func:`linear`.
     """
     outputs, act_inputs, acts = [], [], []
+    k = 0
+
+    def shifted(h: torch.Tensor) -> torch.Tensor:
+        nonlocal k
+        if shifts is not None:
+            h = h + shifts[k]
+        k += 1
+        return h
+
     a = x
     for i in range(1, cfg.depth + 1):
-        h = torch.baddbmm(params[f"linear{i}.bias"].unsqueeze(1), a, params[f"linear{i}.weight"].transpose(1, 2))
+        h = shifted(linear(a, params[f"linear{i}.weight"], params[f"linear{i}.bias"], separate_bias))
         block = [h]
         if cfg.norm != "none":
-            h = normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"])
+            h = shifted(normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"]))
             block.append(h)
         outputs += block
         act_inputs.append(h)
@@ -193,7 +216,7 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
             probe(block, h, z)
         a = z + a if (cfg.residual and a.shape[-1] == z.shape[-1]) else z
     last = cfg.depth + 1
-    out = torch.baddbmm(params[f"linear{last}.bias"].unsqueeze(1), a, params[f"linear{last}.weight"].transpose(1, 2))
+    out = shifted(linear(a, params[f"linear{last}.weight"], params[f"linear{last}.bias"], separate_bias))
     outputs.append(out)
     if probe is not None:
         probe([out], None, None)

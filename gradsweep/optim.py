@@ -60,23 +60,46 @@ class StackedOptimizer:
     def step(self, grad: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Update the alive runs' parameters in place; return the applied (R, P) update (zero where not alive)."""
         self.t += 1
-        keep = alive.unsqueeze(1)
-        g = grad + self.weight_decay * self.flat if self.use_wd else grad
         if self.name == "sgd":
-            if self.buf is not None:
-                # First step: buf = 0 * m + g = g exactly, as torch.optim.SGD's clone of the gradient.
-                buf = self.buf * self.momentum + g
-                self.buf = torch.where(keep, buf, self.buf)
-                g = buf
-            u = -self.lr * g
+            u, self.buf = sgd_update(self.flat, grad, self.buf, alive, self.lr, self.momentum, self.weight_decay,
+                                     self.use_wd)
         else:
-            m = torch.lerp(self.exp_avg, g, 1 - self.beta1)
-            v = self.exp_avg_sq * self.beta2 + (1 - self.beta2) * g * g
-            self.exp_avg = torch.where(keep, m, self.exp_avg)
-            self.exp_avg_sq = torch.where(keep, v, self.exp_avg_sq)
-            bc1 = 1 - self.beta1**self.t
-            bc2_sqrt = torch.sqrt(1 - self.beta2**self.t)
-            u = -(self.lr / bc1) * (m / (torch.sqrt(v) / bc2_sqrt + self.eps))
-        u = torch.where(keep, u, torch.zeros((), dtype=u.dtype, device=u.device))
+            u, self.exp_avg, self.exp_avg_sq = adam_update(
+                self.flat, grad, self.exp_avg, self.exp_avg_sq, alive, self.t, self.lr, self.beta1, self.beta2, self.eps,
+                self.weight_decay, self.use_wd)
         self.flat.add_(u)
         return u
+
+
+# The update rules as pure functions of tensors (and the step count t, a Python int or a tensor): the eager
+# optimiser above and the compiled engine (gradsweep.compiled) both apply exactly these.
+
+def sgd_update(flat: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, alive: torch.Tensor,
+               lr: torch.Tensor, momentum: torch.Tensor, weight_decay: torch.Tensor, use_wd: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(update, new momentum buffer) of torch.optim.SGD for each run; zero update and unchanged buffer where not alive."""
+    keep = alive.unsqueeze(1)
+    g = grad + weight_decay * flat if use_wd else grad
+    if buf is not None:
+        # First step: buf = 0 * m + g = g exactly, as torch.optim.SGD's clone of the gradient.
+        new = buf * momentum + g
+        buf = torch.where(keep, new, buf)
+        g = new
+    u = -lr * g
+    return torch.where(keep, u, torch.zeros((), dtype=u.dtype, device=u.device)), buf
+
+
+def adam_update(flat: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                alive: torch.Tensor, t: int | torch.Tensor, lr: torch.Tensor, beta1: torch.Tensor, beta2: torch.Tensor,
+                eps: torch.Tensor, weight_decay: torch.Tensor, use_wd: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(update, new exp_avg, new exp_avg_sq) of torch.optim.Adam's step ``t`` (1-based) for each run."""
+    keep = alive.unsqueeze(1)
+    g = grad + weight_decay * flat if use_wd else grad
+    m = torch.lerp(exp_avg, g, 1 - beta1)
+    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    bc1 = 1 - beta1**t
+    bc2_sqrt = torch.sqrt(1 - beta2**t)
+    u = -(lr / bc1) * (m / (torch.sqrt(v) / bc2_sqrt + eps))
+    u = torch.where(keep, u, torch.zeros((), dtype=u.dtype, device=u.device))
+    return u, torch.where(keep, m, exp_avg), torch.where(keep, v, exp_avg_sq)

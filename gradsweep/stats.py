@@ -8,7 +8,7 @@ axis follows ``LAYER_STATS``.
 Gradient and update norms do not underflow: in float32 the square of an entry below ~1e-23 is 0, so a plain
 sum of squares reads "no signal" for a gradient of 1e-21 that is really there (a deep sigmoid net's first
 layers). Each such norm is also summed over entries scaled by a power of two, and that sum is used where the
-plain one is too small to be exact (:func:`_small_scale`). A norm recorded as 0 means every entry is exactly 0.
+plain one is too small to be exact (:func:`small_scale`). A norm recorded as 0 means every entry is exactly 0.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class StatsPlan:
         self.n_layers = len(layers)
         self.activation = activation
         self.dtype, self.device = dtype, device
-        self.small, self.scale = _small_scale(dtype)
+        self.small, self.scale = small_scale(dtype)
         self._terms: torch.Tensor | None = None
 
     def _buffer(self, R: int) -> torch.Tensor:
@@ -183,7 +183,7 @@ class StatsPlan:
         return torch.where(plain >= self.small, plain, scaled / self.scale)
 
 
-def _small_scale(dtype: torch.dtype) -> tuple[float, float]:
+def small_scale(dtype: torch.dtype) -> tuple[float, float]:
     """(small, scale): a norm below ``small`` is taken from entries multiplied by ``scale``, a power of two.
 
     Below ``small`` (2^-50 in float32) every entry is below it too, so the scaled entries (at most 2^40) square

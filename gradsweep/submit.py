@@ -33,8 +33,11 @@ def run_submitted(threads: int | None, job: GroupJob) -> GroupResult:
     would otherwise each start a thread per core, and one starves (seen: 1,245 vs 15 steps/s side by side)."""
     import torch
 
+    from gradsweep.device import MAX_THREADS_ENV
+
     threads = job_threads(threads)
     if threads:
+        os.environ[MAX_THREADS_ENV] = str(threads)  # train_group's thread choice stays within the job's CPUs
         torch.set_num_threads(threads)
     return run_group(job)
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradsweep.compiled import CompiledStep, Shape, bucket, resolve_engine
 from gradsweep.config import RunCfg
 from gradsweep.data import load_data
-from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device
+from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector
@@ -40,6 +41,7 @@ def group_key(cfg: RunCfg) -> tuple:
         cfg.train.log_every,
         cfg.train.dtype,
         cfg.device,
+        cfg.engine,
         cfg.loss,
     )
 
@@ -71,6 +73,8 @@ class GroupTrace:
     wall_s: float
     """Wall-clock seconds for the whole group."""
     device: str
+    engine: str = "eager"
+    """The engine that trained the group (eager or compiled; engine=auto resolved)."""
     baseline_loss: float = float("nan")
     """The trivial predictor's loss on the training data (losses.baseline_loss); NaN where there is none."""
     input_q: float = float("nan")
@@ -78,6 +82,11 @@ class GroupTrace:
     in_dim: int = 0
     out_dim: int = 0
     """The data's input and output sizes."""
+
+
+def _output_widths(layout, cfg) -> list[int]:
+    """Each statistics row's output width (a Linear's out features, a norm layer's width), in ``layers`` order."""
+    return [layout.shapes[layout.names.index(f"{la.name}.weight")][0] for la in layers(cfg)]
 
 
 def _logged(step: int, total: int, every: int) -> bool:
@@ -113,7 +122,11 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     if n_runs == 1:
         cfgs = cfgs * 2
     device = resolve_device(first.device)
+    engine = resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device)
+    if engine == "compiled":  # padded to the bucket whose compiled program it shares; the padding is dropped below
+        cfgs = cfgs + [cfgs[-1]] * (bucket(len(cfgs)) - len(cfgs))
     if device.type == "cpu":
+        set_threads()  # in every launcher: the cores free now, not one thread per core
         position_independent_blas()  # warns once per process where it does not hold
     dtype = getattr(torch, first.train.dtype)
     model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
@@ -133,6 +146,14 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
+    compiled_step = None
+    if engine == "compiled":
+        shape = Shape(model_cfg, loss_name, first.optim.name, any(c.optim.momentum != 0 for c in cfgs),
+                      opt.use_wd, collect_stats, dtype, device)
+        out_shapes = [(layout_width,) for layout_width in _output_widths(stack.layout, model_cfg)]
+        batch = first.train.batch_size if first.train.batch_size and first.train.batch_size < n else n
+        compiled_step = CompiledStep(shape, stack.layout, stack.flat, plist, [c.optim for c in cfgs], max_norm, batch,
+                                     out_shapes)
 
     alive = torch.ones(R, dtype=torch.bool, device=device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=device)
@@ -161,6 +182,20 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
                 idx = idx.to(device, non_blocking=True)
                 xb, yb = x[idx], y[idx]
             log_now = _logged(step, steps, every)
+            if compiled_step is not None:
+                # Statistics every step (one program, compiled once), recorded on the logged ones.
+                alive, diverged, reason, scal, lay = compiled_step(xb, yb, alive, diverged, reason)
+                if log_now:
+                    rec_scalar.append(scal)
+                    logged.append(step)
+                    if collect_stats:
+                        rec_layer.append(lay)
+                bar.update(1)
+                if len(rec_scalar) >= HOST_COPY_EVERY:
+                    flush()
+                    if not bool(alive.any()):
+                        break
+                continue
             stats_now = collect_stats and log_now
             if stats_now:
                 plan.start()
@@ -219,6 +254,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         diverged_reason=np.array(DIVERGED_REASONS, dtype=object)[reason.cpu().numpy()[:n_runs]],
         wall_s=time.perf_counter() - t0,
         device=str(device),
+        engine=engine,
         baseline_loss=baseline_loss(loss_name, data.y),
         input_q=float(data.x.double().square().mean()),
         in_dim=int(data.x.shape[1]),

@@ -10,6 +10,8 @@ import pytest
 # The suite runs in parallel workers (pytest-xdist, -n auto): one torch thread per worker and per subprocess it starts,
 # so that two workers on two cores do not each spin two threads. A value already set is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GRADSWEEP_MAX_THREADS", "1")  # gradsweep's own choice (device.choose_threads) stays within it
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # engine=compiled: no pool of compile workers per worker
 
 from gradsweep.config import RunCfg, build_run_cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -69,3 +70,40 @@ def test_device_memory_estimate_bounds_what_a_group_takes():
     assert used <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
     free = free_device_bytes("cuda")
     assert runs_per_group(cfgs[0], 1e6, None, free) == int(free * 0.8 // device_bytes_per_run(cfgs[0]))
+
+
+def test_compiled_cuda_graph_equals_eager_in_float64():
+    cfgs = _cfgs("cuda", n=8, steps=60)
+    eager = train_group(cfgs)
+    graph = train_group([dataclasses.replace(c, engine="compiled") for c in cfgs])
+    assert graph.engine == "compiled"
+    np.testing.assert_allclose(graph.loss, eager.loss, rtol=1e-9)
+    np.testing.assert_allclose(graph.layer, eager.layer, rtol=1e-7, atol=1e-12)
+    np.testing.assert_array_equal(graph.diverged_step, eager.diverged_step)
+
+
+def test_compiled_has_no_host_sync_per_step():
+    cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=64, dtype="float32", steps=256)]
+    train_group(cfgs)  # compile and capture
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_group(cfgs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) < 256 // 4, [str(w.message) for w in syncs[:5]]
+
+
+def test_compiled_groups_sized_from_free_memory_fit():
+    from gradsweep.device import device_bytes_per_run
+
+    cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=256, dtype="float32", steps=80)]
+    train_group(cfgs)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_group(cfgs)
+    used = torch.cuda.max_memory_allocated() - base
+    assert used <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20

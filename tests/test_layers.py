@@ -19,7 +19,7 @@ LAYERS = [
     {"gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
      "gradsweep.optim"},
     {"gradsweep.model", "gradsweep.stats", "gradsweep.theory"},
-    {"gradsweep.device", "gradsweep.train"},
+    {"gradsweep.device", "gradsweep.train", "gradsweep.compiled"},
     {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},
     {"gradsweep.group", "gradsweep.compose", "gradsweep.preflight", "gradsweep.figures", "gradsweep.html"},
     {"gradsweep.submit", "gradsweep.launcher", "gradsweep.callbacks", "gradsweep.report_text", "gradsweep.bench",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,17 @@ S = {name: i for i, name in enumerate(LAYER_STATS)}
 REINIT = {"default": None, "kaiming": nn.init.kaiming_uniform_, "large": lambda w: nn.init.normal_(w, 0.0, 10.0)}
 
 
-def _compare(cfg, ref_kwargs, reinit=None, rtol=1e-9, batches=None):
+@pytest.fixture(params=["eager", pytest.param("compiled", marks=[pytest.mark.slow, pytest.mark.xdist_group("compiled")])])
+def engine(request) -> str:
+    """The reference tests run on both engines (compiling costs tens of seconds per shape: the slow tier, on one
+    worker, where a program compiled for one test serves the next of the same shape)."""
+    return request.param
+
+
+def _compare(cfg, ref_kwargs, reinit=None, rtol=1e-9, batches=None, engine="eager"):
     m = cfg.model
-    trace = train_group([cfg])
+    trace = train_group([dataclasses.replace(cfg, engine=engine)])
+    assert trace.engine == engine
     x, y = article_data()
     model = RefMLP(article_linears(cfg.train.seed, m.depth, m.width, reinit), m.activation, m.norm, m.residual).double()
     ref = reference_training(model, x.double(), y.double(), cfg.train.steps, activation=m.activation,
@@ -42,33 +52,33 @@ def _compare(cfg, ref_kwargs, reinit=None, rtol=1e-9, batches=None):
 
 @pytest.mark.parametrize("init", ["default", "kaiming"])
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
-def test_sgd_statistics_match_plain_pytorch(init, activation):
+def test_sgd_statistics_match_plain_pytorch(init, activation, engine):
     cfg = make_cfg(model={"depth": 4, "activation": activation},
                    init={"name": init, "scheme": init}, train={"steps": 25, "dtype": "float64", "seed": 3})
-    _compare(cfg, {"lr": 0.01}, REINIT[init])
+    _compare(cfg, {"lr": 0.01}, REINIT[init], engine=engine)
 
 
-def test_clipping_equals_clip_grad_norm():
+def test_clipping_equals_clip_grad_norm(engine):
     # The article's clipping experiment at small scale: std-10 weights, lr 0.1, clip at 10.
     cfg = make_cfg(model={"depth": 3}, init={"name": "large", "scheme": "normal", "std": 10.0},
                    optim={"lr": 0.1}, train={"steps": 20, "dtype": "float64", "clip_norm": 10.0})
-    trace = _compare(cfg, {"lr": 0.1, "clip_norm": 10.0}, REINIT["large"])
+    trace = _compare(cfg, {"lr": 0.1, "clip_norm": 10.0}, REINIT["large"], engine=engine)
     assert trace.clipped[:, 0].any()
 
 
-def test_momentum_and_weight_decay():
+def test_momentum_and_weight_decay(engine):
     cfg = make_cfg(model={"depth": 3, "norm": "batchnorm"}, optim={"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3},
                    train={"steps": 15, "dtype": "float64"})
-    _compare(cfg, {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3})
+    _compare(cfg, {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3}, engine=engine)
 
 
-def test_adam_with_layernorm_and_residual():
+def test_adam_with_layernorm_and_residual(engine):
     cfg = make_cfg(model={"depth": 3, "norm": "layernorm", "residual": True, "activation": "prelu"},
                    optim={"name": "adam", "lr": 0.01, "weight_decay": 0.01}, train={"steps": 15, "dtype": "float64"})
-    _compare(cfg, {"optim": "adam", "lr": 0.01, "weight_decay": 0.01})
+    _compare(cfg, {"optim": "adam", "lr": 0.01, "weight_decay": 0.01}, engine=engine)
 
 
-def test_minibatches_follow_the_runs_own_order():
+def test_minibatches_follow_the_runs_own_order(engine):
     cfg = make_cfg(model={"depth": 2}, train={"steps": 12, "dtype": "float64", "batch_size": 32, "seed": 4})
     gen = _batches([cfg], 100)
     batches = [next(gen)[0] for _ in range(12)]
@@ -76,7 +86,7 @@ def test_minibatches_follow_the_runs_own_order():
     assert sorted(torch.cat(batches[:3]).tolist()) == sorted(set(torch.cat(batches[:3]).tolist()))
     g = torch.Generator().manual_seed(4)
     assert torch.equal(batches[0], torch.randperm(100, generator=g)[:32])
-    _compare(cfg, {"lr": 0.01}, batches=batches)
+    _compare(cfg, {"lr": 0.01}, batches=batches, engine=engine)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -133,7 +143,7 @@ def test_float32_close_to_float64():
     np.testing.assert_allclose(t32.loss, t64.loss, rtol=1e-4)
 
 
-def test_cross_entropy_on_digits_matches_plain_pytorch():
+def test_cross_entropy_on_digits_matches_plain_pytorch(engine):
     """data=digits: the fused loss and gradients against nn.Sequential + F.cross_entropy, float64, 15 steps."""
     from torch.nn import functional as F
 
@@ -141,7 +151,7 @@ def test_cross_entropy_on_digits_matches_plain_pytorch():
 
     cfg = make_cfg(model={"depth": 2, "width": 16}, data={"name": "digits", "n_samples": 300, "n_test": 100},
                    optim={"lr": 0.05}, train={"steps": 15, "dtype": "float64", "seed": 1})
-    trace = train_group([cfg])
+    trace = train_group([dataclasses.replace(cfg, engine=engine)])
     d = load_data(cfg.data)
     lin = article_linears(1, 2, 16, None, in_dim=64, out_dim=10)
     model = nn.Sequential(lin[0], nn.ReLU(), lin[1], nn.ReLU(), lin[2]).double()

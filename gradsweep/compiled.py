@@ -1,0 +1,277 @@
+"""``engine=compiled``: a group's training step as two ``torch.compile``'d programs and autograd's backward between.
+
+The step computes what the eager loop in :mod:`gradsweep.train` computes, from the same definitions (the
+model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update``/``adam_update``):
+
+1. *forward*: forward pass and per-run loss, each Linear as ``bmm`` + bias (``model.linear(separate_bias=True)``:
+   the form whose product inductor's CPU GEMM template compiles into register-blocked code; eager's ``baddbmm``
+   stays an external call), with a zero *shift* added to every layer output so that autograd returns dL/dh
+   (a compiled graph has no tensor to hook);
+2. autograd's backward of that program (compiled with it by AOTAutograd);
+3. *update*: gradient norm, divergence bookkeeping, clipping, the optimiser and every per-layer statistic of
+   ``stats.LAYER_STATS``, fused.
+
+Nothing in either program depends on a Python number that changes between steps: the step count and the
+divergence state are tensors, so one compiled program serves every step, and on CUDA it runs as a CUDA graph
+(inductor's ``reduce-overhead`` mode: static input buffers, no host sync per step).
+
+Compilation is per *shape*: the model config, loss, optimiser kind, dtype, device, batch and the number of runs,
+which is rounded up to a bucket (:func:`bucket`) so that groups of nearby sizes share one program. Inductor's
+on-disk caches (FX graph, AOTAutograd, autotuning) make a second process with the same shape skip compilation;
+they live in ``TORCHINDUCTOR_CACHE_DIR`` (default here: ``~/.cache/gradsweep/inductor``).
+
+The numbers equal the eager engine's up to rounding order (float64: rtol 1e-9, tests/test_compiled.py), not bit
+for bit, so ``engine`` is not part of a run's identity: a sweep resumed with another engine keeps its runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradsweep.config import ModelCfg, OptimCfg
+from gradsweep.losses import per_run_loss
+from gradsweep.model import RELU_FAMILY, SATURATING, ParamLayout, forward, layers
+from gradsweep.optim import adam_update, clip, sgd_update
+from gradsweep.stats import SATURATION_TOL, small_scale
+
+# engine=auto compiles a CPU group when its run-steps (runs x steps) reach this: compiling a shape costs ~50-100 s
+# on first use on 2 busy CPU cores (a few s once inductor's cache holds it) and saves ~0.07 ms per run-step at the
+# article's shape (BENCHMARKS.md, bench_peers), so below ~2 million run-steps eager finishes first.
+AUTO_MIN_RUN_STEPS_CPU = 2_000_000
+# On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
+# it is built and tested on CPU only so far.
+AUTO_ON_CUDA = "eager"
+RECOMPILE_LIMIT = 64  # distinct shapes one process may compile (dynamo's default, 8, is hit by a varied sweep)
+
+
+def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch.device) -> str:
+    """The engine a group trains with: ``auto`` -> compiled where compiling pays (see the constants above)."""
+    if engine != "auto":
+        return engine
+    if device.type == "cuda":
+        return AUTO_ON_CUDA
+    return "compiled" if dtype == "float32" and runs * steps >= AUTO_MIN_RUN_STEPS_CPU else "eager"
+
+
+def bucket(runs: int) -> int:
+    """The stack size a group of ``runs`` compiles for: a power of two or a multiple of an eighth of one (at most
+    ~12% padding), so that groups of nearby sizes share one compiled program."""
+    if runs <= 8:
+        return max(2, runs)
+    top = 1 << (runs - 1).bit_length()
+    step = top // 16
+    return -(-runs // step) * step
+
+
+def _how(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """torch.compile's mode or options for a program on ``device``."""
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}  # CUDA graphs (cudagraph trees)
+    if dtype != torch.float32:
+        return {}  # Inductor's CPU GEMM template exists for float32; float64 keeps ATen's bmm
+    # Autotuning picks inductor's GEMM template where it beats ATen's bmm.
+    return {"mode": "max-autotune-no-cudagraphs"}
+
+
+def _prepare_inductor() -> None:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gradsweep" / "inductor"))
+    import torch._dynamo
+
+    # Private module, documented setting (torch.compile's troubleshooting guide): no public API raises the number of
+    # programs one function may compile; renamed across versions (cache_size_limit before recompile_limit).
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < RECOMPILE_LIMIT:
+            setattr(dynamo_config, name, RECOMPILE_LIMIT)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything a compiled program is specialised on."""
+
+    model: ModelCfg
+    loss: str
+    optim: str
+    momentum: bool
+    weight_decay: bool
+    stats: bool
+    dtype: torch.dtype
+    device: torch.device
+
+
+_PROGRAMS: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def programs(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
+    """The compiled (forward, update) pair for ``shape`` and parameter ``layout``, built once per process (torch
+    specialises each on its first call's tensor sizes, the stack size and batch among them)."""
+    key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout)
+    if key not in _PROGRAMS:
+        _prepare_inductor()
+        fwd, upd = _make(shape, layout)
+        how = _how(shape.device, shape.dtype)
+        _PROGRAMS[key] = (torch.compile(fwd, dynamic=False, **how), torch.compile(upd, dynamic=False, **how))
+    return _PROGRAMS[key]
+
+
+def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
+    cfg, names = shape.model, layout.names
+    rows = layers(cfg)
+    w_spans = [layout.span(f"{la.name}.weight") for la in rows]
+    w_numel = [s.stop - s.start for s in w_spans]
+    widths = [layout.shapes[names.index(f"{la.name}.weight")][0] for la in rows]
+    hidden_rows = [k for k, la in enumerate(rows) if la.kind == "linear"][:-1]
+    small, scale = small_scale(shape.dtype)
+    activation = cfg.activation
+
+    def norm(plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:  # stats.StatsPlan._norm
+        return torch.where(plain >= small, plain, scaled / scale)
+
+    def safe_norm(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return norm(torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(x * scale, dim=1))
+
+    def fwd(plist: list[torch.Tensor], shifts: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        f = forward(dict(zip(names, plist)), cfg, xb, shifts=shifts if shape.stats else None, separate_bias=True)
+        loss = per_run_loss(shape.loss, f.out, yb)
+        if not shape.stats:
+            return loss, []
+        # What the statistics read of the forward pass (autograd keeps it for the backward pass anyway); reduced in
+        # the update program, not here, where inductor would fuse the reductions into the GEMM template's epilogue.
+        # Detached: outputs nothing differentiates, for which autograd would otherwise fill zero gradients.
+        keep_inputs = activation in RELU_FAMILY and activation != "relu"
+        return loss, [t.detach() for t in (*f.outputs, *f.acts, *(f.act_inputs if keep_inputs else []))]
+
+    def forward_stats(seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(R, n_layers) out_rms, then per hidden block (R, blocks): act_rms, saturated or dead fractions."""
+        outputs, acts, act_inputs = seen[:len(rows)], seen[len(rows):len(rows) + cfg.depth], seen[len(rows) + cfg.depth:]
+        batch = outputs[0].shape[1]
+        out = [torch.stack([torch.linalg.vector_norm(h.flatten(1), dim=1) / math.sqrt(batch * w)
+                            for h, w in zip(outputs, widths)], dim=1)]
+        if acts:
+            width = acts[0].shape[2]
+            out.append(torch.stack([torch.linalg.vector_norm(z.flatten(1), dim=1) for z in acts], dim=1)
+                       / (batch * width) ** 0.5)
+            if activation in SATURATING:
+                lo = -1.0 if activation == "tanh" else 0.0
+                out.append(torch.stack([((z < lo + SATURATION_TOL) | (z > 1 - SATURATION_TOL)).flatten(1)
+                                        .to(z.dtype).mean(dim=1) for z in acts], dim=1))
+            if activation in RELU_FAMILY:
+                pos = [z.sum(dim=1) for z in acts] if activation == "relu" else [h.clamp_min(0).sum(dim=1)
+                                                                                for h in act_inputs]
+                out.append(torch.stack([(p == 0).to(p.dtype).mean(dim=1) for p in pos], dim=1))
+        return out
+
+    def upd(flat: torch.Tensor, gparams: list[torch.Tensor], gshifts: list[torch.Tensor], loss: torch.Tensor,
+            fwd_stats: list[torch.Tensor], state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
+            alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
+        """The eager loop's step after autograd (train.train_group), on the (R, P) matrices; returns the new
+        parameters, state and bookkeeping, and the step's (R, 3) scalars and (R, L, S) statistics."""
+        dt = flat.dtype
+        grad = torch.cat([g.flatten(1) for g in gparams], dim=1)
+        total = torch.linalg.vector_norm(grad, dim=1)
+        ok = torch.isfinite(loss) & torch.isfinite(total)
+        bad = alive & ~ok
+        diverged = torch.where(bad, step, diverged)
+        reason = torch.where(bad, torch.where(torch.isfinite(loss), 2, 1), reason)
+        alive = alive & ok
+        clipped_grad, clipped = clip(grad, total, hyper["max_norm"])
+        if shape.optim == "sgd":
+            u, buf = sgd_update(flat, clipped_grad, state[0] if shape.momentum else None, alive, hyper["lr"],
+                                hyper["momentum"], hyper["weight_decay"], shape.weight_decay)
+            state = [buf] if shape.momentum else []
+        else:
+            u, m, v = adam_update(flat, clipped_grad, state[0], state[1], alive, step + 1, hyper["lr"], hyper["beta1"],
+                                  hyper["beta2"], hyper["eps"], hyper["weight_decay"], shape.weight_decay)
+            state = [m, v]
+        new_flat = flat + u
+        scalars = torch.stack([loss, total, clipped.to(dt)], dim=1)
+        if not shape.stats:
+            return new_flat, state, alive, diverged, reason, scalars, None
+        R = flat.shape[0]
+        nan = torch.full((R, len(rows)), float("nan"), dtype=dt, device=flat.device)
+        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("g", "gmax", "nonzero", "nonfinite", "u", "w")}
+        for s in w_spans:
+            g, uu, w = grad[:, s], u[:, s], flat[:, s]
+            cols["g"].append(norm(torch.sqrt((g * g).sum(1)), torch.sqrt((g.abs() * scale).square().sum(1))))
+            cols["gmax"].append(g.abs().amax(1))
+            cols["nonzero"].append((g != 0).to(dt).sum(1))
+            cols["nonfinite"].append((~torch.isfinite(g)).to(dt).sum(1))
+            cols["u"].append(norm(torch.sqrt((uu * uu).sum(1)), torch.sqrt((uu * scale).square().sum(1))))
+            cols["w"].append(torch.sqrt((w * w).sum(1)))
+        g_norm, gmax, nonzero, nonfinite, u_norm, w_norm = (torch.stack(cols[k], dim=1) for k in cols)
+        numel = torch.tensor(w_numel, dtype=dt, device=flat.device)
+        ratio = torch.where(alive.unsqueeze(1), u_norm / w_norm, nan)
+        hgrad = torch.stack([safe_norm(g) for g in gshifts], dim=1)
+        out_rms, *block = forward_stats(fwd_stats)
+        act_rms = saturated = dead = nan
+        idx = torch.tensor(hidden_rows, dtype=torch.long, device=flat.device)
+        if block:
+            act_rms = nan.index_copy(1, idx, block.pop(0))
+        if activation in SATURATING:
+            saturated = nan.index_copy(1, idx, block.pop(0))
+        if activation in RELU_FAMILY:
+            dead = nan.index_copy(1, idx, block.pop(0))
+        stats = torch.stack([g_norm, g_norm / torch.sqrt(numel), gmax, (numel - nonzero) / numel, nonfinite, hgrad,
+                             w_norm, ratio, out_rms, act_rms, saturated, dead], dim=2)
+        return new_flat, state, alive, diverged, reason, scalars, stats
+
+    return fwd, upd
+
+
+def hyper_tensors(cfgs: list[OptimCfg], max_norm: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-run optimiser settings as (R, 1) columns (as StackedOptimizer holds them), and the (R,) clip norms."""
+    def col(attr: str) -> torch.Tensor:
+        return torch.tensor([[getattr(c, attr)] for c in cfgs], dtype=like.dtype, device=like.device)
+
+    out = {"lr": col("lr"), "weight_decay": col("weight_decay"), "max_norm": max_norm}
+    if cfgs[0].name == "sgd":
+        out["momentum"] = col("momentum")
+    else:
+        out.update(beta1=col("beta1"), beta2=col("beta2"), eps=col("eps"))
+    return out
+
+
+class CompiledStep:
+    """One group's training state on the compiled engine: call it once per step."""
+
+    def __init__(self, shape: Shape, layout: ParamLayout, flat: torch.Tensor, params: list[torch.Tensor],
+                 optims: list[OptimCfg], max_norm: torch.Tensor, batch: int, out_shapes: list[tuple[int, ...]]):
+        self.shape, self.flat, self.params = shape, flat, params
+        self.fwd, self.upd = programs(shape, layout)
+        self.hyper = hyper_tensors(optims, max_norm, flat)
+        if shape.optim == "sgd":
+            self.state = [torch.zeros_like(flat)] if shape.momentum else []
+        else:
+            self.state = [torch.zeros_like(flat), torch.zeros_like(flat)]
+        R = flat.shape[0]
+        self.shifts = [torch.zeros(R, batch, *s, dtype=flat.dtype, device=flat.device, requires_grad=True)
+                       for s in out_shapes] if shape.stats else []
+        self.step_t = torch.zeros((), dtype=torch.long, device=flat.device)
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
+                 reason: torch.Tensor) -> tuple[Any, ...]:
+        if self.shape.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs feed the next step's inputs
+        loss, fwd_stats = self.fwd(self.params, self.shifts, xb, yb)
+        grads = torch.autograd.grad(loss.sum(), [*self.params, *self.shifts])
+        n = len(self.params)
+        with torch.no_grad():
+            new_flat, self.state, alive, diverged, reason, scalars, stats = self.upd(
+                self.flat, list(grads[:n]), list(grads[n:]), loss.detach(), fwd_stats,
+                self.state, self.hyper, alive, diverged, reason, self.step_t)
+            self.flat.copy_(new_flat)  # the parameter views see the update
+            self.step_t += 1
+        if self.shape.device.type == "cuda":  # a CUDA graph's outputs are overwritten by its next replay
+            self.state = [t.clone() for t in self.state]
+            alive, diverged, reason = alive.clone(), diverged.clone(), reason.clone()
+            scalars, stats = scalars.clone(), (stats.clone() if stats is not None else None)
+        return alive, diverged, reason, scalars, stats

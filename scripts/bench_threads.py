@@ -1,0 +1,63 @@
+"""The README's quick-start sweep on an idle machine and next to two busy processes, with gradsweep's thread choice
+(``gradsweep.device.choose_threads``) and with torch's default of one thread per core (``GRADSWEEP_THREADS=<cores>``).
+
+The busy processes are bounded busy loops this script starts itself (one per core, each stopping on its own after
+its time). Rounds interleave the four rows; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUICK_START = ["-m", "model.depth=2,10,30", "init=xavier,kaiming", "quiet=true"]
+BUSY = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\n"
+
+
+def sweep(out: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gradsweep", *QUICK_START, f"hydra.sweep.dir={out}"], check=True,
+                   capture_output=True, env=env, timeout=1800)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--busy", type=int, default=len(os.sched_getaffinity(0)), help="busy processes (default: a core each)")
+    args = ap.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GRADSWEEP_THREADS",
+                                                             "GRADSWEEP_MAX_THREADS")}
+    rows = {"gradsweep's choice, idle": (base, False), f"torch default ({cores} threads), idle":
+            ({**base, "GRADSWEEP_THREADS": str(cores)}, False),
+            f"gradsweep's choice, {args.busy} busy processes": (base, True),
+            f"torch default ({cores} threads), {args.busy} busy processes": ({**base, "GRADSWEEP_THREADS": str(cores)}, True)}
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, (env, busy) in rows.items():
+                loops = [subprocess.Popen([sys.executable, "-c", BUSY.format(s=600)]) for _ in range(args.busy if busy else 0)]
+                try:
+                    time.sleep(0.5 if busy else 0)
+                    times[name].append(sweep(Path(tmp) / f"{r}-{len(times[name])}-{hash(name) % 1000}", env))
+                finally:
+                    for p in loops:
+                        p.kill()
+                        p.wait()
+    idle = statistics.median(times["gradsweep's choice, idle"])
+    print(f"quick start (python -m gradsweep {' '.join(QUICK_START)}), {cores} cores, median of {args.rounds} rounds")
+    print(f"{'row':52s} {'wall s':>8s} {'vs idle':>8s}")
+    for name in rows:
+        m = statistics.median(times[name])
+        print(f"{name:52s} {m:8.1f} {m / idle:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""engine=compiled beyond the reference tests (tests/test_train.py runs those on both engines): its buckets, the
+auto rule, NaN isolation, run identity, and inductor's on-disk cache across processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg, scaled
+
+from gradsweep.compiled import AUTO_MIN_RUN_STEPS_CPU, bucket, resolve_engine
+from gradsweep.config import ConfigError, config_hash
+from gradsweep.train import train_group
+
+
+def test_buckets_pad_at_most_an_eighth_and_are_shared():
+    for runs in range(1, 5000):
+        b = bucket(runs)
+        assert b >= max(2, runs) and (runs <= 8 or b - runs <= runs / 8), runs
+    assert bucket(1000) == bucket(1024) == 1024 and bucket(961) == 1024 and bucket(960) == 960
+    assert len({bucket(r) for r in range(513, 1025)}) == 8  # 512 group sizes, eight programs
+
+
+def test_auto_compiles_where_it_pays():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", 1000, AUTO_MIN_RUN_STEPS_CPU // 1000, "float32", cpu) == "compiled"
+    assert resolve_engine("auto", 6, 500, "float32", cpu) == "eager"  # the quick start: compiling would not pay
+    assert resolve_engine("auto", 10_000, 1000, "float64", cpu) == "eager"  # no CPU GEMM template in float64
+    assert resolve_engine("auto", 6, 500, "float32", cuda) == "eager"  # until a GPU has run gpu_check.sh
+    assert resolve_engine("eager", 10_000, 1000, "float32", cuda) == "eager"
+    assert resolve_engine("compiled", 1, 1, "float64", cpu) == "compiled"
+
+
+def test_engine_is_how_not_what():
+    eager, compiled = make_cfg(engine="eager"), make_cfg(engine="compiled")
+    assert config_hash(eager) == config_hash(compiled) == config_hash(make_cfg())
+    with pytest.raises(ConfigError, match="engine='jit' is not valid; valid values: auto, eager, compiled"):
+        make_cfg(engine="jit")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("compiled")  # one worker: the programs compiled once serve every compiled test there
+def test_a_diverging_neighbour_changes_nothing_compiled():
+    """Same program (same stack size), once beside a run that diverges and once beside a healthy one: the
+    healthy run's numbers are the same bits."""
+    def cfg(**kw):
+        return make_cfg(model={"depth": 6}, train={"steps": 40, "dtype": "float64", **kw.pop("train", {})},
+                        engine="compiled", **kw)
+    healthy = cfg(train={"seed": 1})
+    blowup = cfg(init={"name": "large", "scheme": "normal", "std": 10.0}, optim={"lr": 0.5})
+    beside_bad = train_group([blowup, healthy, healthy])
+    beside_good = train_group([cfg(train={"seed": 2}), healthy, healthy])
+    assert beside_bad.diverged_step[0] >= 0 and beside_bad.diverged_step[1] == -1
+    for field in ("loss", "grad_norm"):
+        np.testing.assert_array_equal(getattr(beside_bad, field)[:, 1], getattr(beside_good, field)[:, 1])
+    np.testing.assert_array_equal(beside_bad.layer[:, 1], beside_good.layer[:, 1])
+    assert beside_bad.final_loss[1] == beside_good.final_loss[1]
+    # and the compiled numbers are eager's to rounding
+    eager = train_group([dataclasses.replace(c, engine="eager") for c in (blowup, healthy, healthy)])
+    np.testing.assert_allclose(beside_bad.loss[:, 1], eager.loss[:, 1], rtol=1e-9)
+    assert beside_bad.diverged_step[0] == eager.diverged_step[0]
+
+
+CACHE_PROBE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from conftest import make_cfg
+from gradsweep.train import train_group
+cfg = make_cfg(model={"depth": 1, "width": 4}, train={"steps": 3, "dtype": "float64"}, engine="compiled")
+trace = train_group([cfg, cfg])
+print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "loss": trace.loss[:, 0].tolist()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("compiled")
+def test_a_second_process_compiles_nothing(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True,
+                                      check=True, timeout=scaled(600)).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["miss"] > 0
+    assert runs[1]["miss"] == 0 and runs[1]["hit"] == runs[0]["miss"]
+    assert runs[0]["loss"] == runs[1]["loss"]
