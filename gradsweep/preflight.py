@@ -65,6 +65,10 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             for value in _values(o):
                 if not isinstance(value, dict) and value not in valid:
                     raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
+    for o in parsed:  # how runs are computed is not a sweep axis: both engines give the runs the same run_id
+        if o.key_or_group == "engine" and len(set(map(str, _values(o)))) > 1:
+            raise ConfigError(f"{o.input_line}: engine cannot be swept (the engines compute the same runs, to rounding, "
+                              "under one run_id); give one value, and compare them with scripts/bench_peers.py")
     base = _compose_first_job(parsed)
     for o in parsed:  # then every value of every sweep, checked in the context of the first job
         key = o.key_or_group

@@ -57,3 +57,12 @@ def test_compose_values_and_group_options():
     assert values["model"]["depth"] == 4 and values["init"]["name"] == "kaiming"
     assert "hydra" not in values
     assert {"xavier", "kaiming", "default"} <= set(group_options("init"))
+
+
+def test_engine_is_not_a_sweep_axis():
+    from gradsweep.config import ConfigError
+    from gradsweep.preflight import check_overrides
+
+    with pytest.raises(ConfigError, match="engine=compiled,eager: engine cannot be swept"):
+        check_overrides(["engine=compiled,eager", "train.steps=2"])
+    check_overrides(["engine=compiled", "model.depth=2,3", "train.steps=2"])
