@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from gradsweep.config import ModelCfg, OptimCfg
+from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
 from gradsweep.model import RELU_FAMILY, SATURATING, ParamLayout, forward, layers
 from gradsweep.optim import adam_update, clip, sgd_update
@@ -54,11 +55,23 @@ RECOMPILE_LIMIT = 64  # distinct shapes one process may compile (dynamo's defaul
 
 def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch.device) -> str:
     """The engine a group trains with: ``auto`` -> compiled where compiling pays (see the constants above)."""
+    if device.type == "cpu" and engine != "eager" and not has_cxx():
+        if engine == "compiled":
+            raise ConfigError("engine='compiled' is not valid here: torch.compile on the CPU needs a C++ compiler "
+                              "(g++ or clang++, or $CXX) and none is on PATH; valid values: auto, eager")
+        return "eager"
     if engine != "auto":
         return engine
     if device.type == "cuda":
         return AUTO_ON_CUDA
     return "compiled" if dtype == "float32" and runs * steps >= AUTO_MIN_RUN_STEPS_CPU else "eager"
+
+
+def has_cxx() -> bool:
+    """Whether inductor can build CPU kernels here: a C++ compiler ($CXX, c++, g++ or clang++) on PATH."""
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
 
 
 def bucket(runs: int) -> int:

@@ -86,6 +86,13 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             from gradsweep.device import resolve_device
 
             resolve_device("cuda")
+        if cfg.engine == "compiled" and cfg.device != "cuda":
+            import torch
+
+            from gradsweep.compiled import resolve_engine
+
+            device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+            resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
 
 
 def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:

@@ -37,6 +37,15 @@ def test_auto_compiles_where_it_pays():
     assert resolve_engine("compiled", 1, 1, "float64", cpu) == "compiled"
 
 
+def test_without_a_cxx_compiler_cpu_groups_stay_eager(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_engine("auto", 10_000, 1000, "float32", cpu) == "eager"
+    with pytest.raises(ConfigError, match="engine='compiled' is not valid here: torch.compile on the CPU needs a C"):
+        resolve_engine("compiled", 8, 10, "float32", cpu)
+
+
 def test_engine_is_how_not_what():
     eager, compiled = make_cfg(engine="eager"), make_cfg(engine="compiled")
     assert config_hash(eager) == config_hash(compiled) == config_hash(make_cfg())
