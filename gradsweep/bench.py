@@ -25,13 +25,18 @@ from gradsweep.data import make_data
 from gradsweep.train import train_group
 
 
-def _plain_loop(steps: int, depth: int, width: int, device: str) -> None:
-    x, y = make_data(build_run_cfg({}).data)
-    x, y = x.to(device), y.to(device)
+def article_net(depth: int, width: int, device: str) -> nn.Sequential:
+    """The article's net as its own code builds it: nn.Linear + ReLU blocks, then the readout (torch's global RNG)."""
     mods: list[nn.Module] = []
     for i in range(depth):
         mods += [nn.Linear(1 if i == 0 else width, width), nn.ReLU()]
-    model = nn.Sequential(*mods, nn.Linear(width, 1)).to(device)
+    return nn.Sequential(*mods, nn.Linear(width, 1)).to(device)
+
+
+def _plain_loop(steps: int, depth: int, width: int, device: str) -> None:
+    x, y = make_data(build_run_cfg({}).data)
+    x, y = x.to(device), y.to(device)
+    model = article_net(depth, width, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.MSELoss()
     for _ in range(steps):

@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from gradsweep.config import ModelCfg, OptimCfg
+from gradsweep.config import ModelCfg
 from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
-from gradsweep.model import RELU_FAMILY, SATURATING, ParamLayout, forward, layers
-from gradsweep.optim import adam_update, clip, sgd_update
+from gradsweep.model import RELU_FAMILY, SATURATING, ParamLayout, forward, layers, output_widths
+from gradsweep.optim import StackedOptimizer, adam_update, clip, sgd_update
 from gradsweep.stats import SATURATION_TOL, small_scale
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this: compiling a shape costs ~50-100 s
@@ -140,7 +140,7 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
     rows = layers(cfg)
     w_spans = [layout.span(f"{la.name}.weight") for la in rows]
     w_numel = [s.stop - s.start for s in w_spans]
-    widths = [layout.shapes[names.index(f"{la.name}.weight")][0] for la in rows]
+    widths = output_widths(layout, cfg)
     hidden_rows = [k for k, la in enumerate(rows) if la.kind == "linear"][:-1]
     small, scale = small_scale(shape.dtype)
     activation = cfg.activation
@@ -240,35 +240,25 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
     return fwd, upd
 
 
-def hyper_tensors(cfgs: list[OptimCfg], max_norm: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-run optimiser settings as (R, 1) columns (as StackedOptimizer holds them), and the (R,) clip norms."""
-    def col(attr: str) -> torch.Tensor:
-        return torch.tensor([[getattr(c, attr)] for c in cfgs], dtype=like.dtype, device=like.device)
-
-    out = {"lr": col("lr"), "weight_decay": col("weight_decay"), "max_norm": max_norm}
-    if cfgs[0].name == "sgd":
-        out["momentum"] = col("momentum")
-    else:
-        out.update(beta1=col("beta1"), beta2=col("beta2"), eps=col("eps"))
-    return out
-
-
 class CompiledStep:
     """One group's training state on the compiled engine: call it once per step."""
 
-    def __init__(self, shape: Shape, layout: ParamLayout, flat: torch.Tensor, params: list[torch.Tensor],
-                 optims: list[OptimCfg], max_norm: torch.Tensor, batch: int, out_shapes: list[tuple[int, ...]]):
-        self.shape, self.flat, self.params = shape, flat, params
+    def __init__(self, shape: Shape, layout: ParamLayout, params: list[torch.Tensor], opt: StackedOptimizer,
+                 max_norm: torch.Tensor, batch: int):
+        """``opt``: the group's eager optimiser, whose per-run settings and zeroed state the programs take over."""
+        self.shape, self.flat, self.params = shape, opt.flat, params
         self.fwd, self.upd = programs(shape, layout)
-        self.hyper = hyper_tensors(optims, max_norm, flat)
+        self.hyper = {"lr": opt.lr, "weight_decay": opt.weight_decay, "max_norm": max_norm}
         if shape.optim == "sgd":
-            self.state = [torch.zeros_like(flat)] if shape.momentum else []
+            self.hyper["momentum"] = opt.momentum
+            self.state = [opt.buf] if shape.momentum else []
         else:
-            self.state = [torch.zeros_like(flat), torch.zeros_like(flat)]
-        R = flat.shape[0]
-        self.shifts = [torch.zeros(R, batch, *s, dtype=flat.dtype, device=flat.device, requires_grad=True)
-                       for s in out_shapes] if shape.stats else []
-        self.step_t = torch.zeros((), dtype=torch.long, device=flat.device)
+            self.hyper.update(beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps)
+            self.state = [opt.exp_avg, opt.exp_avg_sq]
+        R = self.flat.shape[0]
+        self.shifts = [torch.zeros(R, batch, w, dtype=self.flat.dtype, device=self.flat.device, requires_grad=True)
+                       for w in output_widths(layout, shape.model)] if shape.stats else []
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.flat.device)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
                  reason: torch.Tensor) -> tuple[Any, ...]:

@@ -84,11 +84,6 @@ class GroupTrace:
     """The data's input and output sizes."""
 
 
-def _output_widths(layout, cfg) -> list[int]:
-    """Each statistics row's output width (a Linear's out features, a norm layer's width), in ``layers`` order."""
-    return [layout.shapes[layout.names.index(f"{la.name}.weight")][0] for la in layers(cfg)]
-
-
 def _logged(step: int, total: int, every: int) -> bool:
     return step % every == 0 or step == total - 1
 
@@ -143,17 +138,16 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     stack = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
                          x.shape[1], data.out_dim, dtype, device)
     params, plist = stack.params, list(stack.params.values())
-    plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
-    compiled_step = None
+    compiled_step = plan = None
     if engine == "compiled":
-        shape = Shape(model_cfg, loss_name, first.optim.name, any(c.optim.momentum != 0 for c in cfgs),
-                      opt.use_wd, collect_stats, dtype, device)
-        out_shapes = [(layout_width,) for layout_width in _output_widths(stack.layout, model_cfg)]
+        shape = Shape(model_cfg, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
+                      collect_stats, dtype, device)
         batch = first.train.batch_size if first.train.batch_size and first.train.batch_size < n else n
-        compiled_step = CompiledStep(shape, stack.layout, stack.flat, plist, [c.optim for c in cfgs], max_norm, batch,
-                                     out_shapes)
+        compiled_step = CompiledStep(shape, stack.layout, plist, opt, max_norm, batch)
+    else:
+        plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
 
     alive = torch.ones(R, dtype=torch.bool, device=device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=device)
@@ -173,6 +167,31 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
             rec_scalar.clear()
             rec_layer.clear()
 
+    def _eager_step(step, xb, yb, alive, diverged, reason, log_now):
+        """One step of the eager engine: (alive, diverged, reason, and on a logged step its (R, 3) scalars and
+        (R, L, S) statistics, else None)."""
+        stats_now = collect_stats and log_now
+        if stats_now:
+            plan.start()
+        fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
+        loss = per_run_loss(loss_name, fwd.out, yb)
+        grads = torch.autograd.grad(loss.sum(), plist)
+        # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
+        grad = torch.cat([g.flatten(1) for g in grads], dim=1)
+        total = torch.linalg.vector_norm(grad, dim=1)
+        ok = torch.isfinite(loss) & torch.isfinite(total)
+        diverged = torch.where(alive & ~ok, step, diverged)
+        reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
+        alive = alive & ok
+        with torch.no_grad():
+            if stats_now:
+                plan.weight_sq(stack.flat)
+            clipped_grad, clipped = clip(grad, total, max_norm)
+            update = opt.step(clipped_grad, alive)
+            scal = torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1) if log_now else None
+            lay = plan.collect(grad, update, alive) if stats_now else None
+        return alive, diverged, reason, scal, lay
+
     try:  # the bar is cleared from the terminal even when training is interrupted
         for step in range(steps):
             idx = next(batches)
@@ -185,40 +204,13 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
             if compiled_step is not None:
                 # Statistics every step (one program, compiled once), recorded on the logged ones.
                 alive, diverged, reason, scal, lay = compiled_step(xb, yb, alive, diverged, reason)
-                if log_now:
-                    rec_scalar.append(scal)
-                    logged.append(step)
-                    if collect_stats:
-                        rec_layer.append(lay)
-                bar.update(1)
-                if len(rec_scalar) >= HOST_COPY_EVERY:
-                    flush()
-                    if not bool(alive.any()):
-                        break
-                continue
-            stats_now = collect_stats and log_now
-            if stats_now:
-                plan.start()
-            fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
-            loss = per_run_loss(loss_name, fwd.out, yb)
-            grads = torch.autograd.grad(loss.sum(), plist)
-            # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
-            grad = torch.cat([g.flatten(1) for g in grads], dim=1)
-            total = torch.linalg.vector_norm(grad, dim=1)
-            ok = torch.isfinite(loss) & torch.isfinite(total)
-            diverged = torch.where(alive & ~ok, step, diverged)
-            reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
-            alive = alive & ok
-            with torch.no_grad():
-                if stats_now:
-                    plan.weight_sq(stack.flat)
-                clipped_grad, clipped = clip(grad, total, max_norm)
-                update = opt.step(clipped_grad, alive)
-                if log_now:
-                    rec_scalar.append(torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1))
-                    logged.append(step)
-                if stats_now:
-                    rec_layer.append(plan.collect(grad, update, alive))
+            else:
+                alive, diverged, reason, scal, lay = _eager_step(step, xb, yb, alive, diverged, reason, log_now)
+            if log_now:
+                rec_scalar.append(scal)
+                logged.append(step)
+                if collect_stats:
+                    rec_layer.append(lay)
             bar.update(1)
             if len(rec_scalar) >= HOST_COPY_EVERY:
                 flush()

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from gradsweep.bench import _cfgs
+from gradsweep.bench import _cfgs, article_net
 from gradsweep.config import build_run_cfg
 from gradsweep.data import make_data
 from gradsweep.train import train_group
@@ -40,10 +40,7 @@ def plain_loop(runs: int, steps: int, depth: int, width: int, device: str = "cpu
     finals = []
     for r in range(runs):
         torch.manual_seed(r)
-        mods: list[nn.Module] = []
-        for i in range(depth):
-            mods += [nn.Linear(1 if i == 0 else width, width), nn.ReLU()]
-        model = nn.Sequential(*mods, nn.Linear(width, 1)).to(device)
+        model = article_net(depth, width, device)
         opt = torch.optim.SGD(model.parameters(), lr=LRS[r % 7])
         for _ in range(steps):
             opt.zero_grad()
@@ -61,10 +58,7 @@ def torch_func(runs: int, steps: int, depth: int, width: int, device: str = "cpu
     models = []
     for r in range(runs):
         torch.manual_seed(r)
-        mods: list[nn.Module] = []
-        for i in range(depth):
-            mods += [nn.Linear(1 if i == 0 else width, width), nn.ReLU()]
-        models.append(nn.Sequential(*mods, nn.Linear(width, 1)).to(device))
+        models.append(article_net(depth, width, device))
     params, _ = stack_module_state(models)
     base = models[0].to("meta")
     lr = torch.tensor([LRS[r % 7] for r in range(runs)], device=device)
@@ -143,7 +137,7 @@ def _gradsweep(runs, steps, depth, width, engine: str, stats: bool, device: str 
 def warm_compile_s(runs: int, depth: int, width: int, device: str) -> float:
     """Seconds to the first compiled step in a fresh process (inductor's caches warm), less its eager twin's."""
     code = ("import dataclasses, time, torch; torch.set_num_threads(1)\n"
-            "from gradsweep.bench import _cfgs\nfrom gradsweep.train import train_group\n"
+            "from gradsweep.bench import _cfgs, article_net\nfrom gradsweep.train import train_group\n"
             f"c = _cfgs({runs}, 2, {depth}, {width}, 1, {device!r})\n"
             "for e in ('eager', 'compiled'):\n"
             "    t0 = time.perf_counter(); train_group([dataclasses.replace(x, engine=e) for x in c])\n"

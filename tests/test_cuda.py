@@ -42,9 +42,9 @@ def test_a_run_in_a_group_equals_the_run_alone_on_cuda(dtype, rtol, steps):
         np.testing.assert_allclose(together.loss[:, r], alone.loss[:, 0], rtol=rtol)
 
 
-def test_no_host_sync_per_step():
-    cfgs = _cfgs("cuda", n=64, dtype="float32", steps=256)
-    train_group(cfgs)  # warm-up
+def _host_syncs(cfgs) -> list[str]:
+    """The host syncs CUDA reports while ``cfgs`` train a second time (the first compiles and warms up)."""
+    train_group(cfgs)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -52,9 +52,13 @@ def test_no_host_sync_per_step():
             train_group(cfgs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+def test_no_host_sync_per_step():
+    syncs = _host_syncs(_cfgs("cuda", n=64, dtype="float32", steps=256))
     # Setup, one copy per 64 logged steps, and the end; never one per step.
-    assert len(syncs) < 256 // 4, [str(w.message) for w in syncs[:5]]
+    assert len(syncs) < 256 // 4, syncs[:5]
 
 
 def test_device_memory_estimate_bounds_what_a_group_takes():
@@ -83,17 +87,9 @@ def test_compiled_cuda_graph_equals_eager_in_float64():
 
 
 def test_compiled_has_no_host_sync_per_step():
-    cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=64, dtype="float32", steps=256)]
-    train_group(cfgs)  # compile and capture
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train_group(cfgs)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) < 256 // 4, [str(w.message) for w in syncs[:5]]
+    syncs = _host_syncs([dataclasses.replace(c, engine="compiled")
+                         for c in _cfgs("cuda", n=64, dtype="float32", steps=256)])
+    assert len(syncs) < 256 // 4, syncs[:5]
 
 
 def test_compiled_groups_sized_from_free_memory_fit():
