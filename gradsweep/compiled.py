@@ -9,7 +9,9 @@ model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update
    (a compiled graph has no tensor to hook);
 2. autograd's backward of that program (compiled with it by AOTAutograd);
 3. *update*: gradient norm, divergence bookkeeping, clipping, the optimiser and every per-layer statistic of
-   ``stats.LAYER_STATS``, fused.
+   ``stats.LAYER_STATS``, fused; the statistics are the eager engine's ``StatsPlan`` reductions and assembly,
+   applied to tensors stacked by shape (one reduction per shape of layer, not per layer: the program's size,
+   and so its compile time, does not grow with depth).
 
 Nothing in either program depends on a Python number that changes between steps: the step count and the
 divergence state are tensors, so one compiled program serves every step, and on CUDA it runs as a CUDA graph
@@ -27,7 +29,6 @@ for bit, so ``engine`` is not part of a run's identity: a sweep resumed with ano
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ import torch
 from gradsweep.config import ModelCfg
 from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
-from gradsweep.model import RELU_FAMILY, SATURATING, ParamLayout, forward, layers, output_widths
+from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers, output_widths
 from gradsweep.optim import StackedOptimizer, adam_update, clip, sgd_update
-from gradsweep.stats import SATURATION_TOL, small_scale
+from gradsweep.stats import StatsPlan, block_terms, out_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this: compiling a shape costs ~50-100 s
 # on first use on 2 busy CPU cores (a few s once inductor's cache holds it) and saves ~0.07 ms per run-step at the
@@ -138,19 +139,9 @@ def programs(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
 def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
     cfg, names = shape.model, layout.names
     rows = layers(cfg)
-    w_spans = [layout.span(f"{la.name}.weight") for la in rows]
-    w_numel = [s.stop - s.start for s in w_spans]
-    widths = output_widths(layout, cfg)
-    hidden_rows = [k for k, la in enumerate(rows) if la.kind == "linear"][:-1]
-    small, scale = small_scale(shape.dtype)
+    plan = StatsPlan(layout, rows, cfg.activation, shape.dtype, shape.device) if shape.stats else None
     activation = cfg.activation
-
-    def norm(plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:  # stats.StatsPlan._norm
-        return torch.where(plain >= small, plain, scaled / scale)
-
-    def safe_norm(x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        return norm(torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(x * scale, dim=1))
+    keep_inputs = activation in RELU_FAMILY and activation != "relu"
 
     def fwd(plist: list[torch.Tensor], shifts: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
         f = forward(dict(zip(names, plist)), cfg, xb, shifts=shifts if shape.stats else None, separate_bias=True)
@@ -160,35 +151,29 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
         # What the statistics read of the forward pass (autograd keeps it for the backward pass anyway); reduced in
         # the update program, not here, where inductor would fuse the reductions into the GEMM template's epilogue.
         # Detached: outputs nothing differentiates, for which autograd would otherwise fill zero gradients.
-        keep_inputs = activation in RELU_FAMILY and activation != "relu"
         return loss, [t.detach() for t in (*f.outputs, *f.acts, *(f.act_inputs if keep_inputs else []))]
 
-    def forward_stats(seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(R, n_layers) out_rms, then per hidden block (R, blocks): act_rms, saturated or dead fractions."""
+    def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
+              gshifts: list[torch.Tensor], seen: list[torch.Tensor]) -> torch.Tensor:
+        """The eager StatsPlan's statistics (its own reductions and assembly), on tensors stacked by shape."""
+        absg, terms = plan.terms(grad, u)
         outputs, acts, act_inputs = seen[:len(rows)], seen[len(rows):len(rows) + cfg.depth], seen[len(rows) + cfg.depth:]
-        batch = outputs[0].shape[1]
-        out = [torch.stack([torch.linalg.vector_norm(h.flatten(1), dim=1) / math.sqrt(batch * w)
-                            for h, w in zip(outputs, widths)], dim=1)]
-        if acts:
+        act_norm = sat = pos_sum = width = None
+        if acts:  # per block, as the eager probe takes them (stacking the blocks first costs a copy of each)
+            blocks = [block_terms(activation, z, act_inputs[k] if act_inputs else None) for k, z in enumerate(acts)]
+            act_norm, sat, pos_sum = (torch.stack(col, dim=1) if col[0] is not None else None for col in zip(*blocks))
             width = acts[0].shape[2]
-            out.append(torch.stack([torch.linalg.vector_norm(z.flatten(1), dim=1) for z in acts], dim=1)
-                       / (batch * width) ** 0.5)
-            if activation in SATURATING:
-                lo = -1.0 if activation == "tanh" else 0.0
-                out.append(torch.stack([((z < lo + SATURATION_TOL) | (z > 1 - SATURATION_TOL)).flatten(1)
-                                        .to(z.dtype).mean(dim=1) for z in acts], dim=1))
-            if activation in RELU_FAMILY:
-                pos = [z.sum(dim=1) for z in acts] if activation == "relu" else [h.clamp_min(0).sum(dim=1)
-                                                                                for h in act_inputs]
-                out.append(torch.stack([(p == 0).to(p.dtype).mean(dim=1) for p in pos], dim=1))
-        return out
+        sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, flat * flat)])
+        return plan.finish(sums, plan.per_weight(absg, torch.amax), alive,
+                           torch.stack([plan.safe_norm(g) for g in gshifts], dim=1),
+                           torch.stack([out_norm(h) for h in outputs], dim=1), outputs[0].shape[1],
+                           act_norm, width or 0, sat, pos_sum)
 
     def upd(flat: torch.Tensor, gparams: list[torch.Tensor], gshifts: list[torch.Tensor], loss: torch.Tensor,
-            fwd_stats: list[torch.Tensor], state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
+            seen: list[torch.Tensor], state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
             alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
         """The eager loop's step after autograd (train.train_group), on the (R, P) matrices; returns the new
         parameters, state and bookkeeping, and the step's (R, 3) scalars and (R, L, S) statistics."""
-        dt = flat.dtype
         grad = torch.cat([g.flatten(1) for g in gparams], dim=1)
         total = torch.linalg.vector_norm(grad, dim=1)
         ok = torch.isfinite(loss) & torch.isfinite(total)
@@ -205,37 +190,9 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
             u, m, v = adam_update(flat, clipped_grad, state[0], state[1], alive, step + 1, hyper["lr"], hyper["beta1"],
                                   hyper["beta2"], hyper["eps"], hyper["weight_decay"], shape.weight_decay)
             state = [m, v]
-        new_flat = flat + u
-        scalars = torch.stack([loss, total, clipped.to(dt)], dim=1)
-        if not shape.stats:
-            return new_flat, state, alive, diverged, reason, scalars, None
-        R = flat.shape[0]
-        nan = torch.full((R, len(rows)), float("nan"), dtype=dt, device=flat.device)
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("g", "gmax", "nonzero", "nonfinite", "u", "w")}
-        for s in w_spans:
-            g, uu, w = grad[:, s], u[:, s], flat[:, s]
-            cols["g"].append(norm(torch.sqrt((g * g).sum(1)), torch.sqrt((g.abs() * scale).square().sum(1))))
-            cols["gmax"].append(g.abs().amax(1))
-            cols["nonzero"].append((g != 0).to(dt).sum(1))
-            cols["nonfinite"].append((~torch.isfinite(g)).to(dt).sum(1))
-            cols["u"].append(norm(torch.sqrt((uu * uu).sum(1)), torch.sqrt((uu * scale).square().sum(1))))
-            cols["w"].append(torch.sqrt((w * w).sum(1)))
-        g_norm, gmax, nonzero, nonfinite, u_norm, w_norm = (torch.stack(cols[k], dim=1) for k in cols)
-        numel = torch.tensor(w_numel, dtype=dt, device=flat.device)
-        ratio = torch.where(alive.unsqueeze(1), u_norm / w_norm, nan)
-        hgrad = torch.stack([safe_norm(g) for g in gshifts], dim=1)
-        out_rms, *block = forward_stats(fwd_stats)
-        act_rms = saturated = dead = nan
-        idx = torch.tensor(hidden_rows, dtype=torch.long, device=flat.device)
-        if block:
-            act_rms = nan.index_copy(1, idx, block.pop(0))
-        if activation in SATURATING:
-            saturated = nan.index_copy(1, idx, block.pop(0))
-        if activation in RELU_FAMILY:
-            dead = nan.index_copy(1, idx, block.pop(0))
-        stats = torch.stack([g_norm, g_norm / torch.sqrt(numel), gmax, (numel - nonzero) / numel, nonfinite, hgrad,
-                             w_norm, ratio, out_rms, act_rms, saturated, dead], dim=2)
-        return new_flat, state, alive, diverged, reason, scalars, stats
+        scalars = torch.stack([loss, total, clipped.to(flat.dtype)], dim=1)
+        lay = stats(grad, u, flat, alive, gshifts, seen) if shape.stats else None
+        return flat + u, state, alive, diverged, reason, scalars, lay
 
     return fwd, upd
 

@@ -87,14 +87,6 @@ class StatsPlan:
             self._terms = torch.empty(self.N_TERMS, R, self.P, dtype=self.dtype, device=self.device)
         return self._terms
 
-    def _per_weight(self, x: torch.Tensor, reduce) -> torch.Tensor:
-        """Reduce (..., R, P) over each weight's columns: (..., R, n_layers) in ``layers`` order."""
-        lead, (R, P) = x.shape[:-2], x.shape[-2:]
-        lead_strides = x.stride()[:-2]
-        parts = [reduce(x.as_strided((*lead, R, len(run.rows), run.numel), (*lead_strides, P, run.stride, 1),
-                                     x.storage_offset() + run.offset), -1) for run in self.runs]
-        return torch.cat(parts, dim=-1).index_select(-1, self.unpermute)
-
     def weight_sq(self, flat: torch.Tensor) -> None:
         """Record each layer's weight before this step's update (call before the optimiser step)."""
         terms = self._buffer(flat.shape[0])
@@ -116,24 +108,19 @@ class StatsPlan:
         for h in outputs:
             h.register_hook(functools.partial(self._record_hgrad, len(self._hgrad)))
             self._hgrad.append(None)
-            self._out_norm.append(torch.linalg.vector_norm(h.flatten(1), dim=1))
+            self._out_norm.append(out_norm(h))
         if act is None:
             return
         self._width = act.shape[2]
-        self._act_norm.append(torch.linalg.vector_norm(act.flatten(1), dim=1))
-        if self.activation in SATURATING:
-            lo = -1.0 if self.activation == "tanh" else 0.0
-            self._sat.append(((act < lo + SATURATION_TOL) | (act > 1 - SATURATION_TOL)).flatten(1).to(act.dtype).mean(dim=1))
-        if self.activation in RELU_FAMILY:
-            # A unit is dead when no sample of the batch puts it on the positive side: the sum over the batch
-            # of max(h, 0) is 0 (a sum over the middle axis is several times cheaper than a max). For ReLU
-            # that is the activation's own output.
-            self._pos_sum.append((act if self.activation == "relu" else act_input.clamp_min(0)).sum(dim=1))
+        act_norm, sat, pos_sum = block_terms(self.activation, act, act_input)
+        self._act_norm.append(act_norm)
+        if sat is not None:
+            self._sat.append(sat)
+        if pos_sum is not None:
+            self._pos_sum.append(pos_sum)
 
     def _record_hgrad(self, k: int, grad: torch.Tensor) -> None:
-        flat = grad.flatten(1)
-        self._hgrad[k] = self._norm(torch.linalg.vector_norm(flat, dim=1),
-                                    torch.linalg.vector_norm(flat * self.scale, dim=1))
+        self._hgrad[k] = self.safe_norm(grad)
 
     def collect(self, grad: torch.Tensor, update: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
         """One step's statistics, (R, n_layers, len(LAYER_STATS)).
@@ -142,45 +129,102 @@ class StatsPlan:
         update; ``updated`` (R,) whether the run was updated. :meth:`start` and :meth:`probe` must have seen
         this step's forward pass, and :meth:`weight_sq` the parameters before the update.
         """
-        R, dt = grad.shape[0], grad.dtype
-        nan = torch.full((R, self.n_layers), float("nan"), dtype=dt, device=grad.device)
-        terms = self._buffer(R)
+        terms = self._buffer(grad.shape[0])
+        absg, _ = self.terms(grad, update, out=terms)
+        stack = functools.partial(torch.stack, dim=1)
+        return self.finish(
+            self.per_weight(terms, torch.sum), self.per_weight(absg, torch.amax), updated, stack(self._hgrad),
+            stack(self._out_norm), self._batch,
+            stack(self._act_norm) if self._act_norm else None, self._width if self._act_norm else 0,
+            stack(self._sat) if self._sat else None, stack(self._pos_sum) if self._pos_sum else None)
+
+    def terms(self, grad: torch.Tensor, update: torch.Tensor, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``|grad|`` (whose per-weight maximum is taken apart) and the first six elementwise terms that
+        :meth:`per_weight` sums (see ``N_TERMS``), written into ``out[:6]`` when given (the eager engine's buffer,
+        whose ``out[6]`` holds the squared weights), else new tensors (the compiled engine's, fused away)."""
+        o = out if out is not None else [None] * 6
         # Float arithmetic only: comparisons that produce bool tensors cost several times more on the CPU.
         absg = grad.abs()
-        torch.mul(grad, grad, out=terms[0])
-        torch.mul(absg, self.scale, out=terms[1]).square_()
-        torch.clamp(absg, max=1.0, out=terms[2]).ceil_().nan_to_num_(nan=1.0)  # 1 where grad != 0 (NaN too), else 0
-        torch.mul(absg, 0.0, out=terms[3]).nan_to_num_(nan=1.0)  # inf * 0 and NaN * 0 are NaN: 1, else 0
-        torch.mul(update, update, out=terms[4])
-        torch.mul(update, self.scale, out=terms[5]).square_()
-        sums = self._per_weight(terms, torch.sum)  # (7, R, L)
+        return absg, [
+            torch.mul(grad, grad, out=o[0]),
+            torch.mul(absg, self.scale, out=o[1]).square_(),
+            torch.clamp(absg, max=1.0, out=o[2]).ceil_().nan_to_num_(nan=1.0),  # 1 where grad != 0 (NaN too), else 0
+            torch.mul(absg, 0.0, out=o[3]).nan_to_num_(nan=1.0),  # inf * 0 and NaN * 0 are NaN: 1, else 0
+            torch.mul(update, update, out=o[4]),
+            torch.mul(update, self.scale, out=o[5]).square_(),
+        ]
+
+    def per_weight(self, x: torch.Tensor, reduce) -> torch.Tensor:
+        """Reduce (..., R, P) over each weight's columns: (..., R, n_layers) in ``layers`` order. Each run of
+        evenly spaced weights is a view of its columns (a slice cut into rows of one stride), reduced at once."""
+        parts = []
+        for run in self.runs:
+            span = len(run.rows) * run.stride
+            cols = x[..., run.offset:run.offset + span]
+            if cols.shape[-1] < span:  # the last weight's row reaches past the end: pad (cut off again below)
+                cols = torch.nn.functional.pad(cols, (0, span - cols.shape[-1]))
+            parts.append(reduce(cols.unflatten(-1, (len(run.rows), run.stride))[..., :run.numel], -1))
+        return torch.cat(parts, dim=-1).index_select(-1, self.unpermute)
+
+    def finish(self, sums: torch.Tensor, gmax: torch.Tensor, updated: torch.Tensor, hgrad: torch.Tensor,
+               out_norm: torch.Tensor, batch: int, act_norm: torch.Tensor | None, width: int,
+               saturated: torch.Tensor | None, pos_sum: torch.Tensor | None) -> torch.Tensor:
+        """The (R, n_layers, len(LAYER_STATS)) statistics from their reductions: ``sums`` (N_TERMS, R, L) and
+        ``gmax`` (R, L) from :meth:`per_weight`; ``hgrad``, ``out_norm`` (R, L) per layer output; per hidden
+        block (R, blocks): ``act_norm``, ``saturated`` and ``pos_sum`` (R, blocks, width), each None where the
+        activation has none. Shared by both engines."""
+        R, dt = gmax.shape[0], gmax.dtype
+        nan = torch.full((R, self.n_layers), float("nan"), dtype=dt, device=gmax.device)
         g2, g2_scaled, nonzero, nonfinite, u2, u2_scaled, w2 = sums.unbind(0)
         g_norm = self._norm(torch.sqrt(g2), torch.sqrt(g2_scaled))
         u_norm = self._norm(torch.sqrt(u2), torch.sqrt(u2_scaled))
-        gmax = self._per_weight(absg, torch.amax)
         w_norm = torch.sqrt(w2)
         ratio = torch.where(updated.unsqueeze(1), u_norm / w_norm, nan)
-        hgrad = torch.stack(self._hgrad, dim=1)
-        batch = self._batch
-        out_rms = torch.stack(self._out_norm, dim=1) / torch.sqrt(batch * self.widths)
-        act_rms = saturated = dead = nan
-        if self._act_norm:
-            act_rms = nan.index_copy(1, self.hidden_rows, torch.stack(self._act_norm, dim=1) / (batch * self._width) ** 0.5)
-        if self._sat:
-            saturated = nan.index_copy(1, self.hidden_rows, torch.stack(self._sat, dim=1))
-        if self._pos_sum:
-            off = torch.stack(self._pos_sum, dim=1) == 0  # (R, blocks, W)
-            dead = nan.index_copy(1, self.hidden_rows, off.to(dt).mean(dim=2))
+        out_rms = out_norm / torch.sqrt(batch * self.widths)
+        act_rms = sat = dead = nan
+        if act_norm is not None:
+            act_rms = nan.index_copy(1, self.hidden_rows, act_norm / (batch * width) ** 0.5)
+        if saturated is not None:
+            sat = nan.index_copy(1, self.hidden_rows, saturated)
+        if pos_sum is not None:
+            dead = nan.index_copy(1, self.hidden_rows, (pos_sum == 0).to(dt).mean(dim=2))
         return torch.stack([
             g_norm, g_norm / torch.sqrt(self.w_numel), gmax, (self.w_numel - nonzero) / self.w_numel, nonfinite,
-            hgrad, w_norm, ratio, out_rms, act_rms, saturated, dead,
+            hgrad, w_norm, ratio, out_rms, act_rms, sat, dead,
         ], dim=2)
 
+    def safe_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of each (B, w) matrix of x (..., B, w) that does not underflow: (...)."""
+        x = x.flatten(-2)
+        return self._norm(torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(x * self.scale, dim=-1))
 
     def _norm(self, plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
         """A norm from the plain one and the one of the entries times ``self.scale``: the plain one unless it is
         too small to be exact (below ``self.small``)."""
         return torch.where(plain >= self.small, plain, scaled / self.scale)
+
+
+def out_norm(h: torch.Tensor) -> torch.Tensor:
+    """The norm of each (B, w) layer output of h (..., B, w): (...)."""
+    return torch.linalg.vector_norm(h.flatten(-2), dim=-1)
+
+
+def block_terms(activation: str, act: torch.Tensor, act_input: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A hidden block's forward-side reductions from its activation ``act`` (..., B, w) and the activation's
+    input (needed for the ReLU family but ReLU): the activation's norm (...), its saturated fraction (...)
+    for sigmoid/tanh, the sum over the batch of its positive part (..., w) for the ReLU family; else None."""
+    sat = pos_sum = None
+    if activation in SATURATING:
+        lo = -1.0 if activation == "tanh" else 0.0
+        sat = ((act < lo + SATURATION_TOL) | (act > 1 - SATURATION_TOL)).flatten(-2).to(act.dtype).mean(dim=-1)
+    if activation in RELU_FAMILY:
+        # A unit is dead when no sample of the batch puts it on the positive side: the sum over the batch
+        # of max(h, 0) is 0 (a sum over the middle axis is several times cheaper than a max). For ReLU
+        # that is the activation's own output.
+        pos_sum = (act if activation == "relu" else act_input.clamp_min(0)).sum(dim=-2)
+    return out_norm(act), sat, pos_sum
 
 
 def small_scale(dtype: torch.dtype) -> tuple[float, float]:

@@ -92,3 +92,16 @@ def test_dead_units_are_those_never_positive_over_the_batch(activation):
     dead = stats[:, :model.depth, LAYER_STATS.index("dead_frac")]
     expect = torch.stack([(h <= 0).all(dim=1).double().mean(dim=1) for h in fwd.act_inputs], dim=1)
     assert torch.equal(dead, expect) and dead[0, 1] >= 0.4
+
+
+def test_a_run_whose_last_weight_ends_the_matrix_is_reduced_whole():
+    # Two weights of 4 with a gap of 2 after the first and none after the second: the run's rows of stride 6
+    # reach 2 columns past the end of the (R, 10) matrix (padded, then cut off again).
+    plan = object.__new__(StatsPlan)
+    plan.runs = _evenly_spaced([(0, 0, 4), (1, 6, 4)])
+    plan.unpermute = torch.tensor([0, 1])
+    assert plan.runs[0].rows == (0, 1) and plan.runs[0].stride == 6
+    x = torch.arange(30.0).reshape(3, 10)
+    for reduce in (torch.sum, torch.amax):
+        expected = torch.stack([reduce(x[:, 0:4], -1), reduce(x[:, 6:10], -1)], dim=1)
+        assert torch.equal(plan.per_weight(x, reduce), expected)
