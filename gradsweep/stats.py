@@ -157,14 +157,18 @@ class StatsPlan:
 
     def per_weight(self, x: torch.Tensor, reduce) -> torch.Tensor:
         """Reduce (..., R, P) over each weight's columns: (..., R, n_layers) in ``layers`` order. Each run of
-        evenly spaced weights is a view of its columns (a slice cut into rows of one stride), reduced at once."""
-        parts = []
+        evenly spaced weights is one view of its columns (a slice cut into rows of one stride) reduced at once;
+        a last weight whose row of that stride would reach past the matrix's end is reduced on its own."""
+        P, parts = x.shape[-1], []
         for run in self.runs:
-            span = len(run.rows) * run.stride
-            cols = x[..., run.offset:run.offset + span]
-            if cols.shape[-1] < span:  # the last weight's row reaches past the end: pad (cut off again below)
-                cols = torch.nn.functional.pad(cols, (0, span - cols.shape[-1]))
-            parts.append(reduce(cols.unflatten(-1, (len(run.rows), run.stride))[..., :run.numel], -1))
+            k = len(run.rows)
+            whole = min(k, (P - run.offset) // run.stride)  # rows whose whole stride lies inside (all but the last)
+            if whole:
+                cols = x[..., run.offset:run.offset + whole * run.stride].unflatten(-1, (whole, run.stride))
+                parts.append(reduce(cols[..., :run.numel], -1))
+            for j in range(whole, k):
+                start = run.offset + j * run.stride
+                parts.append(reduce(x[..., start:start + run.numel], -1).unsqueeze(-1))
         return torch.cat(parts, dim=-1).index_select(-1, self.unpermute)
 
     def finish(self, sums: torch.Tensor, gmax: torch.Tensor, updated: torch.Tensor, hgrad: torch.Tensor,

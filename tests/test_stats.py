@@ -96,7 +96,7 @@ def test_dead_units_are_those_never_positive_over_the_batch(activation):
 
 def test_a_run_whose_last_weight_ends_the_matrix_is_reduced_whole():
     # Two weights of 4 with a gap of 2 after the first and none after the second: the run's rows of stride 6
-    # reach 2 columns past the end of the (R, 10) matrix (padded, then cut off again).
+    # reach 2 columns past the end of the (R, 10) matrix (the last weight is reduced on its own).
     plan = object.__new__(StatsPlan)
     plan.runs = _evenly_spaced([(0, 0, 4), (1, 6, 4)])
     plan.unpermute = torch.tensor([0, 1])
