@@ -5,13 +5,16 @@ model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update
 
 1. *forward*: forward pass and per-run loss, each Linear as ``bmm`` + bias (``model.linear(separate_bias=True)``:
    the form whose product inductor's CPU GEMM template compiles into register-blocked code; eager's ``baddbmm``
-   stays an external call), with a zero *shift* added to every layer output so that autograd returns dL/dh
-   (a compiled graph has no tensor to hook);
+   stays an external call), each layer output passed through ``stats.GradNorm`` (an identity whose backward also
+   returns each run's norm of dL/d(output), reduced where autograd forms it: a compiled graph has no tensor to
+   hook, and returning dL/d(output) whole costs a write and a read of every layer's (R, B, w) gradient);
 2. autograd's backward of that program (compiled with it by AOTAutograd);
 3. *update*: gradient norm, divergence bookkeeping, clipping, the optimiser and every per-layer statistic of
-   ``stats.LAYER_STATS``, fused; the statistics are the eager engine's ``StatsPlan`` reductions and assembly,
-   applied to tensors stacked by shape (one reduction per shape of layer, not per layer: the program's size,
-   and so its compile time, does not grow with depth).
+   ``stats.LAYER_STATS``, fused; the statistics are the eager engine's ``StatsPlan`` reductions and assembly
+   (equally sized weights reduced together: the per-weight part of the program does not grow with depth). The
+   forward-side reductions (layer output and activation norms, saturated and dead units) are taken here from the
+   forward's tensors: in the forward program inductor fuses them into the GEMM template's epilogue and fails an
+   assertion (torch 2.13; with epilogue fusion off the forward loses more than the reductions cost).
 
 Nothing in either program depends on a Python number that changes between steps: the step count and the
 divergence state are tensors, so one compiled program serves every step, and on CUDA it runs as a CUDA graph
@@ -42,7 +45,7 @@ from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
 from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers, output_widths
 from gradsweep.optim import StackedOptimizer, adam_update, clip, sgd_update
-from gradsweep.stats import StatsPlan, block_terms, out_norm
+from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this: compiling a shape costs ~50-100 s
 # on first use on 2 busy CPU cores (a few s once inductor's cache holds it) and saves ~0.07 ms per run-step at the
@@ -143,8 +146,11 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
     activation = cfg.activation
     keep_inputs = activation in RELU_FAMILY and activation != "relu"
 
-    def fwd(plist: list[torch.Tensor], shifts: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
-        f = forward(dict(zip(names, plist)), cfg, xb, shifts=shifts if shape.stats else None, separate_bias=True)
+    def fwd(plist: list[torch.Tensor], tokens: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        def tap(k: int, h: torch.Tensor) -> torch.Tensor:  # the backward returns |dL/dh| per run as d/d(token)
+            return GradNorm.apply(h, tokens[k], plan.small, plan.scale)
+
+        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, separate_bias=True)
         loss = per_run_loss(shape.loss, f.out, yb)
         if not shape.stats:
             return loss, []
@@ -154,7 +160,7 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
         return loss, [t.detach() for t in (*f.outputs, *f.acts, *(f.act_inputs if keep_inputs else []))]
 
     def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
-              gshifts: list[torch.Tensor], seen: list[torch.Tensor]) -> torch.Tensor:
+              hgrad: list[torch.Tensor], seen: list[torch.Tensor]) -> torch.Tensor:
         """The eager StatsPlan's statistics (its own reductions and assembly), on tensors stacked by shape."""
         absg, terms = plan.terms(grad, u)
         outputs, acts, act_inputs = seen[:len(rows)], seen[len(rows):len(rows) + cfg.depth], seen[len(rows) + cfg.depth:]
@@ -165,11 +171,11 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
             width = acts[0].shape[2]
         sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, flat * flat)])
         return plan.finish(sums, plan.per_weight(absg, torch.amax), alive,
-                           torch.stack([plan.safe_norm(g) for g in gshifts], dim=1),
+                           torch.stack(hgrad, dim=1),
                            torch.stack([out_norm(h) for h in outputs], dim=1), outputs[0].shape[1],
                            act_norm, width or 0, sat, pos_sum)
 
-    def upd(flat: torch.Tensor, gparams: list[torch.Tensor], gshifts: list[torch.Tensor], loss: torch.Tensor,
+    def upd(flat: torch.Tensor, gparams: list[torch.Tensor], hgrad: list[torch.Tensor], loss: torch.Tensor,
             seen: list[torch.Tensor], state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
             alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
         """The eager loop's step after autograd (train.train_group), on the (R, P) matrices; returns the new
@@ -191,7 +197,7 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
                                   hyper["beta2"], hyper["eps"], hyper["weight_decay"], shape.weight_decay)
             state = [m, v]
         scalars = torch.stack([loss, total, clipped.to(flat.dtype)], dim=1)
-        lay = stats(grad, u, flat, alive, gshifts, seen) if shape.stats else None
+        lay = stats(grad, u, flat, alive, hgrad, seen) if shape.stats else None
         return flat + u, state, alive, diverged, reason, scalars, lay
 
     return fwd, upd
@@ -201,7 +207,7 @@ class CompiledStep:
     """One group's training state on the compiled engine: call it once per step."""
 
     def __init__(self, shape: Shape, layout: ParamLayout, params: list[torch.Tensor], opt: StackedOptimizer,
-                 max_norm: torch.Tensor, batch: int):
+                 max_norm: torch.Tensor):
         """``opt``: the group's eager optimiser, whose per-run settings and zeroed state the programs take over."""
         self.shape, self.flat, self.params = shape, opt.flat, params
         self.fwd, self.upd = programs(shape, layout)
@@ -213,16 +219,17 @@ class CompiledStep:
             self.hyper.update(beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps)
             self.state = [opt.exp_avg, opt.exp_avg_sq]
         R = self.flat.shape[0]
-        self.shifts = [torch.zeros(R, batch, w, dtype=self.flat.dtype, device=self.flat.device, requires_grad=True)
-                       for w in output_widths(layout, shape.model)] if shape.stats else []
+        # One (R,) zero per layer output whose "gradient" is the norm of dL/d(output) (stats.GradNorm).
+        self.tokens = [torch.zeros(R, dtype=self.flat.dtype, device=self.flat.device, requires_grad=True)
+                       for _ in output_widths(layout, shape.model)] if shape.stats else []
         self.step_t = torch.zeros((), dtype=torch.long, device=self.flat.device)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
                  reason: torch.Tensor) -> tuple[Any, ...]:
         if self.shape.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs feed the next step's inputs
-        loss, fwd_stats = self.fwd(self.params, self.shifts, xb, yb)
-        grads = torch.autograd.grad(loss.sum(), [*self.params, *self.shifts])
+        loss, fwd_stats = self.fwd(self.params, self.tokens, xb, yb)
+        grads = torch.autograd.grad(loss.sum(), [*self.params, *self.tokens])
         n = len(self.params)
         with torch.no_grad():
             new_flat, self.state, alive, diverged, reason, scalars, stats = self.upd(

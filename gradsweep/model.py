@@ -187,22 +187,23 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, separate_b
 
 def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
             probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-            *, shifts: list[torch.Tensor] | None = None, separate_bias: bool = False) -> Forward:
+            *, tap: Callable[[int, torch.Tensor], torch.Tensor] | None = None, separate_bias: bool = False) -> Forward:
     """Run R networks on their inputs x of shape (R, B, in).
 
     ``probe``, if given, sees each block as soon as it is computed (while its tensors are still in cache):
     ``probe(outputs, act_input, act)`` with the block's layer outputs, and for hidden blocks what the
     activation received and returned (None for the readout).
-    ``shifts``, if given, one tensor per layer output (``layers`` order) added to it: zeros whose gradient is
-    dL/d(output), for a caller that cannot hook the outputs (a compiled step). ``separate_bias``: see :func:`linear`.
+    ``tap``, if given, replaces each layer output h by ``tap(k, h)`` (k: its row in ``layers`` order), for a
+    caller that cannot hook the outputs (a compiled step: an identity whose backward also reduces dL/dh).
+    ``separate_bias``: see :func:`linear`.
     """
     outputs, act_inputs, acts = [], [], []
     k = 0
 
     def shifted(h: torch.Tensor) -> torch.Tensor:
         nonlocal k
-        if shifts is not None:
-            h = h + shifts[k]
+        if tap is not None:
+            h = tap(k, h)
         k += 1
         return h
 

@@ -200,13 +200,38 @@ class StatsPlan:
 
     def safe_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The norm of each (B, w) matrix of x (..., B, w) that does not underflow: (...)."""
-        x = x.flatten(-2)
-        return self._norm(torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(x * self.scale, dim=-1))
+        return safe_norm(x, self.small, self.scale)
 
     def _norm(self, plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
         """A norm from the plain one and the one of the entries times ``self.scale``: the plain one unless it is
         too small to be exact (below ``self.small``)."""
         return torch.where(plain >= self.small, plain, scaled / self.scale)
+
+
+def safe_norm(x: torch.Tensor, small: float, scale: float) -> torch.Tensor:
+    """The norm of each (B, w) matrix of x (..., B, w), taken from the entries times ``scale`` where the plain
+    one is below ``small`` (see :func:`small_scale`): (...)."""
+    x = x.flatten(-2)
+    plain = torch.linalg.vector_norm(x, dim=-1)
+    return torch.where(plain >= small, plain, torch.linalg.vector_norm(x * scale, dim=-1) / scale)
+
+
+class GradNorm(torch.autograd.Function):
+    """``GradNorm.apply(h, token, small, scale)``: h unchanged, and in the backward pass each run's
+    :func:`safe_norm` of dL/dh returned as the gradient of ``token`` (R,): the hgrad statistic reduced where
+    autograd forms dL/dh, for a caller that cannot hook tensors (a compiled step), instead of dL/dh whole."""
+
+    @staticmethod
+    def forward(h: torch.Tensor, token: torch.Tensor, small: float, scale: float) -> torch.Tensor:
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.small, ctx.scale = inputs[2], inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, safe_norm(grad, ctx.small, ctx.scale), None, None
 
 
 def out_norm(h: torch.Tensor) -> torch.Tensor:

@@ -144,8 +144,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     if engine == "compiled":
         shape = Shape(model_cfg, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
                       collect_stats, dtype, device)
-        batch = first.train.batch_size if first.train.batch_size and first.train.batch_size < n else n
-        compiled_step = CompiledStep(shape, stack.layout, plist, opt, max_norm, batch)
+        compiled_step = CompiledStep(shape, stack.layout, plist, opt, max_norm)
     else:
         plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
 

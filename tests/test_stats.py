@@ -105,3 +105,21 @@ def test_a_run_whose_last_weight_ends_the_matrix_is_reduced_whole():
     for reduce in (torch.sum, torch.amax):
         expected = torch.stack([reduce(x[:, 0:4], -1), reduce(x[:, 6:10], -1)], dim=1)
         assert torch.equal(plan.per_weight(x, reduce), expected)
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float64, 1.0), (torch.float32, 1e-30)])
+def test_gradnorm_hands_back_the_norm_of_the_outputs_gradient_as_the_tokens(dtype, size):
+    # The compiled engine's hgrad: dL/dh passes through unchanged, and the token's "gradient" is each run's norm of
+    # dL/dh, also where its squares underflow (float32, entries of 1e-30).
+    from gradsweep.stats import GradNorm, small_scale
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 4, dtype=dtype, generator=gen, requires_grad=True)
+    token = torch.zeros(3, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen) * size
+    out = GradNorm.apply(h, token, *small_scale(dtype))
+    assert torch.equal(out, h)
+    gh, gt = torch.autograd.grad((out * w.to(dtype)).sum(), [h, token])
+    assert torch.equal(gh, w.to(dtype))
+    torch.testing.assert_close(gt.double(), w.flatten(1).norm(dim=1), rtol=1e-6 if dtype == torch.float32 else 1e-15,
+                               atol=0)
