@@ -47,10 +47,11 @@ from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers, output_wi
 from gradsweep.optim import StackedOptimizer, adam_update, clip, sgd_update
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm
 
-# engine=auto compiles a CPU group when its run-steps (runs x steps) reach this: compiling a shape costs ~50-100 s
-# on first use on 2 busy CPU cores (a few s once inductor's cache holds it) and saves ~0.07 ms per run-step at the
-# article's shape (BENCHMARKS.md, bench_peers), so below ~2 million run-steps eager finishes first.
-AUTO_MIN_RUN_STEPS_CPU = 2_000_000
+# engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
+# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28) compiling costs ~43 s on a shape's first use (13 s in
+# a later process, from inductor's cache) and saves ~0.1 ms per run-step (eager 3,725 vs compiled 5,860 run-steps/s):
+# break-even at ~450,000 run-steps cold; twice that, as such a machine's speed drifts.
+AUTO_MIN_RUN_STEPS_CPU = 1_000_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
 # it is built and tested on CPU only so far.
 AUTO_ON_CUDA = "eager"
