@@ -43,8 +43,8 @@ import torch
 from gradsweep.config import ModelCfg
 from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
-from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers, output_widths
-from gradsweep.optim import StackedOptimizer, adam_update, clip, sgd_update
+from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers
+from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_update
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
@@ -162,7 +162,7 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
 
     def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
               hgrad: list[torch.Tensor], seen: list[torch.Tensor]) -> torch.Tensor:
-        """The eager StatsPlan's statistics (its own reductions and assembly), on tensors stacked by shape."""
+        """The eager StatsPlan's statistics (its own reductions and assembly) from the step's tensors."""
         absg, terms = plan.terms(grad, u)
         outputs, acts, act_inputs = seen[:len(rows)], seen[len(rows):len(rows) + cfg.depth], seen[len(rows) + cfg.depth:]
         act_norm = sat = pos_sum = width = None
@@ -181,13 +181,7 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
             alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
         """The eager loop's step after autograd (train.train_group), on the (R, P) matrices; returns the new
         parameters, state and bookkeeping, and the step's (R, 3) scalars and (R, L, S) statistics."""
-        grad = torch.cat([g.flatten(1) for g in gparams], dim=1)
-        total = torch.linalg.vector_norm(grad, dim=1)
-        ok = torch.isfinite(loss) & torch.isfinite(total)
-        bad = alive & ~ok
-        diverged = torch.where(bad, step, diverged)
-        reason = torch.where(bad, torch.where(torch.isfinite(loss), 2, 1), reason)
-        alive = alive & ok
+        grad, total, alive, diverged, reason = screen(gparams, loss, alive, diverged, reason, step)
         clipped_grad, clipped = clip(grad, total, hyper["max_norm"])
         if shape.optim == "sgd":
             u, buf = sgd_update(flat, clipped_grad, state[0] if shape.momentum else None, alive, hyper["lr"],
@@ -222,7 +216,7 @@ class CompiledStep:
         R = self.flat.shape[0]
         # One (R,) zero per layer output whose "gradient" is the norm of dL/d(output) (stats.GradNorm).
         self.tokens = [torch.zeros(R, dtype=self.flat.dtype, device=self.flat.device, requires_grad=True)
-                       for _ in output_widths(layout, shape.model)] if shape.stats else []
+                       for _ in layers(shape.model)] if shape.stats else []
         self.step_t = torch.zeros((), dtype=torch.long, device=self.flat.device)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,

@@ -81,11 +81,6 @@ class ParamLayout:
         return slice(self.offsets[i], self.offsets[i] + math.prod(self.shapes[i]))
 
 
-def output_widths(layout: ParamLayout, cfg: ModelCfg) -> list[int]:
-    """Each statistics row's output width (a Linear's out features, a norm layer's width), in ``layers`` order."""
-    return [layout.shapes[layout.names.index(f"{la.name}.weight")][0] for la in layers(cfg)]
-
-
 @dataclass
 class Stack:
     """The parameters of R runs: one (R, P) matrix, and per parameter a (R, ...) view of it.

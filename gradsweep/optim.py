@@ -27,6 +27,24 @@ def clip(grad: torch.Tensor, total_norm: torch.Tensor, max_norm: torch.Tensor) -
     return grad * coef.unsqueeze(1), coef < 1
 
 
+def screen(grads: list[torch.Tensor] | tuple[torch.Tensor, ...], loss: torch.Tensor, alive: torch.Tensor,
+           diverged: torch.Tensor, reason: torch.Tensor, step: int | torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's gradients as one (R, P) matrix (clipping, the optimiser and the statistics act on it whole), its
+    per-run norm, and the divergence bookkeeping: a run alive until now whose loss or gradient norm is not finite
+    stops at ``step``, with reason 1 (loss) or 2 (gradient), as indices of ``train.DIVERGED_REASONS``.
+
+    Returns (grad, total norm, alive, diverged, reason); both engines call it.
+    """
+    grad = torch.cat([g.flatten(1) for g in grads], dim=1)
+    total = torch.linalg.vector_norm(grad, dim=1)
+    ok = torch.isfinite(loss) & torch.isfinite(total)
+    bad = alive & ~ok
+    diverged = torch.where(bad, step, diverged)
+    reason = torch.where(bad, torch.where(torch.isfinite(loss), 2, 1), reason)
+    return grad, total, alive & ok, diverged, reason
+
+
 def clip_vector(clip_norms: list[float | None], like: torch.Tensor) -> torch.Tensor:
     """Per-run max_norm as a (R,) tensor; no clipping is +inf."""
     return torch.tensor([math.inf if c is None else c for c in clip_norms], dtype=like.dtype, device=like.device)

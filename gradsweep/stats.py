@@ -205,15 +205,20 @@ class StatsPlan:
     def _norm(self, plain: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
         """A norm from the plain one and the one of the entries times ``self.scale``: the plain one unless it is
         too small to be exact (below ``self.small``)."""
-        return torch.where(plain >= self.small, plain, scaled / self.scale)
+        return pick_norm(plain, scaled, self.small, self.scale)
 
 
 def safe_norm(x: torch.Tensor, small: float, scale: float) -> torch.Tensor:
     """The norm of each (B, w) matrix of x (..., B, w), taken from the entries times ``scale`` where the plain
     one is below ``small`` (see :func:`small_scale`): (...)."""
     x = x.flatten(-2)
-    plain = torch.linalg.vector_norm(x, dim=-1)
-    return torch.where(plain >= small, plain, torch.linalg.vector_norm(x * scale, dim=-1) / scale)
+    return pick_norm(torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(x * scale, dim=-1), small, scale)
+
+
+def pick_norm(plain: torch.Tensor, scaled: torch.Tensor, small: float, scale: float) -> torch.Tensor:
+    """A norm from the plain one and the one of the entries times ``scale``: the plain one unless it is too small
+    to be exact (below ``small``)."""
+    return torch.where(plain >= small, plain, scaled / scale)
 
 
 class GradNorm(torch.autograd.Function):

@@ -22,7 +22,7 @@ from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
-from gradsweep.optim import StackedOptimizer, clip, clip_vector
+from gradsweep.optim import StackedOptimizer, clip, clip_vector, screen
 from gradsweep.progress import bar as progress_bar
 from gradsweep.stats import StatsPlan
 
@@ -175,13 +175,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
         loss = per_run_loss(loss_name, fwd.out, yb)
         grads = torch.autograd.grad(loss.sum(), plist)
-        # One (R, P) gradient matrix: clipping, the optimiser and the statistics act on it as a whole.
-        grad = torch.cat([g.flatten(1) for g in grads], dim=1)
-        total = torch.linalg.vector_norm(grad, dim=1)
-        ok = torch.isfinite(loss) & torch.isfinite(total)
-        diverged = torch.where(alive & ~ok, step, diverged)
-        reason = torch.where(alive & ~ok, torch.where(torch.isfinite(loss), 2, 1), reason)
-        alive = alive & ok
+        grad, total, alive, diverged, reason = screen(grads, loss, alive, diverged, reason, step)
         with torch.no_grad():
             if stats_now:
                 plan.weight_sq(stack.flat)
