@@ -61,17 +61,21 @@ def test_no_host_sync_per_step():
     assert len(syncs) < 256 // 4, syncs[:5]
 
 
+def _peak_bytes(cfgs) -> int:
+    """GPU memory training the group took at its peak, beyond what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    train_group(cfgs)
+    return torch.cuda.max_memory_allocated() - base
+
+
 def test_device_memory_estimate_bounds_what_a_group_takes():
     from gradsweep.device import device_bytes_per_run, free_device_bytes
     from gradsweep.group import runs_per_group
 
     cfgs = _cfgs("cuda", n=256, dtype="float32", steps=80)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    train_group(cfgs)
-    used = torch.cuda.max_memory_allocated() - base
-    assert used <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
+    assert _peak_bytes(cfgs) <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
     free = free_device_bytes("cuda")
     assert runs_per_group(cfgs[0], 1e6, None, free) == int(free * 0.8 // device_bytes_per_run(cfgs[0]))
 
@@ -97,9 +101,4 @@ def test_compiled_groups_sized_from_free_memory_fit():
 
     cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=256, dtype="float32", steps=80)]
     train_group(cfgs)  # compile
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    train_group(cfgs)
-    used = torch.cuda.max_memory_allocated() - base
-    assert used <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
+    assert _peak_bytes(cfgs) <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
