@@ -83,6 +83,8 @@ def free_device_bytes(device: str) -> int | None:
 MAX_THREADS_ENV = "GRADSWEEP_MAX_THREADS"  # a cap: a submitted job's CPUs (gradsweep.submit), or the user's
 THREADS_ENV = "GRADSWEEP_THREADS"  # an exact count, overriding the choice (e.g. to compare with torch's default)
 BUSY_SAMPLE_S = 0.05  # how long the other processes' CPU use is watched before a group starts
+BUSY_REUSE_S = 2.0  # a sample this recent serves the next group too (short groups in a row: one sample, not one each)
+_last_busy: tuple[float, float] | None = None  # (time.monotonic() when taken, busy cores)
 
 
 def busy_cores(sample_s: float = BUSY_SAMPLE_S) -> float:
@@ -126,7 +128,18 @@ def choose_threads() -> int:
         cores = min(cores, int(cap))
     if cores == 1:
         return 1
-    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
+    return max(1, min(cores, int(cores - _recent_busy_cores() + 0.5)))
+
+
+def _recent_busy_cores() -> float:
+    """:func:`busy_cores`, sampled at most once per ``BUSY_REUSE_S`` in this process."""
+    import time
+
+    global _last_busy
+    now = time.monotonic()
+    if _last_busy is None or now - _last_busy[0] > BUSY_REUSE_S:
+        _last_busy = (now, busy_cores())
+    return _last_busy[1]
 
 
 def set_threads() -> int:
