@@ -33,9 +33,19 @@ def article_net(depth: int, width: int, device: str) -> nn.Sequential:
     return nn.Sequential(*mods, nn.Linear(width, 1)).to(device)
 
 
-def _plain_loop(steps: int, depth: int, width: int, device: str) -> None:
+def article_data(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default data set (the article's), on ``device``."""
     x, y = make_data(build_run_cfg({}).data)
-    x, y = x.to(device), y.to(device)
+    return x.to(device), y.to(device)
+
+
+def run_lr(r: int) -> float:
+    """The learning rate of the benchmarks' run ``r``: seven values, in turn."""
+    return 0.01 * (1 + r % 7)
+
+
+def _plain_loop(steps: int, depth: int, width: int, device: str) -> None:
+    x, y = article_data(device)
     model = article_net(depth, width, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.MSELoss()
@@ -49,7 +59,7 @@ def _plain_loop(steps: int, depth: int, width: int, device: str) -> None:
 
 
 def _cfgs(runs: int, steps: int, depth: int, width: int, log_every: int, device: str):
-    return [build_run_cfg({"model": {"depth": depth, "width": width}, "optim": {"lr": 0.01 * (1 + r % 7)},
+    return [build_run_cfg({"model": {"depth": depth, "width": width}, "optim": {"lr": run_lr(r)},
                            "train": {"steps": steps, "seed": r, "log_every": log_every}, "device": device, "quiet": True})
             for r in range(runs)]
 

@@ -22,26 +22,17 @@ import time
 import torch
 from torch import nn
 
-from gradsweep.bench import _cfgs, article_net
-from gradsweep.config import build_run_cfg
-from gradsweep.data import make_data
+from gradsweep.bench import _cfgs, article_data, article_net, run_lr
 from gradsweep.train import train_group
-
-LRS = [0.01 * (1 + r % 7) for r in range(7)]
-
-
-def _data(device: str):
-    x, y = make_data(build_run_cfg({}).data)
-    return x.to(device), y.to(device)
 
 
 def plain_loop(runs: int, steps: int, depth: int, width: int, device: str = "cpu") -> torch.Tensor:
-    x, y = _data(device)
+    x, y = article_data(device)
     finals = []
     for r in range(runs):
         torch.manual_seed(r)
         model = article_net(depth, width, device)
-        opt = torch.optim.SGD(model.parameters(), lr=LRS[r % 7])
+        opt = torch.optim.SGD(model.parameters(), lr=run_lr(r))
         for _ in range(steps):
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
@@ -54,14 +45,14 @@ def plain_loop(runs: int, steps: int, depth: int, width: int, device: str = "cpu
 def torch_func(runs: int, steps: int, depth: int, width: int, device: str = "cpu") -> torch.Tensor:
     from torch.func import functional_call, stack_module_state, vmap
 
-    x, y = _data(device)
+    x, y = article_data(device)
     models = []
     for r in range(runs):
         torch.manual_seed(r)
         models.append(article_net(depth, width, device))
     params, _ = stack_module_state(models)
     base = models[0].to("meta")
-    lr = torch.tensor([LRS[r % 7] for r in range(runs)], device=device)
+    lr = torch.tensor([run_lr(r) for r in range(runs)], device=device)
 
     def loss_of(p):
         return nn.functional.mse_loss(functional_call(base, p, (x,)), y)
@@ -85,7 +76,7 @@ def jax_rows(runs: int, steps: int, depth: int, width: int):
         import jax.numpy as jnp
     except ImportError:
         return None
-    x, y = (jnp.asarray(t.numpy()) for t in _data("cpu"))
+    x, y = (jnp.asarray(t.numpy()) for t in article_data("cpu"))
     dims = [1] + [width] * depth + [1]
     key = jax.random.PRNGKey(0)
     params = []
@@ -94,7 +85,7 @@ def jax_rows(runs: int, steps: int, depth: int, width: int):
         bound = 1 / fi**0.5
         params.append((jax.random.uniform(k1, (runs, fi, fo), minval=-bound, maxval=bound),
                        jax.random.uniform(k2, (runs, fo), minval=-bound, maxval=bound)))
-    lr = jnp.asarray([LRS[r % 7] for r in range(runs)])
+    lr = jnp.asarray([run_lr(r) for r in range(runs)])
 
     def loss_fn(p):
         a = x
