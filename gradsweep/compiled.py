@@ -3,9 +3,10 @@
 The step computes what the eager loop in :mod:`gradsweep.train` computes, from the same definitions (the
 model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update``/``adam_update``):
 
-1. *forward*: forward pass and per-run loss, each Linear as ``bmm`` + bias (``model.linear(separate_bias=True)``:
-   the form whose product inductor's CPU GEMM template compiles into register-blocked code; eager's ``baddbmm``
-   stays an external call), each layer output passed through ``stats.GradNorm`` (an identity whose backward also
+1. *forward*: forward pass and per-run loss, each Linear on the CPU through gradsweep's own kernel
+   (``model.linear(form="kernel")``, :mod:`gradsweep.stacked`: 8 runs per SIMD register, one opaque op for
+   inductor, its backward too; 2-3x ``bmm`` at the article's widths), on CUDA as ``bmm`` + bias (the form inductor's
+   GEMM templates compile), each layer output passed through ``stats.GradNorm`` (an identity whose backward also
    returns each run's norm of dL/d(output), reduced where autograd forms it: a compiled graph has no tensor to
    hook, and returning dL/d(output) whole costs a write and a read of every layer's (R, B, w) gradient);
 2. autograd's backward of that program (compiled with it by AOTAutograd);
@@ -89,12 +90,23 @@ def bucket(runs: int) -> int:
     return -(-runs // step) * step
 
 
-def _how(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def linear_form(device: torch.device) -> str:
+    """How the compiled programs compute a Linear layer (model.linear's ``form``): gradsweep's kernel on the CPU
+    where this machine's compiler builds it, else ``bmm`` + bias."""
+    if device.type == "cpu":
+        from gradsweep.stacked import available
+
+        if available():
+            return "kernel"
+    return "bmm"
+
+
+def _how(device: torch.device, dtype: torch.dtype, form: str) -> dict[str, Any]:
     """torch.compile's mode or options for a program on ``device``."""
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}  # CUDA graphs (cudagraph trees)
-    if dtype != torch.float32:
-        return {}  # Inductor's CPU GEMM template exists for float32; float64 keeps ATen's bmm
+    if dtype != torch.float32 or form != "bmm":
+        return {}  # no GEMM left for inductor (the kernel), or none it has a CPU template for (float64)
     # Autotuning picks inductor's GEMM template where it beats ATen's bmm.
     return {"mode": "max-autotune-no-cudagraphs"}
 
@@ -131,16 +143,17 @@ _PROGRAMS: dict[tuple, tuple[Callable, Callable]] = {}
 def programs(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
     """The compiled (forward, update) pair for ``shape`` and parameter ``layout``, built once per process (torch
     specialises each on its first call's tensor sizes, the stack size and batch among them)."""
-    key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout)
+    form = linear_form(shape.device)
+    key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout, form)
     if key not in _PROGRAMS:
         _prepare_inductor()
-        fwd, upd = _make(shape, layout)
-        how = _how(shape.device, shape.dtype)
+        fwd, upd = _make(shape, layout, form)
+        how = _how(shape.device, shape.dtype, form)
         _PROGRAMS[key] = (torch.compile(fwd, dynamic=False, **how), torch.compile(upd, dynamic=False, **how))
     return _PROGRAMS[key]
 
 
-def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
+def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Callable]:
     cfg, names = shape.model, layout.names
     rows = layers(cfg)
     plan = StatsPlan(layout, rows, cfg.activation, shape.dtype, shape.device) if shape.stats else None
@@ -151,7 +164,8 @@ def _make(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
         def tap(k: int, h: torch.Tensor) -> torch.Tensor:  # the backward returns |dL/dh| per run as d/d(token)
             return GradNorm.apply(h, tokens[k], plan.small, plan.scale)
 
-        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, separate_bias=True)
+        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None,
+                    linear_form=form)
         loss = per_run_loss(shape.loss, f.out, yb)
         if not shape.stats:
             return loss, []

@@ -169,20 +169,29 @@ class Forward:
     """Per hidden block, the activation's output (before the residual add)."""
 
 
-def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, separate_bias: bool = False) -> torch.Tensor:
+LINEAR_FORMS = ("baddbmm", "bmm", "kernel")
+
+
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, form: str = "baddbmm") -> torch.Tensor:
     """R Linear layers at once: a (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out).
 
-    One fused ``baddbmm`` by default; ``separate_bias``: a ``bmm`` and then the bias added, the form whose product
-    inductor's CPU GEMM template compiles (gradsweep.compiled): the same sum, rounded in another order.
+    The same sum in three forms, rounded in different orders: ``baddbmm`` (one fused call, the eager engine's),
+    ``bmm`` and then the bias added (the form inductor's GEMM template compiles: the compiled engine on CUDA), and
+    ``kernel``: gradsweep's own CPU kernel, 8 runs per SIMD register (:mod:`gradsweep.stacked`; the compiled
+    engine on the CPU).
     """
-    if separate_bias:
+    if form == "kernel":
+        from gradsweep.stacked import stacked_linear
+
+        return stacked_linear(a, weight, bias)
+    if form == "bmm":
         return torch.bmm(a, weight.transpose(1, 2)) + bias.unsqueeze(1)
     return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))
 
 
 def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
             probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-            *, tap: Callable[[int, torch.Tensor], torch.Tensor] | None = None, separate_bias: bool = False) -> Forward:
+            *, tap: Callable[[int, torch.Tensor], torch.Tensor] | None = None, linear_form: str = "baddbmm") -> Forward:
     """Run R networks on their inputs x of shape (R, B, in).
 
     ``probe``, if given, sees each block as soon as it is computed (while its tensors are still in cache):
@@ -190,7 +199,7 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
     activation received and returned (None for the readout).
     ``tap``, if given, replaces each layer output h by ``tap(k, h)`` (k: its row in ``layers`` order), for a
     caller that cannot hook the outputs (a compiled step: an identity whose backward also reduces dL/dh).
-    ``separate_bias``: see :func:`linear`.
+    ``linear_form``: see :func:`linear`.
     """
     outputs, act_inputs, acts = [], [], []
     k = 0
@@ -204,7 +213,7 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
 
     a = x
     for i in range(1, cfg.depth + 1):
-        h = shifted(linear(a, params[f"linear{i}.weight"], params[f"linear{i}.bias"], separate_bias))
+        h = shifted(linear(a, params[f"linear{i}.weight"], params[f"linear{i}.bias"], linear_form))
         block = [h]
         if cfg.norm != "none":
             h = shifted(normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"]))
@@ -217,7 +226,7 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
             probe(block, h, z)
         a = z + a if (cfg.residual and a.shape[-1] == z.shape[-1]) else z
     last = cfg.depth + 1
-    out = shifted(linear(a, params[f"linear{last}.weight"], params[f"linear{last}.bias"], separate_bias))
+    out = shifted(linear(a, params[f"linear{last}.weight"], params[f"linear{last}.bias"], linear_form))
     outputs.append(out)
     if probe is not None:
         probe([out], None, None)

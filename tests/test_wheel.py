@@ -34,6 +34,9 @@ def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     module, conf = where.stdout.split()
     assert module.startswith(str(venv)) and conf.startswith(str(venv)), where.stdout
     assert (Path(conf) / "config.yaml").is_file() and (Path(conf) / "hydra" / "help" / "gradsweep.yaml").is_file()
+    kernel = subprocess.run([str(python), "-c", "import gradsweep.stacked as s; print(b'gs_forward_f32' in s.source())"],
+                            cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert kernel.stdout.strip() == "True"  # the compiled engine's kernel source ships in the wheel
     sweep = elsewhere / "sweep"
     run = subprocess.run([str(venv / "bin" / "gradsweep"), "-m", "model.depth=2,10,30", "init=xavier,kaiming",
                           "train.steps=20", "quiet=true", f"hydra.sweep.dir={sweep}"], cwd=elsewhere, capture_output=True,

@@ -1,0 +1,223 @@
+// R small Linear layers at once, y[r] = x[r] W[r]^T + b[r], for gradsweep's compiled engine on the CPU.
+//
+// Batched matmul libraries (MKL, oneDNN, inductor's GEMM template) treat each run's (B x in) by (in x out)
+// product as one small GEMM; at the widths of a depth sweep (~10) the per-matrix overhead dominates. Here V runs
+// are processed side by side instead: each tile of V runs is transposed into a small buffer with the run index
+// innermost (x[b][i][v]), so that one SIMD register holds the same element of V runs and the products are plain
+// vector FMAs with no reduction across lanes. The buffers are a few tens of KiB and stay in cache; the tensors
+// keep gradsweep's (R, ...) layout outside: each run's rows contiguous, runs at any stride (0 for one input shared
+// by every run; a weight's run stride is its (R, P) parameter matrix's row). Tiles run in parallel (OpenMP).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+constexpr int V = 8;   // runs per tile (one AVX2 register of float, two of double)
+constexpr int NB = 12;  // outputs per register-blocked pass
+constexpr int64_t BC = 32;  // batch rows per chunk
+
+typedef float vf32 __attribute__((vector_size(V * sizeof(float)), aligned(sizeof(float))));
+typedef double vf64 __attribute__((vector_size(V * sizeof(double)), aligned(sizeof(double))));
+template <typename S> struct Vec;
+template <> struct Vec<float> { using type = vf32; };
+template <> struct Vec<double> { using type = vf64; };
+template <typename S> using vec = typename Vec<S>::type;
+template <typename S> static inline vec<S> ld(const S* p) { return *(const vec<S>*)p; }
+template <typename S> static inline void st(S* p, vec<S> v) { *(vec<S>*)p = v; }
+
+// tile[j][v] = src[v * rs + j] for j < n, v < nv (lanes >= nv zero): V runs' rows side by side.
+// In blocks of V x V, loaded and stored as whole vectors and transposed in registers.
+#ifdef __AVX__
+#include <immintrin.h>
+static inline void transpose(vf32 (&m)[V]) {  // the classic 8 x 8 AVX transpose (unpack, shuffle, permute)
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = (__m256)m[k];
+  t[0] = _mm256_unpacklo_ps(r[0], r[1]); t[1] = _mm256_unpackhi_ps(r[0], r[1]);
+  t[2] = _mm256_unpacklo_ps(r[2], r[3]); t[3] = _mm256_unpackhi_ps(r[2], r[3]);
+  t[4] = _mm256_unpacklo_ps(r[4], r[5]); t[5] = _mm256_unpackhi_ps(r[4], r[5]);
+  t[6] = _mm256_unpacklo_ps(r[6], r[7]); t[7] = _mm256_unpackhi_ps(r[6], r[7]);
+  r[0] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(1, 0, 1, 0)); r[1] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(3, 2, 3, 2));
+  r[2] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(1, 0, 1, 0)); r[3] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+  r[4] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(1, 0, 1, 0)); r[5] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(3, 2, 3, 2));
+  r[6] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(1, 0, 1, 0)); r[7] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(3, 2, 3, 2));
+  for (int k = 0; k < 4; ++k) {
+    m[k] = (vf32)_mm256_permute2f128_ps(r[k], r[k + 4], 0x20);
+    m[k + 4] = (vf32)_mm256_permute2f128_ps(r[k], r[k + 4], 0x31);
+  }
+}
+#endif
+
+template <typename S>
+static inline void transpose(vec<S> (&m)[V]) {
+  vec<S> a[V];
+  for (int k = 0; k < V; ++k) a[k] = m[k];
+  for (int j = 0; j < V; ++j) for (int k = 0; k < V; ++k) m[j][k] = a[k][j];
+}
+
+template <typename S>
+static void gather(S* tile, const S* src, int64_t rs, int64_t n, int nv) {
+  int64_t j = 0;
+  if (nv == V) {
+    for (; j + V <= n; j += V) {
+      vec<S> m[V];
+      for (int v = 0; v < V; ++v) m[v] = ld(src + v * rs + j);
+      transpose<S>(m);
+      for (int k = 0; k < V; ++k) st(tile + (j + k) * V, m[k]);
+    }
+  }
+  for (; j < n; ++j)
+    for (int v = 0; v < V; ++v) tile[j * V + v] = v < nv ? src[v * rs + j] : S(0);
+}
+
+template <typename S>
+static void scatter(S* dst, const S* tile, int64_t rs, int64_t n, int nv) {
+  int64_t j = 0;
+  if (nv == V) {
+    for (; j + V <= n; j += V) {
+      vec<S> m[V];
+      for (int k = 0; k < V; ++k) m[k] = ld(tile + (j + k) * V);
+      transpose<S>(m);
+      for (int v = 0; v < V; ++v) st(dst + v * rs + j, m[v]);
+    }
+  }
+  for (; j < n; ++j)
+    for (int v = 0; v < nv; ++v) dst[v * rs + j] = tile[j * V + v];
+}
+
+// y[b][o] = bias[o] + sum_i x[b][i] W[o][i], outputs o0 .. o0 + K
+template <typename S, int K>
+static void fwd_pass(const S* x, const S* W, const S* bias, S* y, int64_t B, int64_t I, int64_t O, int64_t o0) {
+  for (int64_t b = 0; b < B; ++b) {
+    vec<S> acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = ld(bias + (o0 + k) * V);
+    const S* xr = x + b * I * V;
+    for (int64_t i = 0; i < I; ++i) {
+      vec<S> xv = ld(xr + i * V);
+      for (int k = 0; k < K; ++k) acc[k] += xv * ld(W + ((o0 + k) * I + i) * V);
+    }
+    for (int k = 0; k < K; ++k) st(y + (b * O + o0 + k) * V, acc[k]);
+  }
+}
+
+// dx[b][i] = sum_o dy[b][o] W[o][i], inputs i0 .. i0 + K
+template <typename S, int K>
+static void dx_pass(const S* dy, const S* W, S* dx, int64_t B, int64_t I, int64_t O, int64_t i0) {
+  for (int64_t b = 0; b < B; ++b) {
+    vec<S> acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = vec<S>{};
+    for (int64_t o = 0; o < O; ++o) {
+      vec<S> g = ld(dy + (b * O + o) * V);
+      for (int k = 0; k < K; ++k) acc[k] += g * ld(W + (o * I + i0 + k) * V);
+    }
+    for (int k = 0; k < K; ++k) st(dx + (b * I + i0 + k) * V, acc[k]);
+  }
+}
+
+// dW[o][i] += sum_b dy[b][o] x[b][i] for inputs i0 .. i0 + K (and db[o] += sum_b dy[b][o] with the first pass)
+template <typename S, int K>
+static void dw_pass(const S* dy, const S* x, S* dW, S* db, int64_t B, int64_t I, int64_t O, int64_t i0) {
+  for (int64_t o = 0; o < O; ++o) {
+    vec<S> acc[K];
+    vec<S> bacc = ld(db + o * V);
+    for (int k = 0; k < K; ++k) acc[k] = ld(dW + (o * I + i0 + k) * V);
+    for (int64_t b = 0; b < B; ++b) {
+      vec<S> g = ld(dy + (b * O + o) * V);
+      if (i0 == 0) bacc += g;
+      const S* xr = x + b * I * V + i0 * V;
+      for (int k = 0; k < K; ++k) acc[k] += g * ld(xr + k * V);
+    }
+    for (int k = 0; k < K; ++k) st(dW + (o * I + i0 + k) * V, acc[k]);
+    if (i0 == 0) st(db + o * V, bacc);
+  }
+}
+
+// N outputs in passes of at most NB, as even as possible (a short pass waits on FMA latency)
+#define PASS_CASE(FN, K) case K: FN<S, K>(args..., j0); break;
+#define DEFINE_PASSES(NAME, FN)                                                   \
+  template <typename S, typename... A>                                            \
+  static void NAME(int64_t total, A... args) {                                    \
+    int64_t np = (total + NB - 1) / NB, j0 = 0;                                   \
+    for (int64_t p = 0; p < np; ++p) {                                            \
+      int64_t n = (total - j0) / (np - p);                                        \
+      switch (n) {                                                                \
+        PASS_CASE(FN, 12) PASS_CASE(FN, 11) PASS_CASE(FN, 10) PASS_CASE(FN, 9)    \
+        PASS_CASE(FN, 8) PASS_CASE(FN, 7) PASS_CASE(FN, 6) PASS_CASE(FN, 5)       \
+        PASS_CASE(FN, 4) PASS_CASE(FN, 3) PASS_CASE(FN, 2)                        \
+        default: FN<S, 1>(args..., j0);                                           \
+      }                                                                           \
+      j0 += n;                                                                    \
+    }                                                                             \
+  }
+DEFINE_PASSES(fwd_passes, fwd_pass)
+DEFINE_PASSES(dx_passes, dx_pass)
+DEFINE_PASSES(dw_passes, dw_pass)
+
+// x: (R, B, I) with run stride xs (0: one input shared by all runs); W (R, O, I); bias (R, O); y (R, B, O)
+template <typename S>
+static void forward(const S* x, int64_t xs, const S* W, int64_t ws, const S* bias, int64_t bs, S* y, int64_t R, int64_t B,
+                    int64_t I, int64_t O,
+                    int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r0 = 0; r0 < R; r0 += V) {
+    std::vector<S> xt(BC * I * V), wt(O * I * V), bt(O * V), yt(BC * O * V);
+    int nv = (int)std::min<int64_t>(V, R - r0);
+    gather(wt.data(), W + r0 * ws, ws, O * I, nv);
+    gather(bt.data(), bias + r0 * bs, bs, O, nv);
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      int64_t bc = std::min(BC, B - b0);
+      gather(xt.data(), x + r0 * xs + b0 * I, xs, bc * I, nv);
+      fwd_passes<S>(O, (const S*)xt.data(), (const S*)wt.data(), (const S*)bt.data(), yt.data(), bc, I, O);
+      scatter(y + r0 * B * O + b0 * O, yt.data(), B * O, bc * O, nv);
+    }
+  }
+}
+
+// dy (R, B, O); x as in forward; W (R, O, I) -> dx (R, B, I) if not null, dW (R, O, I), db (R, O)
+template <typename S>
+static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws, S* dx, S* dW, S* db,
+                     int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r0 = 0; r0 < R; r0 += V) {
+    std::vector<S> xt(BC * I * V), wt(O * I * V), dyt(BC * O * V), dxt(BC * I * V), dwt(O * I * V), dbt(O * V);
+    int nv = (int)std::min<int64_t>(V, R - r0);
+    if (dx) gather(wt.data(), W + r0 * ws, ws, O * I, nv);
+    std::fill(dwt.begin(), dwt.end(), S(0));
+    std::fill(dbt.begin(), dbt.end(), S(0));
+    for (int64_t b0 = 0; b0 < B; b0 += BC) {
+      int64_t bc = std::min(BC, B - b0);
+      gather(dyt.data(), dy + r0 * B * O + b0 * O, B * O, bc * O, nv);
+      gather(xt.data(), x + r0 * xs + b0 * I, xs, bc * I, nv);
+      if (dx) {
+        dx_passes<S>(I, (const S*)dyt.data(), (const S*)wt.data(), dxt.data(), bc, I, O);
+        scatter(dx + r0 * B * I + b0 * I, dxt.data(), B * I, bc * I, nv);
+      }
+      dw_passes<S>(I, (const S*)dyt.data(), (const S*)xt.data(), dwt.data(), dbt.data(), bc, I, O);
+    }
+    scatter(dW + r0 * O * I, dwt.data(), O * I, O * I, nv);
+    scatter(db + r0 * O, dbt.data(), O, O, nv);
+  }
+}
+
+extern "C" {
+int gs_lanes() { return V; }
+void gs_forward_f32(const float* x, int64_t xs, const float* W, int64_t ws, const float* b, int64_t bs, float* y,
+                    int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
+  forward(x, xs, W, ws, b, bs, y, R, B, I, O, threads);
+}
+void gs_forward_f64(const double* x, int64_t xs, const double* W, int64_t ws, const double* b, int64_t bs, double* y,
+                    int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
+  forward(x, xs, W, ws, b, bs, y, R, B, I, O, threads);
+}
+void gs_backward_f32(const float* dy, const float* x, int64_t xs, const float* W, int64_t ws, float* dx, float* dW,
+                     float* db, int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
+  backward(dy, x, xs, W, ws, dx, dW, db, R, B, I, O, threads);
+}
+void gs_backward_f64(const double* dy, const double* x, int64_t xs, const double* W, int64_t ws, double* dx,
+                     double* dW, double* db, int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
+  backward(dy, x, xs, W, ws, dx, dW, db, R, B, I, O, threads);
+}
+}

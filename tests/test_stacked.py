@@ -1,0 +1,155 @@
+"""gradsweep's CPU kernel for R Linear layers at once (gradsweep.stacked): against torch's own bmm and autograd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import scaled
+
+from gradsweep.compiled import has_cxx
+
+pytestmark = pytest.mark.skipif(not has_cxx(), reason="needs a C++ compiler")
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _inputs(R, B, I, O, dtype, shared=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1 if shared else R, B, I, generator=g, dtype=dtype)
+    x = x.expand(R, B, I) if shared else x
+    W = torch.randn(R, O, I, generator=g, dtype=dtype)
+    b = torch.randn(R, O, generator=g, dtype=dtype)
+    return x, W, b
+
+
+def _reference(x, W, b, dy):
+    """y = baddbmm(b, x, W^T) and its gradients by autograd, in float64."""
+    x, W, b = (t.detach().double().requires_grad_() for t in (x, W, b))
+    y = torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+    return (y.detach(), *torch.autograd.grad(y, (x, W, b), dy.double()))
+
+
+def _ours(x, W, b, dy):
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = (t.detach().requires_grad_() for t in (x, W, b))  # as laid out (strides kept)
+    y = stacked_linear(x, W, b)
+    return (y.detach(), *torch.autograd.grad(y, (x, W, b), dy))
+
+
+# (R, B, in, out): partial tiles of 8 runs (13, 3), batches not a multiple of the kernel's 32-row chunks, widths
+# split into uneven register passes (25 = 9 + 8 + 8), the article's 10 x 10, and in = 1 (its first layer).
+SHAPES = [(13, 37, 5, 17), (16, 100, 10, 10), (3, 4, 25, 2), (11, 40, 1, 10), (8, 1, 7, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_float64_equals_bmm_and_autograd(shape, shared):
+    x, W, b = _inputs(*shape, torch.float64, shared)
+    dy = torch.randn(shape[0], shape[1], shape[3], dtype=torch.float64)
+    ref, ours = _reference(x, W, b, dy), _ours(x, W, b, dy)
+    names = ("y", "dL/dx", "dL/dW", "dL/db")
+    # Sums of at most max(in, batch, out) float64 products, rounded in another order: a few ulps of the sum's terms.
+    for name, r, o in zip(names, ref, ours, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12 * max(1.0, r.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_float32_within_its_rounding(shape):
+    """float32 against the float64 product: each output is a sum of n terms, so its error is bounded by
+    n * eps32 * (the sum of the terms' magnitudes) (plus the inputs' own rounding, none here: they are exact)."""
+    R, B, I, O = shape
+    x, W, b = _inputs(R, B, I, O, torch.float32)
+    dy = torch.randn(R, B, O)
+    ref, ours = _reference(x, W, b, dy), _ours(x, W, b, dy)
+    mags = (torch.baddbmm(b.abs().unsqueeze(1).double(), x.abs().double(), W.abs().transpose(1, 2).double()),
+            torch.bmm(dy.abs().double(), W.abs().double()),
+            torch.bmm(dy.abs().transpose(1, 2).double(), x.abs().double()),
+            dy.abs().double().sum(1))
+    terms = (I + 1, O, B, B)
+    for name, r, o, m, n in zip(("y", "dL/dx", "dL/dW", "dL/db"), ref, ours, mags, terms, strict=True):
+        err = (o.double() - r).abs()
+        assert (err <= n * EPS32 * m + 1e-30).all(), (name, (err / (m + 1e-30)).max().item())
+
+
+def test_a_runs_bits_do_not_depend_on_its_neighbours_or_threads():
+    """Run r computed inside a group of 21, inside a reversed group, and with 1 or 2 threads: the same float32
+    bits (every lane of a tile does the same operations; the tail tile's empty lanes are zeros)."""
+    x, W, b = _inputs(21, 30, 10, 10, torch.float32)
+    dy = torch.randn(21, 30, 10)
+    base = _ours(x, W, b, dy)
+    rev = _ours(x.flip(0), W.flip(0), b.flip(0), dy.flip(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _ours(x, W, b, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for a, r, t in zip(base, rev, two, strict=True):
+        assert torch.equal(a, r.flip(0)) and torch.equal(a, t)
+
+
+def test_the_op_passes_torchs_custom_op_checks():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, and that
+    torch.compile's tracing sees what eager execution computes."""
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = _inputs(9, 6, 4, 3, torch.float64)
+    torch.library.opcheck(stacked_linear, (x.clone().requires_grad_(), W.requires_grad_(), b.requires_grad_()))
+    torch.autograd.gradcheck(stacked_linear, (x.clone().requires_grad_(), W, b))
+
+
+def test_non_contiguous_input_is_read_as_its_values():
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = _inputs(10, 12, 6, 5, torch.float64)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, in) not row-major
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(stacked_linear(xt, W, b), stacked_linear(x, W, b), rtol=0, atol=0)
+
+
+def test_weights_read_in_place_from_the_parameter_matrix():
+    """The engine's weights and biases are views of one (R, P) matrix (runs P values apart): read as they are."""
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = _inputs(12, 9, 4, 6, torch.float64)
+    flat = torch.cat([torch.randn(12, 3, dtype=torch.float64), W.reshape(12, -1), b], dim=1)
+    Wv, bv = flat[:, 3:3 + 24].view(12, 6, 4), flat[:, 27:]
+    assert Wv.stride(0) == flat.shape[1] and not Wv.is_contiguous()
+    torch.testing.assert_close(stacked_linear(x, Wv, bv), stacked_linear(x, W, b), rtol=0, atol=0)
+    dy = torch.randn(12, 9, 6, dtype=torch.float64)
+    for a, r in zip(_ours(x, Wv, bv, dy), _ours(x, W, b, dy), strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+def _probe(cache, **env):
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from gradsweep.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
+                          env={**os.environ, "GRADSWEEP_CACHE_DIR": str(cache), **env})
+
+
+def test_built_once_per_machine_then_loaded(tmp_path):
+    first = _probe(tmp_path)
+    assert first.stdout.strip() == "kernel", first.stderr[-2000:]
+    built = list((tmp_path / "kernels").glob("stacked_linear-*.so"))
+    assert len(built) == 1 and "built the stacked Linear kernel" in first.stderr
+    mtime = built[0].stat().st_mtime_ns
+    again = _probe(tmp_path)
+    assert again.stdout.strip() == "kernel" and "built the stacked Linear kernel" not in again.stderr
+    assert built[0].stat().st_mtime_ns == mtime and list((tmp_path / "kernels").iterdir()) == built
+
+
+def test_a_compiler_that_fails_falls_back_to_bmm_in_one_line(tmp_path):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-cxx: cannot compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = _probe(tmp_path / "cache", CXX=str(fake))
+    assert out.returncode == 0 and out.stdout.strip() == "bmm", out.stderr[-2000:]
+    warned = [line for line in out.stderr.splitlines() if "stacked Linear kernel unavailable" in line]
+    assert len(warned) == 1 and "cannot compile" in warned[0]
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written
