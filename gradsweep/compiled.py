@@ -13,9 +13,10 @@ model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update
 3. *update*: gradient norm, divergence bookkeeping, clipping, the optimiser and every per-layer statistic of
    ``stats.LAYER_STATS``, fused; the statistics are the eager engine's ``StatsPlan`` reductions and assembly
    (equally sized weights reduced together: the per-weight part of the program does not grow with depth). The
-   forward-side reductions (layer output and activation norms, saturated and dead units) are taken here from the
-   forward's tensors: in the forward program inductor fuses them into the GEMM template's epilogue and fails an
-   assertion (torch 2.13; with epilogue fusion off the forward loses more than the reductions cost).
+   forward-side reductions (layer output and activation norms, saturated and dead units) are taken in the forward
+   program where each tensor is made, which hands the update only their (R, L) results; with the ``bmm`` form
+   (CUDA) the update takes them from the forward's tensors instead: in the forward program inductor fuses them into
+   the GEMM template's epilogue and fails an assertion (torch 2.13).
 
 Nothing in either program depends on a Python number that changes between steps: the step count and the
 divergence state are tensors, so one compiled program serves every step, and on CUDA it runs as a CUDA graph
@@ -160,38 +161,53 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
     activation = cfg.activation
     keep_inputs = activation in RELU_FAMILY and activation != "relu"
 
+    hidden_width = layout.shapes[names.index("linear1.weight")][0] if cfg.depth else 0
+
+    def reduce_forward(outputs: list[torch.Tensor], acts: list[torch.Tensor], act_inputs: list[torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The statistics' reductions of the forward pass: each layer output's norm (R, L), and per hidden block
+        (as the eager probe takes them: stacking the blocks first costs a copy of each) what the activation has."""
+        red = {"out_norm": torch.stack([out_norm(h) for h in outputs], dim=1)}
+        if acts:
+            blocks = [block_terms(activation, z, act_inputs[k] if act_inputs else None) for k, z in enumerate(acts)]
+            for name, col in zip(("act_norm", "saturated", "pos_sum"), zip(*blocks)):
+                if col[0] is not None:
+                    red[name] = torch.stack(col, dim=1)
+        return red
+
     def fwd(plist: list[torch.Tensor], tokens: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
         def tap(k: int, h: torch.Tensor) -> torch.Tensor:  # the backward returns |dL/dh| per run as d/d(token)
             return GradNorm.apply(h, tokens[k], plan.small, plan.scale)
 
-        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None,
-                    linear_form=form)
+        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, linear_form=form)
         loss = per_run_loss(shape.loss, f.out, yb)
         if not shape.stats:
-            return loss, []
-        # What the statistics read of the forward pass (autograd keeps it for the backward pass anyway); reduced in
-        # the update program, not here, where inductor would fuse the reductions into the GEMM template's epilogue.
+            return loss, {}
         # Detached: outputs nothing differentiates, for which autograd would otherwise fill zero gradients.
-        return loss, [t.detach() for t in (*f.outputs, *f.acts, *(f.act_inputs if keep_inputs else []))]
+        seen = (f.outputs, f.acts, f.act_inputs if keep_inputs else [])
+        if form == "bmm":
+            # The tensors themselves (autograd keeps them for the backward pass anyway), reduced in the update
+            # program: here inductor would fuse the reductions into its GEMM template's epilogue and fail an
+            # assertion (torch 2.13; with epilogue fusion off the forward loses more than the reductions cost).
+            return loss, {"seen": [t.detach() for t in (*seen[0], *seen[1], *seen[2])]}
+        # Reduced here, where each tensor is made (and still in cache), fused with the op that makes it.
+        return loss, {k: v.detach() for k, v in reduce_forward(*seen).items()}
 
     def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
-              hgrad: list[torch.Tensor], seen: list[torch.Tensor]) -> torch.Tensor:
+              hgrad: list[torch.Tensor], fwd_stats: dict[str, Any], batch: int) -> torch.Tensor:
         """The eager StatsPlan's statistics (its own reductions and assembly) from the step's tensors."""
         absg, terms = plan.terms(grad, u)
-        outputs, acts, act_inputs = seen[:len(rows)], seen[len(rows):len(rows) + cfg.depth], seen[len(rows) + cfg.depth:]
-        act_norm = sat = pos_sum = width = None
-        if acts:  # per block, as the eager probe takes them (stacking the blocks first costs a copy of each)
-            blocks = [block_terms(activation, z, act_inputs[k] if act_inputs else None) for k, z in enumerate(acts)]
-            act_norm, sat, pos_sum = (torch.stack(col, dim=1) if col[0] is not None else None for col in zip(*blocks))
-            width = acts[0].shape[2]
+        if "seen" in fwd_stats:
+            seen = fwd_stats["seen"]
+            n_out, n_act = len(rows), cfg.depth
+            fwd_stats = reduce_forward(seen[:n_out], seen[n_out:n_out + n_act], seen[n_out + n_act:])
         sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, flat * flat)])
-        return plan.finish(sums, plan.per_weight(absg, torch.amax), alive,
-                           torch.stack(hgrad, dim=1),
-                           torch.stack([out_norm(h) for h in outputs], dim=1), outputs[0].shape[1],
-                           act_norm, width or 0, sat, pos_sum)
+        return plan.finish(sums, plan.per_weight(absg, torch.amax), alive, torch.stack(hgrad, dim=1),
+                           fwd_stats["out_norm"], batch, fwd_stats.get("act_norm"), hidden_width,
+                           fwd_stats.get("saturated"), fwd_stats.get("pos_sum"))
 
     def upd(flat: torch.Tensor, gparams: list[torch.Tensor], hgrad: list[torch.Tensor], loss: torch.Tensor,
-            seen: list[torch.Tensor], state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
+            fwd_stats: dict[str, Any], batch: int, state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
             alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
         """The eager loop's step after autograd (train.train_group), on the (R, P) matrices; returns the new
         parameters, state and bookkeeping, and the step's (R, 3) scalars and (R, L, S) statistics."""
@@ -206,7 +222,7 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
                                   hyper["beta2"], hyper["eps"], hyper["weight_decay"], shape.weight_decay)
             state = [m, v]
         scalars = torch.stack([loss, total, clipped.to(flat.dtype)], dim=1)
-        lay = stats(grad, u, flat, alive, hgrad, seen) if shape.stats else None
+        lay = stats(grad, u, flat, alive, hgrad, fwd_stats, batch) if shape.stats else None
         return flat + u, state, alive, diverged, reason, scalars, lay
 
     return fwd, upd
@@ -242,7 +258,7 @@ class CompiledStep:
         n = len(self.params)
         with torch.no_grad():
             new_flat, self.state, alive, diverged, reason, scalars, stats = self.upd(
-                self.flat, list(grads[:n]), list(grads[n:]), loss.detach(), fwd_stats,
+                self.flat, list(grads[:n]), list(grads[n:]), loss.detach(), fwd_stats, xb.shape[1],
                 self.state, self.hyper, alive, diverged, reason, self.step_t)
             self.flat.copy_(new_flat)  # the parameter views see the update
             self.step_t += 1
