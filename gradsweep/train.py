@@ -108,7 +108,8 @@ def _batches(cfgs: list[RunCfg], n: int):
 def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: bool | None = None) -> GroupTrace:
     """Train every run of ``cfgs`` (which must share :func:`group_key`) as one stacked model."""
     first = cfgs[0]
-    if any(group_key(c) != group_key(first) for c in cfgs):
+    key = group_key(first)
+    if any(group_key(c) != key for c in cfgs[1:]):
         raise ValueError("train_group needs runs that share group_key(); split them first")
     # A stack of one would take torch's matrix-matrix path instead of the batched one, whose rounding
     # differs: a lone run trains as a stack of two copies, so that a run alone and the same run in
