@@ -5,7 +5,7 @@ the plain loop (nn.Sequential + torch.optim.SGD, one run at a time, timed on a s
 (vmap(functional_call) forward + autograd.grad, per-run lr), JAX (jit(lax.scan(vmap(value_and_grad))), when
 installed), and gradsweep's eager and compiled engines with and without statistics. Rows are interleaved in every
 round; the median is reported. Compile time is reported apart: first use in this process, and a fresh process
-with inductor's caches warm. The last lines compare the paths' final losses.
+with inductor's caches warm. The last lines compare the paths' final losses (median, and runs that part ways).
 
     python scripts/bench_peers.py [--runs 1000] [--steps 200] [--rounds 3] [--threads 1]
 """
@@ -199,14 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     ten = (first + 9 * steady) / (10 * steady)
     print(f"a 10-group sweep of this shape, compiled with statistics, compile amortised: "
           f"{10 * R * S / (first + 9 * steady):,.0f} run-steps/s ({ten:.2f}x the steady time)")
-    ref = finals["gradsweep eager, all statistics every step"][:args.plain_runs]
+    # Runs whose learning rate sits at the edge of stability amplify any rounding difference exponentially (in
+    # float64 too: 4e-16 at step 0 becomes 1e-9 at step 120 and 0.6 at 160 for some runs of this sweep), so the
+    # paths are compared by their typical run and by how many runs part ways, not by the worst one.
+    ref_all = finals["gradsweep eager, all statistics every step"].double()
     for name in finals:
         if name.startswith("JAX"):  # its own random init: not the same runs
             continue
-        f = finals[name][:args.plain_runs].double()
-        rel = ((f - ref.double()).abs() / ref.double().abs()).nan_to_num(nan=float("inf")).max().item()
-        print(f"final loss, first {args.plain_runs} runs, max relative difference to gradsweep eager: {rel:.1e}  {name}")
-
+        f = finals[name].double()
+        ref = ref_all[:len(f)]
+        rel = ((f - ref).abs() / ref.abs()).nan_to_num(nan=float("inf"))
+        print(f"final loss vs gradsweep eager over {len(f)} runs: median relative difference {rel.median().item():.1e}, "
+              f"{int((rel > 1e-3).sum())} runs apart by > 1e-3  {name}")
 
 if __name__ == "__main__":
     main()
