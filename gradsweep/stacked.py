@@ -48,13 +48,15 @@ def compiler() -> str | None:
 
 
 def _cpu_id() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
+    """What -march=native depends on: the architecture, and the CPU's model and features (x86's "model name" and
+    "flags", ARM's "CPU implementer", "CPU part" and "Features")."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
+        text = ""
+    keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+    keep = sorted({line for line in text.splitlines() if line.startswith(keys)})
+    return "\n".join([platform.machine(), platform.processor(), *keep])
 
 
 def source() -> bytes:
@@ -121,9 +123,26 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _runs(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """t with each run's part (all but the first axis) contiguous, and its run stride: 0 where one input serves every
     run, a row of the (R, P) parameter matrix for a weight (no copy either way)."""
-    if t.shape[0] > 0 and not t[0].is_contiguous():
+    if not t[0].is_contiguous():
         t = t.contiguous()
     return t, (t.stride(0) if t.shape[0] > 1 else t[0].numel())
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           grad: torch.Tensor | None = None) -> None:
+    """Shapes, dtypes and device as the kernel reads them (it has no bounds of its own), else a ValueError."""
+    R, O, I = weight.shape if weight.dim() == 3 else (-1, -1, -1)
+    B = x.shape[1] if x.dim() == 3 else -1
+    want = {"x": (x, (R, B, I)), "bias": (bias, (R, O)), "grad": (grad, (R, B, O))}
+    bad = [f"{name} {tuple(t.shape)} (expected {shape})" for name, (t, shape) in want.items()
+           if t is not None and tuple(t.shape) != shape]
+    if weight.dim() != 3 or R < 1 or bad:
+        raise ValueError(f"gradsweep::stacked_linear: weight {tuple(weight.shape)} must be (R, out, in) with R >= 1"
+                         + "".join(f"; {b}" for b in bad))
+    given = [t for t in (x, weight, bias, grad) if t is not None]
+    if any(t.dtype != weight.dtype or t.device.type != "cpu" for t in given):
+        raise ValueError("gradsweep::stacked_linear: x, weight, bias and grad must share one dtype on the CPU; got "
+                         + ", ".join(f"{t.dtype} on {t.device.type}" for t in given))
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -135,6 +154,7 @@ def _suffix(dtype: torch.dtype) -> str:
 @torch.library.custom_op("gradsweep::stacked_linear", mutates_args=(), device_types="cpu")
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out): ``baddbmm(bias, x, weight^T)`` per run."""
+    _check(x, weight, bias)
     R, (B, I), O = weight.shape[0], x.shape[1:], weight.shape[1]
     (x, xs), (weight, ws), (bias, bs) = _runs(x), _runs(weight), _runs(bias)
     y = weight.new_empty(R, B, O)
@@ -152,12 +172,13 @@ def _(x, weight, bias):
 def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                             need_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx or an empty tensor, dL/dweight, dL/dbias) of :func:`stacked_linear` given dL/dy."""
+    _check(x, weight, grad=grad)
     R, B, O = grad.shape
     I = weight.shape[2]
     grad = grad.contiguous()
     (x, xs), (weight, ws) = _runs(x), _runs(weight)
     dx = grad.new_empty(R, B, I) if need_input else grad.new_empty(0)
-    dw, db = torch.empty_like(weight), weight.new_empty(R, O)
+    dw, db = weight.new_empty(weight.shape), weight.new_empty(R, O)  # row-major, as the fake below says
     getattr(library(), f"gs_backward_{_suffix(weight.dtype)}")(
         _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db), R, B, I, O,
         torch.get_num_threads())
@@ -168,7 +189,7 @@ def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
 def _(grad, x, weight, need_input):
     R, B, _ = grad.shape
     dx = grad.new_empty(R, B, weight.shape[2]) if need_input else grad.new_empty(0)
-    return dx, torch.empty_like(weight), weight.new_empty(R, weight.shape[1])
+    return dx, weight.new_empty(weight.shape), weight.new_empty(R, weight.shape[1])
 
 
 def _setup(ctx, inputs, output) -> None:

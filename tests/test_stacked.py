@@ -42,8 +42,10 @@ def _ours(x, W, b, dy):
 
 
 # (R, B, in, out): partial tiles of 8 runs (13, 3), batches not a multiple of the kernel's 32-row chunks, widths
-# split into uneven register passes (25 = 9 + 8 + 8), the article's 10 x 10, and in = 1 (its first layer).
-SHAPES = [(13, 37, 5, 17), (16, 100, 10, 10), (3, 4, 25, 2), (11, 40, 1, 10), (8, 1, 7, 13)]
+# split into uneven register passes (25 = 9 + 8 + 8), the article's 10 x 10, in = 1 (its first layer), a lone run
+# (R = 1) and the stack of two a lone run trains as.
+SHAPES = [(13, 37, 5, 17), (16, 100, 10, 10), (3, 4, 25, 2), (11, 40, 1, 10), (8, 1, 7, 13), (1, 5, 3, 4),
+          (2, 33, 6, 9)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -85,12 +87,39 @@ def test_a_runs_bits_do_not_depend_on_its_neighbours_or_threads():
     rev = _ours(x.flip(0), W.flip(0), b.flip(0), dy.flip(0))
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        one = _ours(x, W, b, dy)
         torch.set_num_threads(2)
         two = _ours(x, W, b, dy)
     finally:
         torch.set_num_threads(threads)
-    for a, r, t in zip(base, rev, two, strict=True):
-        assert torch.equal(a, r.flip(0)) and torch.equal(a, t)
+    for a, r, o, t in zip(base, rev, one, two, strict=True):
+        assert torch.equal(a, r.flip(0)) and torch.equal(o, t) and torch.equal(a, t)
+
+
+def test_without_the_inputs_gradient():
+    """A first layer's input is the data: its backward skips dL/dx and gives the same dL/dW and dL/db."""
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = _inputs(13, 21, 4, 6, torch.float64, shared=True)
+    dy = torch.randn(13, 21, 6, dtype=torch.float64)
+    W, b = W.requires_grad_(), b.requires_grad_()
+    y = stacked_linear(x, W, b)  # x does not require grad
+    dW, db = torch.autograd.grad(y, (W, b), dy)
+    full = _ours(x, W, b, dy)
+    assert torch.equal(dW, full[2]) and torch.equal(db, full[3])
+
+
+def test_inputs_it_cannot_read_are_refused():
+    from gradsweep.stacked import stacked_linear
+
+    x, W, b = _inputs(4, 5, 3, 2, torch.float64)
+    with pytest.raises(ValueError, match=r"x \(1, 5, 3\) \(expected \(4, 5, 3\)\)"):
+        stacked_linear(x[:1], W, b)
+    with pytest.raises(ValueError, match="bias"):
+        stacked_linear(x, W, b[:, :1])
+    with pytest.raises(ValueError, match="share one dtype"):
+        stacked_linear(x.float(), W, b)
 
 
 def test_the_op_passes_torchs_custom_op_checks():

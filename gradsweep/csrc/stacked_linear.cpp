@@ -47,9 +47,9 @@ static inline void transpose(vf32 (&m)[V]) {  // the classic 8 x 8 AVX transpose
 }
 #endif
 
-template <typename S>
-static inline void transpose(vec<S> (&m)[V]) {
-  vec<S> a[V];
+template <typename T>  // any vector type; the AVX overload above is preferred for float (a non-template)
+static inline void transpose(T (&m)[V]) {
+  T a[V];
   for (int k = 0; k < V; ++k) a[k] = m[k];
   for (int j = 0; j < V; ++j) for (int k = 0; k < V; ++k) m[j][k] = a[k][j];
 }
@@ -61,7 +61,7 @@ static void gather(S* tile, const S* src, int64_t rs, int64_t n, int nv) {
     for (; j + V <= n; j += V) {
       vec<S> m[V];
       for (int v = 0; v < V; ++v) m[v] = ld(src + v * rs + j);
-      transpose<S>(m);
+      transpose(m);
       for (int k = 0; k < V; ++k) st(tile + (j + k) * V, m[k]);
     }
   }
@@ -76,7 +76,7 @@ static void scatter(S* dst, const S* tile, int64_t rs, int64_t n, int nv) {
     for (; j + V <= n; j += V) {
       vec<S> m[V];
       for (int k = 0; k < V; ++k) m[k] = ld(tile + (j + k) * V);
-      transpose<S>(m);
+      transpose(m);
       for (int v = 0; v < V; ++v) st(dst + v * rs + j, m[v]);
     }
   }
