@@ -76,10 +76,10 @@ def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch
 
 
 def has_cxx() -> bool:
-    """Whether inductor can build CPU kernels here: a C++ compiler ($CXX, c++, g++ or clang++) on PATH."""
-    import shutil
+    """Whether inductor (and the stacked-Linear kernel) can build CPU kernels here: a C++ compiler on PATH."""
+    from gradsweep.stacked import compiler
 
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+    return compiler() is not None
 
 
 def bucket(runs: int) -> int:
