@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gradsweep.config import PRELU_INIT, InitCfg, ModelCfg, linear_dims
 from gradsweep.init import apply_init

@@ -131,9 +131,9 @@ def _runs(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            grad: torch.Tensor | None = None) -> None:
     """Shapes, dtypes and device as the kernel reads them (it has no bounds of its own), else a ValueError."""
-    R, O, I = weight.shape if weight.dim() == 3 else (-1, -1, -1)
+    R, n_out, n_in = weight.shape if weight.dim() == 3 else (-1, -1, -1)
     B = x.shape[1] if x.dim() == 3 else -1
-    want = {"x": (x, (R, B, I)), "bias": (bias, (R, O)), "grad": (grad, (R, B, O))}
+    want = {"x": (x, (R, B, n_in)), "bias": (bias, (R, n_out)), "grad": (grad, (R, B, n_out))}
     bad = [f"{name} {tuple(t.shape)} (expected {shape})" for name, (t, shape) in want.items()
            if t is not None and tuple(t.shape) != shape]
     if weight.dim() != 3 or R < 1 or bad:
@@ -155,11 +155,11 @@ def _suffix(dtype: torch.dtype) -> str:
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out): ``baddbmm(bias, x, weight^T)`` per run."""
     _check(x, weight, bias)
-    R, (B, I), O = weight.shape[0], x.shape[1:], weight.shape[1]
+    R, (B, n_in), n_out = weight.shape[0], x.shape[1:], weight.shape[1]
     (x, xs), (weight, ws), (bias, bs) = _runs(x), _runs(weight), _runs(bias)
-    y = weight.new_empty(R, B, O)
+    y = weight.new_empty(R, B, n_out)
     getattr(library(), f"gs_forward_{_suffix(weight.dtype)}")(
-        _ptr(x), xs, _ptr(weight), ws, _ptr(bias), bs, _ptr(y), R, B, I, O, torch.get_num_threads())
+        _ptr(x), xs, _ptr(weight), ws, _ptr(bias), bs, _ptr(y), R, B, n_in, n_out, torch.get_num_threads())
     return y
 
 
@@ -173,14 +173,14 @@ def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
                             need_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx or an empty tensor, dL/dweight, dL/dbias) of :func:`stacked_linear` given dL/dy."""
     _check(x, weight, grad=grad)
-    R, B, O = grad.shape
-    I = weight.shape[2]
+    R, B, n_out = grad.shape
+    n_in = weight.shape[2]
     grad = grad.contiguous()
     (x, xs), (weight, ws) = _runs(x), _runs(weight)
-    dx = grad.new_empty(R, B, I) if need_input else grad.new_empty(0)
-    dw, db = weight.new_empty(weight.shape), weight.new_empty(R, O)  # row-major, as the fake below says
+    dx = grad.new_empty(R, B, n_in) if need_input else grad.new_empty(0)
+    dw, db = weight.new_empty(weight.shape), weight.new_empty(R, n_out)  # row-major, as the fake below says
     getattr(library(), f"gs_backward_{_suffix(weight.dtype)}")(
-        _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db), R, B, I, O,
+        _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db), R, B, n_in, n_out,
         torch.get_num_threads())
     return dx, dw, db
 

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(not has_cxx(), reason="needs a C++ compiler")
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def _inputs(R, B, I, O, dtype, shared=False, seed=0):
+def _inputs(R, B, n_in, n_out, dtype, shared=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1 if shared else R, B, I, generator=g, dtype=dtype)
-    x = x.expand(R, B, I) if shared else x
-    W = torch.randn(R, O, I, generator=g, dtype=dtype)
-    b = torch.randn(R, O, generator=g, dtype=dtype)
+    x = torch.randn(1 if shared else R, B, n_in, generator=g, dtype=dtype)
+    x = x.expand(R, B, n_in) if shared else x
+    W = torch.randn(R, n_out, n_in, generator=g, dtype=dtype)
+    b = torch.randn(R, n_out, generator=g, dtype=dtype)
     return x, W, b
 
 
@@ -64,15 +64,15 @@ def test_float64_equals_bmm_and_autograd(shape, shared):
 def test_float32_within_its_rounding(shape):
     """float32 against the float64 product: each output is a sum of n terms, so its error is bounded by
     n * eps32 * (the sum of the terms' magnitudes) (plus the inputs' own rounding, none here: they are exact)."""
-    R, B, I, O = shape
-    x, W, b = _inputs(R, B, I, O, torch.float32)
-    dy = torch.randn(R, B, O)
+    R, B, n_in, n_out = shape
+    x, W, b = _inputs(R, B, n_in, n_out, torch.float32)
+    dy = torch.randn(R, B, n_out)
     ref, ours = _reference(x, W, b, dy), _ours(x, W, b, dy)
     mags = (torch.baddbmm(b.abs().unsqueeze(1).double(), x.abs().double(), W.abs().transpose(1, 2).double()),
             torch.bmm(dy.abs().double(), W.abs().double()),
             torch.bmm(dy.abs().transpose(1, 2).double(), x.abs().double()),
             dy.abs().double().sum(1))
-    terms = (I + 1, O, B, B)
+    terms = (n_in + 1, n_out, B, B)
     for name, r, o, m, n in zip(("y", "dL/dx", "dL/dW", "dL/db"), ref, ours, mags, terms, strict=True):
         err = (o.double() - r).abs()
         assert (err <= n * EPS32 * m + 1e-30).all(), (name, (err / (m + 1e-30)).max().item())
