@@ -75,12 +75,13 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
     }
     flat = lay.reshape(R * T * L, len(LAYER_STATS))[keep_rows]
     for name, i in S.items():
-        cols[name] = flat[:, i].astype(np.int64) if name == "wgrad_nonfinite" else np.ascontiguousarray(flat[:, i])
+        cols[name] = (flat[:, i].astype(np.int64) if name == "wgrad_nonfinite"
+                      else np.ascontiguousarray(flat[:, i], dtype=np.float64))
     steps = pa.table({k: cols[k] for k in STEP_COLUMNS}, schema=STEPS_SCHEMA)
 
     first, last = 0, L - 1  # linear1 and the readout
-    h = trace.layer[:, :, :, S["hgrad_norm"]]
-    w = trace.layer[:, :, :, S["wgrad_norm"]]
+    h = trace.layer[:, :, :, S["hgrad_norm"]].astype(np.float64)  # (T, R, L); float32 where the group trained in it
+    w = trace.layer[:, :, :, S["wgrad_norm"]].astype(np.float64)
     ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
     wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
     with warnings.catch_warnings():  # all-NaN columns (a run diverged at step 0) are legitimate NaN results
