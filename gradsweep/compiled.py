@@ -47,7 +47,7 @@ from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
 from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers
 from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_update
-from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm
+from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
 # statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, with the stacked-Linear kernel) compiling costs ~33 s
@@ -160,27 +160,43 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
     rows = layers(cfg)
     plan = StatsPlan(layout, rows, cfg.activation, shape.dtype, shape.device) if shape.stats else None
     activation = cfg.activation
-    keep_inputs = activation in RELU_FAMILY and activation != "relu"
+    # With gradsweep's kernel (the CPU) the statistics are taken in its passes where it can: each Linear output's
+    # moments in the forward kernel, |dL/dh| in the backward one, the per-weight sums in one pass of layer_sums.
+    in_kernel = shape.stats and form == "kernel"
+    # Which hidden blocks' activation input is a Linear output (no norm layer between), whose moments it has.
+    block_rows = list(range(cfg.depth)) if in_kernel and cfg.norm == "none" else []
+    keep_inputs = activation in RELU_FAMILY and activation != "relu" and not block_rows
 
     hidden_width = layout.shapes[names.index("linear1.weight")][0] if cfg.depth else 0
 
-    def reduce_forward(outputs: list[torch.Tensor], acts: list[torch.Tensor], act_inputs: list[torch.Tensor]
-                       ) -> dict[str, torch.Tensor]:
+    def reduce_forward(outputs: list[torch.Tensor], acts: list[torch.Tensor], act_inputs: list[torch.Tensor],
+                       moments: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The statistics' reductions of the forward pass: each layer output's norm (R, L), and per hidden block
-        (as the eager probe takes them: stacking the blocks first costs a copy of each) what the activation has."""
-        red = {"out_norm": torch.stack([out_norm(h) for h in outputs], dim=1)}
+        (as the eager probe takes them: stacking the blocks first costs a copy of each) what the activation has;
+        from the kernel's ``moments`` of layer output k where it took them."""
+        red = {"out_norm": torch.stack([out_norm(h, moments.get(k)) for k, h in enumerate(outputs)], dim=1)}
         if acts:
-            blocks = [block_terms(activation, z, act_inputs[k] if act_inputs else None) for k, z in enumerate(acts)]
+            blocks = [block_terms(activation, z, act_inputs[k] if act_inputs else None,
+                                  moments[k] if k in block_rows else None) for k, z in enumerate(acts)]
             for name, col in zip(("act_norm", "saturated", "pos_sum"), zip(*blocks)):
                 if col[0] is not None:
                     red[name] = torch.stack(col, dim=1)
         return red
 
     def fwd(plist: list[torch.Tensor], tokens: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        moments: dict[int, torch.Tensor] = {}
+
         def tap(k: int, h: torch.Tensor) -> torch.Tensor:  # the backward returns |dL/dh| per run as d/d(token)
             return GradNorm.apply(h, tokens[k], plan.small, plan.scale)
 
-        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, linear_form=form)
+        def tapped_linear(k: int, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            from gradsweep.stacked import stacked_linear_stats  # d/d(token): the sums of |dL/dh|'s two norms
+
+            h, moments[k] = stacked_linear_stats(a, weight, bias, tokens[k], plan.scale)
+            return h
+
+        f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, linear_form=form,
+                    tapped_linear=tapped_linear if in_kernel else None)
         loss = per_run_loss(shape.loss, f.out, yb)
         if not shape.stats:
             return loss, {}
@@ -192,18 +208,27 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
             # assertion (torch 2.13; with epilogue fusion off the forward loses more than the reductions cost).
             return loss, {"seen": [t.detach() for t in (*seen[0], *seen[1], *seen[2])]}
         # Reduced here, where each tensor is made (and still in cache), fused with the op that makes it.
-        return loss, {k: v.detach() for k, v in reduce_forward(*seen).items()}
+        return loss, {k: v.detach() for k, v in reduce_forward(*seen, moments).items()}
 
     def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
               hgrad: list[torch.Tensor], fwd_stats: dict[str, Any], batch: int) -> torch.Tensor:
         """The eager StatsPlan's statistics (its own reductions and assembly) from the step's tensors."""
-        absg, terms = plan.terms(grad, u)
         if "seen" in fwd_stats:
             seen = fwd_stats["seen"]
             n_out, n_act = len(rows), cfg.depth
-            fwd_stats = reduce_forward(seen[:n_out], seen[n_out:n_out + n_act], seen[n_out + n_act:])
-        sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, flat * flat)])
-        return plan.finish(sums, plan.per_weight(absg, torch.amax), alive, torch.stack(hgrad, dim=1),
+            fwd_stats = reduce_forward(seen[:n_out], seen[n_out:n_out + n_act], seen[n_out + n_act:], {})
+        # A Linear output's token (R, 2) got the two sums of (dL/dh)^2 (stacked_linear_stats), a norm's its norm.
+        hgrad = [pick_norm(torch.sqrt(t[:, 0]), torch.sqrt(t[:, 1]), plan.small, plan.scale) if t.dim() == 2 else t
+                 for t in hgrad]
+        if form == "kernel":
+            from gradsweep.stacked import layer_sums
+
+            sums, gmax = layer_sums(grad, u, flat, plan.offsets, plan.numels, plan.scale)
+        else:
+            absg, terms = plan.terms(grad, u)
+            sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, flat * flat)])
+            gmax = plan.per_weight(absg, torch.amax)
+        return plan.finish(sums, gmax, alive, torch.stack(hgrad, dim=1),
                            fwd_stats["out_norm"], batch, fwd_stats.get("act_norm"), hidden_width,
                            fwd_stats.get("saturated"), fwd_stats.get("pos_sum"))
 
@@ -245,9 +270,12 @@ class CompiledStep:
             self.hyper.update(beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps)
             self.state = [opt.exp_avg, opt.exp_avg_sq]
         R = self.flat.shape[0]
-        # One (R,) zero per layer output whose "gradient" is the norm of dL/d(output) (stats.GradNorm).
-        self.tokens = [torch.zeros(R, dtype=self.flat.dtype, device=self.flat.device, requires_grad=True)
-                       for _ in layers(shape.model)] if shape.stats else []
+        # One zero per layer output whose "gradient" is |dL/d(output)|: (R,) the norm (stats.GradNorm), or (R, 2)
+        # the sums it is taken from, for a Linear output through the kernel (stacked.stacked_linear_stats).
+        kernel = linear_form(shape.device) == "kernel"
+        self.tokens = [torch.zeros((R, 2) if kernel and row.kind == "linear" else (R,), dtype=self.flat.dtype,
+                                   device=self.flat.device, requires_grad=True)
+                       for row in layers(shape.model)] if shape.stats else []
         self.step_t = torch.zeros((), dtype=torch.long, device=self.flat.device)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,

@@ -195,7 +195,8 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, form: str 
 
 def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
             probe: Callable[[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-            *, tap: Callable[[int, torch.Tensor], torch.Tensor] | None = None, linear_form: str = "baddbmm") -> Forward:
+            *, tap: Callable[[int, torch.Tensor], torch.Tensor] | None = None, linear_form: str = "baddbmm",
+            tapped_linear: Callable[..., torch.Tensor] | None = None) -> Forward:
     """Run R networks on their inputs x of shape (R, B, in).
 
     ``probe``, if given, sees each block as soon as it is computed (while its tensors are still in cache):
@@ -203,7 +204,9 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
     activation received and returned (None for the readout).
     ``tap``, if given, replaces each layer output h by ``tap(k, h)`` (k: its row in ``layers`` order), for a
     caller that cannot hook the outputs (a compiled step: an identity whose backward also reduces dL/dh).
-    ``linear_form``: see :func:`linear`.
+    ``linear_form``: see :func:`linear`. ``tapped_linear``, if given, computes each Linear layer's output itself
+    in place of ``linear`` and ``tap``: ``tapped_linear(k, a, weight, bias)`` (the compiled engine's kernel that
+    takes the statistics as it goes).
     """
     outputs, act_inputs, acts = [], [], []
     k = 0
@@ -215,9 +218,17 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
         k += 1
         return h
 
+    def lin(a: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal k
+        weight, bias = params[f"linear{i}.weight"], params[f"linear{i}.bias"]
+        if tapped_linear is None:
+            return shifted(linear(a, weight, bias, linear_form))
+        k += 1
+        return tapped_linear(k - 1, a, weight, bias)
+
     a = x
     for i in range(1, cfg.depth + 1):
-        h = shifted(linear(a, params[f"linear{i}.weight"], params[f"linear{i}.bias"], linear_form))
+        h = lin(a, i)
         block = [h]
         if cfg.norm != "none":
             h = shifted(normalize(h, cfg.norm, params[f"norm{i}.weight"], params[f"norm{i}.bias"]))
@@ -229,8 +240,7 @@ def forward(params: dict[str, torch.Tensor], cfg: ModelCfg, x: torch.Tensor,
         if probe is not None:
             probe(block, h, z)
         a = z + a if (cfg.residual and a.shape[-1] == z.shape[-1]) else z
-    last = cfg.depth + 1
-    out = shifted(linear(a, params[f"linear{last}.weight"], params[f"linear{last}.bias"], linear_form))
+    out = lin(a, cfg.depth + 1)
     outputs.append(out)
     if probe is not None:
         probe([out], None, None)

@@ -1,4 +1,4 @@
-"""R small Linear layers at once on the CPU through gradsweep's own kernel (``csrc/stacked_linear.cpp``).
+"""R small Linear layers at once on the CPU through gradsweep's own kernels (``csrc/stacked.cpp``).
 
 ``torch.bmm`` and inductor's GEMM template treat each run's (B x in) by (in x out) product as one tiny GEMM; at a
 depth sweep's widths (~10) the per-matrix overhead dominates (~2.5 GFLOP/s on a core that does ~45 on one large
@@ -10,6 +10,13 @@ The kernel is built with the machine's C++ compiler (the one inductor needs for 
 first use and cached by source, compiler and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default
 ``~/.cache/gradsweep/kernels``); a build takes a few seconds. It is exposed as the custom op
 ``gradsweep::stacked_linear`` with its backward, so ``torch.compile`` calls it as one opaque kernel.
+
+The statistics of a compiled step are taken in the same kernels, where the tensors are already in registers or
+cache, instead of in passes of their own over every (R, B, w) layer output and gradient (each such pass costs about
+what the layer's product does at these widths): ``gradsweep::stacked_linear_stats`` is the Linear that also returns
+each output unit's moments (sum over the batch of y^2, relu(y), relu(y)^2) and hands back, as the gradient of a
+``token``, each run's sum of (dL/dy)^2; ``gradsweep::layer_sums`` takes every per-weight reduction of the
+statistics in one pass over the gradient, update and weight matrices.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def _cpu_id() -> str:
 
 
 def source() -> bytes:
-    return resources.files("gradsweep").joinpath("csrc/stacked_linear.cpp").read_bytes()
+    return resources.files("gradsweep").joinpath("csrc/stacked.cpp").read_bytes()
 
 
 class KernelBuildError(RuntimeError):
@@ -77,11 +84,11 @@ def library() -> ctypes.CDLL:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([src, cxx.encode(), version.encode(), _cpu_id().encode(),
                                      " ".join(FLAGS).encode()])).hexdigest()[:20]
-    path = cache_dir() / f"stacked_linear-{key}.so"
+    path = cache_dir() / f"stacked-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            cpp, out = Path(tmp) / "stacked_linear.cpp", Path(tmp) / "k.so"
+            cpp, out = Path(tmp) / "stacked.cpp", Path(tmp) / "k.so"
             cpp.write_bytes(src)
             errors = ""
             for extra in ((OPENMP,), ()):
@@ -90,15 +97,16 @@ def library() -> ctypes.CDLL:
                     break
                 errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
             else:
-                raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/stacked_linear.cpp: {errors[0]}")
+                raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/stacked.cpp: {errors[0]}")
             os.replace(out, path)  # atomic: a process beside this one sees the whole file or none
         log.info("built the stacked Linear kernel: %s", path)
     lib = ctypes.CDLL(str(path))
-    f64, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("gs_forward_f32", "gs_forward_f64"):
-        getattr(lib, name).argtypes = [f64, i64, f64, i64, f64, i64, f64, i64, i64, i64, i64, cint]
-    for name in ("gs_backward_f32", "gs_backward_f64"):
-        getattr(lib, name).argtypes = [f64, f64, i64, f64, i64, f64, f64, f64, i64, i64, i64, i64, cint]
+    ptr, i64, cint, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"gs_forward_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, cint]
+        getattr(lib, f"gs_backward_{suffix}").argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, dbl, i64, i64, i64,
+                                                          i64, cint]
+        getattr(lib, f"gs_layer_sums_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, i64, i64, i64, cint]
     return lib
 
 
@@ -151,16 +159,22 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
-@torch.library.custom_op("gradsweep::stacked_linear", mutates_args=(), device_types="cpu")
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out): ``baddbmm(bias, x, weight^T)`` per run."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, moments: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(x, weight, bias)
     R, (B, n_in), n_out = weight.shape[0], x.shape[1:], weight.shape[1]
     (x, xs), (weight, ws), (bias, bs) = _runs(x), _runs(weight), _runs(bias)
     y = weight.new_empty(R, B, n_out)
+    m = weight.new_empty(R, 3, n_out) if moments else None
     getattr(library(), f"gs_forward_{_suffix(weight.dtype)}")(
-        _ptr(x), xs, _ptr(weight), ws, _ptr(bias), bs, _ptr(y), R, B, n_in, n_out, torch.get_num_threads())
-    return y
+        _ptr(x), xs, _ptr(weight), ws, _ptr(bias), bs, _ptr(y), _ptr(m), R, B, n_in, n_out, torch.get_num_threads())
+    return y, m
+
+
+@torch.library.custom_op("gradsweep::stacked_linear", mutates_args=(), device_types="cpu")
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (R, B, in), weight (R, out, in), bias (R, out) -> (R, B, out): ``baddbmm(bias, x, weight^T)`` per run."""
+    return _forward(x, weight, bias, False)[0]
 
 
 @stacked_linear.register_fake
@@ -168,10 +182,29 @@ def _(x, weight, bias):
     return weight.new_empty(weight.shape[0], x.shape[1], weight.shape[1])
 
 
+@torch.library.custom_op("gradsweep::stacked_linear_stats", mutates_args=(), device_types="cpu")
+def stacked_linear_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stacked_linear`'s y, and its moments (R, 3, out): per output unit the sums over the batch of y^2,
+    relu(y) and relu(y)^2 (relu(NaN) = NaN, as torch.relu). ``token`` (R, 2) is not read; its gradient is each run's
+    (sum of (dL/dy)^2, sum of (dL/dy * scale)^2) (stats.safe_norm's two sums)."""
+    if token.shape != (weight.shape[0], 2):
+        raise ValueError(f"gradsweep::stacked_linear_stats: token {tuple(token.shape)} (expected ({weight.shape[0]}, 2))")
+    return _forward(x, weight, bias, True)
+
+
+@stacked_linear_stats.register_fake
+def _(x, weight, bias, token, scale):
+    R, n_out = weight.shape[:2]
+    return weight.new_empty(R, x.shape[1], n_out), weight.new_empty(R, 3, n_out)
+
+
 @torch.library.custom_op("gradsweep::stacked_linear_backward", mutates_args=(), device_types="cpu")
-def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                            need_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx or an empty tensor, dL/dweight, dL/dbias) of :func:`stacked_linear` given dL/dy."""
+def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool,
+                            norms: bool = False, scale: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx or an empty tensor, dL/dweight, dL/dbias, and with ``norms`` each run's (R, 2) sums of (dL/dy)^2 and
+    (dL/dy * scale)^2, else an empty tensor) of :func:`stacked_linear` given dL/dy."""
     _check(x, weight, grad=grad)
     R, B, n_out = grad.shape
     n_in = weight.shape[2]
@@ -179,29 +212,69 @@ def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     (x, xs), (weight, ws) = _runs(x), _runs(weight)
     dx = grad.new_empty(R, B, n_in) if need_input else grad.new_empty(0)
     dw, db = weight.new_empty(weight.shape), weight.new_empty(R, n_out)  # row-major, as the fake below says
+    gsq = grad.new_empty(R, 2) if norms else grad.new_empty(0)
     getattr(library(), f"gs_backward_{_suffix(weight.dtype)}")(
-        _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db), R, B, n_in, n_out,
-        torch.get_num_threads())
-    return dx, dw, db
+        _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db),
+        _ptr(gsq) if norms else None, scale, R, B, n_in, n_out, torch.get_num_threads())
+    return dx, dw, db, gsq
 
 
 @stacked_linear_backward.register_fake
-def _(grad, x, weight, need_input):
+def _(grad, x, weight, need_input, norms=False, scale=1.0):
     R, B, _ = grad.shape
     dx = grad.new_empty(R, B, weight.shape[2]) if need_input else grad.new_empty(0)
-    return dx, weight.new_empty(weight.shape), weight.new_empty(R, weight.shape[1])
+    gsq = grad.new_empty(R, 2) if norms else grad.new_empty(0)
+    return dx, weight.new_empty(weight.shape), weight.new_empty(R, weight.shape[1]), gsq
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, _ = inputs
+    x, weight = inputs[:2]
     ctx.save_for_backward(x, weight)
     ctx.need_input = ctx.needs_input_grad[0]
+    ctx.norms = len(inputs) > 3 and ctx.needs_input_grad[3]
+    ctx.scale = inputs[4] if len(inputs) > 4 else 1.0
+    if isinstance(output, tuple):
+        ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    dx, dw, db = stacked_linear_backward(grad, x, weight, ctx.need_input)
-    return (dx if ctx.need_input else None), dw, db
+    dx, dw, db, gsq = stacked_linear_backward(grad, x, weight, ctx.need_input, ctx.norms, ctx.scale)
+    return (dx if ctx.need_input else None), dw, db, (gsq if ctx.norms else None)
 
 
-stacked_linear.register_autograd(_backward, setup_context=_setup)
+def _backward_stats(ctx, grad, _moments):  # the moments are not differentiable
+    return (*_backward(ctx, grad), None)
+
+
+stacked_linear.register_autograd(lambda ctx, grad: _backward(ctx, grad)[:3], setup_context=_setup)
+stacked_linear_stats.register_autograd(_backward_stats, setup_context=_setup)
+
+
+@torch.library.custom_op("gradsweep::layer_sums", mutates_args=(), device_types="cpu")
+def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per run and per span ``weight[:, offsets[k]:offsets[k] + numels[k]]`` of the (R, P) matrices: the sums of
+    grad^2, (grad * scale)^2, [grad != 0], [grad not finite], update^2, (update * scale)^2 and weight^2, (7, R, L),
+    and the largest |grad| (NaN where one is), (R, L): stats.StatsPlan's per-weight reductions in one pass."""
+    R, P = weight.shape
+    if (grad.shape != weight.shape or update.shape != weight.shape or len(offsets) != len(numels)
+            or any(o < 0 or n < 1 or o + n > P for o, n in zip(offsets, numels))):
+        raise ValueError(f"gradsweep::layer_sums: grad {tuple(grad.shape)}, update {tuple(update.shape)} and weight "
+                         f"{tuple(weight.shape)} must be one (R, P) shape and each span inside [0, P)")
+    if any(t.dtype != weight.dtype or t.device.type != "cpu" for t in (grad, update)):
+        raise ValueError("gradsweep::layer_sums: grad, update and weight must share one dtype on the CPU")
+    grad, update, weight = grad.contiguous(), update.contiguous(), weight.contiguous()
+    off, num = torch.tensor(offsets, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64)
+    L = len(offsets)
+    sums, gmax = weight.new_empty(7, R, L), weight.new_empty(R, L)
+    getattr(library(), f"gs_layer_sums_{_suffix(weight.dtype)}")(
+        _ptr(grad), _ptr(update), _ptr(weight), _ptr(off), _ptr(num), _ptr(sums), _ptr(gmax), scale, R, P, L,
+        torch.get_num_threads())
+    return sums, gmax
+
+
+@layer_sums.register_fake
+def _(grad, update, weight, offsets, numels, scale):
+    R, L = weight.shape[0], len(offsets)
+    return weight.new_empty(7, R, L), weight.new_empty(R, L)

@@ -69,6 +69,7 @@ class StatsPlan:
         w_names = [f"{la.name}.weight" for la in layers]
         shapes = [layout.shapes[layout.names.index(n)] for n in w_names]
         spans = [(k, layout.offsets[layout.names.index(n)], math.prod(s)) for k, (n, s) in enumerate(zip(w_names, shapes))]
+        self.offsets, self.numels = [o for _, o, _ in spans], [n for _, _, n in spans]
         self.runs = _evenly_spaced(spans)
         order = [r for run in self.runs for r in run.rows]
         self.unpermute = torch.tensor([order.index(k) for k in range(len(layers))], device=device)
@@ -239,16 +240,23 @@ class GradNorm(torch.autograd.Function):
         return grad, safe_norm(grad, ctx.small, ctx.scale), None, None
 
 
-def out_norm(h: torch.Tensor) -> torch.Tensor:
-    """The norm of each (B, w) layer output of h (..., B, w): (...)."""
+def out_norm(h: torch.Tensor | None, moments: torch.Tensor | None = None) -> torch.Tensor:
+    """The norm of each (B, w) layer output of h (..., B, w): (...); or the same from the output's ``moments``
+    (..., 3, w) where a kernel took them (stacked.stacked_linear_stats: per unit the sums over the batch of h^2,
+    relu(h) and relu(h)^2)."""
+    if moments is not None:
+        return torch.sqrt(moments[..., 0, :].sum(dim=-1))
     return torch.linalg.vector_norm(h.flatten(-2), dim=-1)
 
 
-def block_terms(activation: str, act: torch.Tensor, act_input: torch.Tensor | None
+def block_terms(activation: str, act: torch.Tensor, act_input: torch.Tensor | None,
+                moments: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A hidden block's forward-side reductions from its activation ``act`` (..., B, w) and the activation's
     input (needed for the ReLU family but ReLU): the activation's norm (...), its saturated fraction (...)
-    for sigmoid/tanh, the sum over the batch of its positive part (..., w) for the ReLU family; else None."""
+    for sigmoid/tanh, the sum over the batch of its positive part (..., w) for the ReLU family; else None.
+    ``moments``: the activation input's, where a kernel took them (see :func:`out_norm`); what they hold is taken
+    from them instead of from the tensors."""
     sat = pos_sum = None
     if activation in SATURATING:
         lo = -1.0 if activation == "tanh" else 0.0
@@ -257,7 +265,12 @@ def block_terms(activation: str, act: torch.Tensor, act_input: torch.Tensor | No
         # A unit is dead when no sample of the batch puts it on the positive side: the sum over the batch
         # of max(h, 0) is 0 (a sum over the middle axis is several times cheaper than a max). For ReLU
         # that is the activation's own output.
-        pos_sum = (act if activation == "relu" else act_input.clamp_min(0)).sum(dim=-2)
+        if moments is not None:
+            pos_sum = moments[..., 1, :]
+        else:
+            pos_sum = (act if activation == "relu" else act_input.clamp_min(0)).sum(dim=-2)
+    if activation == "relu" and moments is not None:
+        return torch.sqrt(moments[..., 2, :].sum(dim=-1)), sat, pos_sum
     return out_norm(act), sat, pos_sum
 
 

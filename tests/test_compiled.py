@@ -107,3 +107,27 @@ def test_a_second_process_compiles_nothing():
     assert there["miss"] == 0 and there["hit"] > 0, there
     assert there["loss"] == here.loss[:, 0].tolist()
     np.testing.assert_array_equal(np.array(there["layer"]), here.layer[:, 0])
+
+
+def test_its_float32_statistics_keep_a_signal_whose_squares_underflow(monkeypatch):
+    """Depth-30 sigmoid: |dL/dh_1| ~ 1e-26, whose squares float32 rounds to 0. The compiled step's statistics (the
+    kernel's sums of (dL/dh * scale)^2 and layer_sums' scaled sums) record what float64 records. The programs run
+    as written, without torch.compile (their Python is what inductor compiles; compiling this shape costs ~50 s)."""
+    from gradsweep import compiled
+    from gradsweep.summary import build_tables
+
+    if compiled.linear_form(torch.device("cpu")) != "kernel":
+        pytest.skip("needs the stacked-Linear kernel (a C++ compiler)")
+    monkeypatch.setattr(compiled, "_PROGRAMS", {})
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **kw: fn)
+
+    def run(dtype, engine):
+        cfg = make_cfg(model={"depth": 30, "activation": "sigmoid"}, train={"steps": 3, "dtype": dtype}, engine=engine)
+        return build_tables([cfg], train_group([cfg]))
+
+    r32, s32 = run("float32", "compiled")
+    r64, s64 = run("float64", "eager")
+    assert 1e-30 < s64[s64.layer == 1].hgrad_norm.iloc[0] < 1e-20
+    for col in ("hgrad_norm", "wgrad_norm", "wgrad_rms", "update_ratio", "out_rms"):
+        np.testing.assert_allclose(s32[col], s64[col], rtol=1e-3, err_msg=col)
+    assert r32.grad_ratio_log10.iloc[0] == pytest.approx(r64.grad_ratio_log10.iloc[0], abs=1e-3)

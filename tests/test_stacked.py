@@ -165,7 +165,7 @@ def _probe(cache, **env):
 def test_built_once_per_machine_then_loaded(tmp_path):
     first = _probe(tmp_path)
     assert first.stdout.strip() == "kernel", first.stderr[-2000:]
-    built = list((tmp_path / "kernels").glob("stacked_linear-*.so"))
+    built = list((tmp_path / "kernels").glob("stacked-*.so"))
     assert len(built) == 1 and "built the stacked Linear kernel" in first.stderr
     mtime = built[0].stat().st_mtime_ns
     again = _probe(tmp_path)
@@ -182,3 +182,87 @@ def test_a_compiler_that_fails_falls_back_to_bmm_in_one_line(tmp_path):
     warned = [line for line in out.stderr.splitlines() if "stacked Linear kernel unavailable" in line]
     assert len(warned) == 1 and "cannot compile" in warned[0]
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written
+
+
+# The statistics taken in the kernels (stacked_linear_stats, the backward's norms, layer_sums): against the
+# definitions the eager engine computes them by (stats.py), in float64.
+
+@pytest.mark.parametrize("shape", [(13, 37, 5, 17), (16, 100, 10, 10), (1, 5, 3, 4)])
+def test_the_forward_moments_and_the_gradients_sums(shape):
+    from gradsweep.stacked import stacked_linear, stacked_linear_stats
+    from gradsweep.stats import small_scale
+
+    R, B, n_in, n_out = shape
+    x, W, b = _inputs(R, B, n_in, n_out, torch.float64)
+    x[0, 0, 0] = float("nan")  # relu(NaN) is NaN, as torch.relu has it: run 0's moments are NaN, no other run's
+    dy = torch.randn(R, B, n_out, dtype=torch.float64)
+    _, scale = small_scale(torch.float64)
+    token = torch.zeros(R, 2, dtype=torch.float64, requires_grad=True)
+    xs, Ws, bs = (t.clone().requires_grad_() for t in (x, W, b))
+    y, m = stacked_linear_stats(xs, Ws, bs, token, 1.0)
+    torch.testing.assert_close(y, stacked_linear(x, W, b), rtol=0, atol=0, equal_nan=True)  # the same bits
+    assert not m.requires_grad
+    ref = torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+    relu = torch.relu(ref)
+    expected = torch.stack([(ref * ref).sum(1), relu.sum(1), (relu * relu).sum(1)], dim=1)
+    torch.testing.assert_close(m, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert m[0].isnan().all() and not m[1:].isnan().any()
+    grads = torch.autograd.grad(y, (xs, Ws, bs, token), dy)
+    plain = _ours(x, W, b, dy)[1:]
+    for a, p in zip(grads[:3], plain, strict=True):  # taking the sums leaves the gradients' bits alone
+        torch.testing.assert_close(a, p, rtol=0, atol=0, equal_nan=True)
+    sq = dy.square().sum((1, 2))
+    torch.testing.assert_close(grads[3], torch.stack([sq, sq], dim=1), rtol=1e-12, atol=0)
+    # and with the scale that keeps a float32 gradient of 1e-30 from squaring to 0
+    tiny = (dy * 1e-30).float()
+    token32 = torch.zeros(R, 2, requires_grad=True)
+    _, scale32 = small_scale(torch.float32)
+    y32, _ = stacked_linear_stats(x.float().nan_to_num(), W.float(), b.float(), token32, scale32)
+    (g32,) = torch.autograd.grad(y32, token32, tiny)
+    assert (tiny.double().square().sum((1, 2)) < 1e-45).all()  # the plain sum: float32 has nothing that small
+    torch.testing.assert_close(g32[:, 1].double().sqrt() / scale32, tiny.double().flatten(1).norm(dim=1), rtol=1e-5,
+                               atol=0)
+
+
+def test_the_stats_op_passes_torchs_custom_op_checks():
+    from gradsweep.stacked import layer_sums, stacked_linear_stats
+
+    x, W, b = _inputs(9, 6, 4, 3, torch.float64)
+    token = torch.zeros(9, 2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(stacked_linear_stats, (x.clone().requires_grad_(), W.requires_grad_(), b.requires_grad_(),
+                                                 token, 2.0))
+    g = torch.randn(9, 30, dtype=torch.float64)
+    torch.library.opcheck(layer_sums, (g, g * 2, g + 1, [0, 12], [10, 18], 2.0))
+    with pytest.raises(ValueError, match="token"):
+        stacked_linear_stats(x, W, b, token[:, :1], 1.0)
+    with pytest.raises(ValueError, match="span"):
+        layer_sums(g, g, g, [25], [10], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_sums_equal_the_statistics_reductions(dtype):
+    """One pass of layer_sums against StatsPlan.terms + per_weight (the eager engine's reductions) on the layout of a
+    real network (depth 3, LayerNorm: weights of three sizes), with zeros, NaN and inf in the gradient."""
+    from conftest import make_cfg
+
+    from gradsweep.model import build_params, layers
+    from gradsweep.stacked import layer_sums
+    from gradsweep.stats import StatsPlan
+
+    cfg = make_cfg(model={"depth": 3, "width": 6, "norm": "layernorm"})
+    stack = build_params(cfg.model, [cfg.init] * 19, list(range(19)), 3, 2, dtype, "cpu")
+    plan = StatsPlan(stack.layout, layers(cfg.model), "relu", dtype, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    grad, update = (torch.randn(stack.flat.shape, generator=gen, dtype=dtype) for _ in range(2))
+    grad[0, plan.offsets[0]] = float("nan")
+    grad[1, plan.offsets[1] + 3] = float("inf")
+    grad[2] = 0.0
+    grad[3, plan.offsets[2]:plan.offsets[2] + plan.numels[2]] *= 1e-30  # only the scaled sums see it in float32
+    absg, terms = plan.terms(grad, update)
+    sums = torch.stack([plan.per_weight(t, torch.sum) for t in (*terms, stack.flat * stack.flat)])
+    gmax = plan.per_weight(absg, torch.amax)
+    ours, ours_max = layer_sums(grad, update, stack.flat.detach(), plan.offsets, plan.numels, plan.scale)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours, sums, rtol=rtol, atol=0, equal_nan=True)
+    assert torch.equal(ours_max.isnan(), gmax.isnan()) and torch.equal(ours_max.nan_to_num(), gmax.nan_to_num())
+    assert torch.equal(ours[2:4], sums[2:4])  # the counts are exact

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 constexpr int V = 8;   // runs per tile (one AVX2 register of float, two of double)
@@ -152,16 +153,33 @@ DEFINE_PASSES(fwd_passes, fwd_pass)
 DEFINE_PASSES(dx_passes, dx_pass)
 DEFINE_PASSES(dw_passes, dw_pass)
 
-// x: (R, B, I) with run stride xs (0: one input shared by all runs); W (R, O, I); bias (R, O); y (R, B, O)
+// Per output o over the chunk's rows: m[0][o] += y^2, m[1][o] += relu(y), m[2][o] += relu(y)^2 (relu(NaN) = NaN,
+// as torch.relu has it): a layer output's norm and what a ReLU-family activation of it has, without a pass over y.
 template <typename S>
-static void forward(const S* x, int64_t xs, const S* W, int64_t ws, const S* bias, int64_t bs, S* y, int64_t R, int64_t B,
-                    int64_t I, int64_t O,
-                    int threads) {
+static void moments(const S* yt, S* mt, int64_t bc, int64_t O) {
+  for (int64_t o = 0; o < O; ++o) {
+    vec<S> sq = ld(mt + o * V), pos = ld(mt + (O + o) * V), psq = ld(mt + (2 * O + o) * V);
+    for (int64_t b = 0; b < bc; ++b) {
+      vec<S> y = ld(yt + (b * O + o) * V);
+      vec<S> p = y <= vec<S>{} ? vec<S>{} : y;
+      sq += y * y;
+      pos += p;
+      psq += p * p;
+    }
+    st(mt + o * V, sq); st(mt + (O + o) * V, pos); st(mt + (2 * O + o) * V, psq);
+  }
+}
+
+// x: (R, B, I) with run stride xs (0: one input shared by all runs); W (R, O, I); bias (R, O); y (R, B, O);
+// m (R, 3, O) the moments above, if not null
+template <typename S>
+static void forward(const S* x, int64_t xs, const S* W, int64_t ws, const S* bias, int64_t bs, S* y, S* m, int64_t R,
+                    int64_t B, int64_t I, int64_t O, int threads) {
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
   for (int64_t r0 = 0; r0 < R; r0 += V) {
-    std::vector<S> xt(BC * I * V), wt(O * I * V), bt(O * V), yt(BC * O * V);
+    std::vector<S> xt(BC * I * V), wt(O * I * V), bt(O * V), yt(BC * O * V), mt(m ? 3 * O * V : 0);
     int nv = (int)std::min<int64_t>(V, R - r0);
     gather(wt.data(), W + r0 * ws, ws, O * I, nv);
     gather(bt.data(), bias + r0 * bs, bs, O, nv);
@@ -169,20 +187,25 @@ static void forward(const S* x, int64_t xs, const S* W, int64_t ws, const S* bia
       int64_t bc = std::min(BC, B - b0);
       gather(xt.data(), x + r0 * xs + b0 * I, xs, bc * I, nv);
       fwd_passes<S>(O, (const S*)xt.data(), (const S*)wt.data(), (const S*)bt.data(), yt.data(), bc, I, O);
+      if (m) moments(yt.data(), mt.data(), bc, O);
       scatter(y + r0 * B * O + b0 * O, yt.data(), B * O, bc * O, nv);
     }
+    if (m) scatter(m + r0 * 3 * O, mt.data(), 3 * O, 3 * O, nv);
   }
 }
 
-// dy (R, B, O); x as in forward; W (R, O, I) -> dx (R, B, I) if not null, dW (R, O, I), db (R, O)
+// dy (R, B, O); x as in forward; W (R, O, I) -> dx (R, B, I) if not null, dW (R, O, I), db (R, O), and if gsq is
+// not null gsq (R, 2): each run's sum of dy^2 and of (dy * scale)^2 (its norm where the squares underflow)
 template <typename S>
-static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws, S* dx, S* dW, S* db,
+static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws, S* dx, S* dW, S* db, S* gsq, S scale,
                      int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
   for (int64_t r0 = 0; r0 < R; r0 += V) {
     std::vector<S> xt(BC * I * V), wt(O * I * V), dyt(BC * O * V), dxt(BC * I * V), dwt(O * I * V), dbt(O * V);
+    S sums[2 * V];
+    vec<S> sq{}, ssq{};
     int nv = (int)std::min<int64_t>(V, R - r0);
     if (dx) gather(wt.data(), W + r0 * ws, ws, O * I, nv);
     std::fill(dwt.begin(), dwt.end(), S(0));
@@ -191,6 +214,12 @@ static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws
       int64_t bc = std::min(BC, B - b0);
       gather(dyt.data(), dy + r0 * B * O + b0 * O, B * O, bc * O, nv);
       gather(xt.data(), x + r0 * xs + b0 * I, xs, bc * I, nv);
+      if (gsq)
+        for (int64_t j = 0; j < bc * O; ++j) {
+          vec<S> g = ld(dyt.data() + j * V), gs = g * scale;
+          sq += g * g;
+          ssq += gs * gs;
+        }
       if (dx) {
         dx_passes<S>(I, (const S*)dyt.data(), (const S*)wt.data(), dxt.data(), bc, I, O);
         scatter(dx + r0 * B * I + b0 * I, dxt.data(), B * I, bc * I, nv);
@@ -199,25 +228,69 @@ static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws
     }
     scatter(dW + r0 * O * I, dwt.data(), O * I, O * I, nv);
     scatter(db + r0 * O, dbt.data(), O, O, nv);
+    if (gsq) {
+      st(sums, sq); st(sums + V, ssq);
+      scatter(gsq + r0 * 2, sums, 2, 2, nv);
+    }
   }
 }
 
+// Per run r and weight k (offset off[k], numel n[k] in a row of the (R, P) matrices g, u, w), the sums of
+// g^2, (g * scale)^2, [g != 0], [g not finite], u^2, (u * scale)^2, w^2 into sums (7, R, L), and max |g| (NaN if
+// any is) into gmax (R, L): the statistics' per-weight reductions in one pass over the three matrices.
+template <typename S>
+static void layer_sums(const S* g, const S* u, const S* w, const int64_t* off, const int64_t* n, S* sums, S* gmax,
+                       S scale, int64_t R, int64_t P, int64_t L, int threads) {
+  const S big = std::numeric_limits<S>::max();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < L; ++k) {
+      const S *gr = g + r * P + off[k], *ur = u + r * P + off[k], *wr = w + r * P + off[k];
+      vec<S> acc[7] = {}, mx{};
+      const vec<S> one = vec<S>{} + S(1), zero{};
+      int64_t j = 0;
+      for (; j + V <= n[k]; j += V) {
+        vec<S> gv = ld(gr + j), uv = ld(ur + j), wv = ld(wr + j);
+        vec<S> a = gv < zero ? -gv : gv, gs = gv * scale, us = uv * scale;
+        acc[0] += gv * gv; acc[1] += gs * gs;
+        acc[2] += gv != zero ? one : zero;
+        acc[3] += a <= big ? zero : one;
+        acc[4] += uv * uv; acc[5] += us * us; acc[6] += wv * wv;
+        mx = (a > mx) | (a != a) ? a : mx;  // once NaN, stays NaN (no a > NaN)
+      }
+      S out[7], m = 0;
+      for (int t = 0; t < 7; ++t) { out[t] = 0; for (int v = 0; v < V; ++v) out[t] += acc[t][v]; }
+      for (int v = 0; v < V; ++v) m = (mx[v] > m || mx[v] != mx[v]) ? mx[v] : m;
+      for (; j < n[k]; ++j) {
+        S gv = gr[j], uv = ur[j], wv = wr[j], a = gv < 0 ? -gv : gv, gs = gv * scale, us = uv * scale;
+        out[0] += gv * gv; out[1] += gs * gs; out[2] += gv != 0; out[3] += !(a <= big);
+        out[4] += uv * uv; out[5] += us * us; out[6] += wv * wv;
+        m = (a > m || a != a) ? a : m;
+      }
+      for (int t = 0; t < 7; ++t) sums[(t * R + r) * L + k] = out[t];
+      gmax[r * L + k] = m;
+    }
+  }
+}
+
+#define GS_EXPORT(SUF, S)                                                                                    \
+  void gs_forward_##SUF(const S* x, int64_t xs, const S* W, int64_t ws, const S* b, int64_t bs, S* y, S* m, int64_t R,  \
+                        int64_t B, int64_t I, int64_t O, int threads) {                                              \
+    forward(x, xs, W, ws, b, bs, y, m, R, B, I, O, threads);                                                         \
+  }                                                                                                                  \
+  void gs_backward_##SUF(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws, S* dx, S* dW, S* db, S* gsq,    \
+                         double scale, int64_t R, int64_t B, int64_t I, int64_t O, int threads) {                    \
+    backward(dy, x, xs, W, ws, dx, dW, db, gsq, (S)scale, R, B, I, O, threads);                                      \
+  }                                                                                                                  \
+  void gs_layer_sums_##SUF(const S* g, const S* u, const S* w, const int64_t* off, const int64_t* n, S* sums,         \
+                           S* gmax, double scale, int64_t R, int64_t P, int64_t L, int threads) {                    \
+    layer_sums(g, u, w, off, n, sums, gmax, (S)scale, R, P, L, threads);                                             \
+  }
+
 extern "C" {
 int gs_lanes() { return V; }
-void gs_forward_f32(const float* x, int64_t xs, const float* W, int64_t ws, const float* b, int64_t bs, float* y,
-                    int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
-  forward(x, xs, W, ws, b, bs, y, R, B, I, O, threads);
-}
-void gs_forward_f64(const double* x, int64_t xs, const double* W, int64_t ws, const double* b, int64_t bs, double* y,
-                    int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
-  forward(x, xs, W, ws, b, bs, y, R, B, I, O, threads);
-}
-void gs_backward_f32(const float* dy, const float* x, int64_t xs, const float* W, int64_t ws, float* dx, float* dW,
-                     float* db, int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
-  backward(dy, x, xs, W, ws, dx, dW, db, R, B, I, O, threads);
-}
-void gs_backward_f64(const double* dy, const double* x, int64_t xs, const double* W, int64_t ws, double* dx,
-                     double* dW, double* db, int64_t R, int64_t B, int64_t I, int64_t O, int threads) {
-  backward(dy, x, xs, W, ws, dx, dW, db, R, B, I, O, threads);
-}
+GS_EXPORT(f32, float)
+GS_EXPORT(f64, double)
 }
