@@ -47,6 +47,7 @@ from gradsweep.errors import ConfigError
 from gradsweep.losses import per_run_loss
 from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers
 from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_update
+from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
@@ -143,15 +144,18 @@ _PROGRAMS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
 def programs(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
-    """The compiled (forward, update) pair for ``shape`` and parameter ``layout``, built once per process (torch
-    specialises each on its first call's tensor sizes, the stack size and batch among them)."""
+    """The compiled (forward, update) pair for ``shape`` and parameter ``layout``, made once per process; each is
+    compiled for its first call's argument shapes (the stack size and batch among them), or loaded where an
+    earlier process compiled it (:mod:`gradsweep.programs`)."""
     form = linear_form(shape.device)
     key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout, form)
     if key not in _PROGRAMS:
         _prepare_inductor()
         fwd, upd = _make(shape, layout, form)
         how = _how(shape.device, shape.dtype, form)
-        _PROGRAMS[key] = (torch.compile(fwd, dynamic=False, **how), torch.compile(upd, dynamic=False, **how))
+        what = repr((shape, layout, form))
+        _PROGRAMS[key] = (Program(fwd, "forward", what, how, shape.device),
+                          Program(upd, "update", what, how, shape.device))
     return _PROGRAMS[key]
 
 

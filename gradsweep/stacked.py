@@ -41,9 +41,13 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-Wno-psabi")
 OPENMP = "-fopenmp"  # tried first; a compiler without OpenMP (clang on macOS) builds the kernel single-threaded
 
 
+def cache_root() -> Path:
+    """Where gradsweep keeps what it builds for this machine: $GRADSWEEP_CACHE_DIR, default ~/.cache/gradsweep."""
+    return Path(os.environ.get("GRADSWEEP_CACHE_DIR") or str(Path.home() / ".cache" / "gradsweep"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("GRADSWEEP_CACHE_DIR") or str(Path.home() / ".cache" / "gradsweep")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def compiler() -> str | None:

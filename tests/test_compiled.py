@@ -86,9 +86,11 @@ CACHE_PROBE = """
 import json
 from torch._dynamo.utils import counters
 from test_compiled import _relu_shape_cfg
+from gradsweep.programs import LOADED
 from gradsweep.train import train_group
 trace = train_group([_relu_shape_cfg()])
-print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
+print(json.dumps({"programs": LOADED, "traced": counters["stats"]["unique_graphs"],
+                  "miss": counters["inductor"]["fxgraph_cache_miss"],
                   "loss": trace.loss[:, 0].tolist(), "layer": trace.layer[:, 0].tolist()}))
 """
 
@@ -96,15 +98,17 @@ print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": coun
 @pytest.mark.slow
 @pytest.mark.xdist_group("compiled")
 def test_a_second_process_compiles_nothing():
-    """This process compiles the shape (or an earlier test on this worker did) into inductor's on-disk caches; a
-    new process of the same shape finds every graph there and computes the same bits."""
+    """This process compiles the shape (or an earlier test on this worker did) and saves its programs
+    (gradsweep.programs); a new process of the same shape loads both, traces and compiles nothing, and computes
+    the same bits."""
     here = train_group([_relu_shape_cfg()])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     assert env.get("TORCHINDUCTOR_CACHE_DIR")  # set by gradsweep.compiled before compiling (or by the caller)
     out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True,
                          timeout=scaled(600)).stdout.strip().splitlines()[-1]
     there = json.loads(out)
-    assert there["miss"] == 0 and there["hit"] > 0, there
+    assert there["programs"] == {"loaded": 2, "compiled": 0, "in_process": 0}, there
+    assert there["traced"] == 0 and there["miss"] == 0, there
     assert there["loss"] == here.loss[:, 0].tolist()
     np.testing.assert_array_equal(np.array(there["layer"]), here.layer[:, 0])
 
@@ -118,8 +122,10 @@ def test_its_float32_statistics_keep_a_signal_whose_squares_underflow(monkeypatc
 
     if compiled.linear_form(torch.device("cpu")) != "kernel":
         pytest.skip("needs the stacked-Linear kernel (a C++ compiler)")
+    from gradsweep.programs import Program
+
     monkeypatch.setattr(compiled, "_PROGRAMS", {})
-    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(Program, "_prepare", lambda self, args, spec: self.fn)
 
     def run(dtype, engine):
         cfg = make_cfg(model={"depth": 30, "activation": "sigmoid"}, train={"steps": 3, "dtype": dtype}, engine=engine)
