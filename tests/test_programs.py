@@ -1,0 +1,74 @@
+"""gradsweep.programs: compiled programs saved whole and loaded by a later process, on a small closure (the
+training programs' own round trip is tests/test_compiled.py::test_a_second_process_compiles_nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradsweep import programs
+from gradsweep.compiled import has_cxx
+from gradsweep.programs import Program
+
+pytestmark = pytest.mark.skipif(not has_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
+
+
+def make(scale: float):
+    """A closure like the engine's programs: what it computes depends on a captured value."""
+    factor = torch.full((1,), scale, dtype=torch.float64)  # (a captured 0-dim tensor: torch 2.13 cannot save it)
+
+    def fn(x: torch.Tensor, n: int) -> torch.Tensor:
+        return (x[:, :n] * factor).sin().sum(dim=1)  # n: a Python number the program specialises on
+
+    return fn
+
+
+def test_saved_then_loaded_and_refused_where_it_does_not_fit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GRADSWEEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(programs, "LOADED", {"loaded": 0, "compiled": 0, "in_process": 0})
+    cpu = torch.device("cpu")
+    x = torch.randn(5, 7, dtype=torch.float64)
+    first = Program(make(2.0), "probe", "scale 2", {}, cpu)
+    expected = (x[:, :3] * 2.0).sin().sum(dim=1)
+    torch.testing.assert_close(first(x, 3), expected, rtol=1e-15, atol=0)
+    saved = list((tmp_path / "programs").glob("probe-*.bin"))
+    assert len(saved) == 1 and programs.LOADED == {"loaded": 0, "compiled": 1, "in_process": 0}
+
+    # A new Program of the same function (as a later process makes it): loaded, not compiled, same numbers.
+    again = Program(make(2.0), "probe", "scale 2", {}, cpu)
+    torch.testing.assert_close(again(x, 3), expected, rtol=0, atol=0)
+    assert programs.LOADED["loaded"] == 1 and programs.LOADED["compiled"] == 1
+    # Its closure is this process's: the loaded program reads it, nothing captured was pickled.
+    other = Program(make(5.0), "probe", "scale 2", {}, cpu)  # (a caller that lied about what it computes)
+    torch.testing.assert_close(other(x, 3), (x[:, :3] * 5.0).sin().sum(dim=1), rtol=1e-15, atol=0)
+
+    # Another shape, another Python number baked in, or another description: another program.
+    Program(make(2.0), "probe", "scale 2", {}, cpu)(x[:4], 3)
+    Program(make(2.0), "probe", "scale 2", {}, cpu)(x, 4)
+    Program(make(2.0), "probe", "scale 2, again", {}, cpu)(x, 3)
+    assert len(list((tmp_path / "programs").glob("probe-*.bin"))) == 4 and programs.LOADED["compiled"] == 4
+
+    # A damaged file is compiled again (one log line), not an error.
+    saved[0].write_bytes(b"not a program")
+    with caplog.at_level("INFO", logger="gradsweep.programs"):
+        torch.testing.assert_close(Program(make(2.0), "probe", "scale 2", {}, cpu)(x, 3), expected, rtol=0, atol=0)
+    assert programs.LOADED["compiled"] == 5 and any("could not load" in r.message for r in caplog.records)
+
+
+def test_where_the_ahead_of_time_api_fails_it_compiles_in_the_process(tmp_path, monkeypatch, caplog):
+    import torch._dynamo.aot_compile as aot
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("not supported by this torch")
+
+    monkeypatch.setenv("GRADSWEEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(programs, "LOADED", {"loaded": 0, "compiled": 0, "in_process": 0})
+    monkeypatch.setattr(aot, "aot_compile_fullgraph", unsupported)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="gradsweep.programs"):
+        out = Program(make(2.0), "probe", "scale 2", {}, torch.device("cpu"))(x, 3)
+    torch.testing.assert_close(out, (x[:, :3] * 2.0).sin().sum(dim=1), rtol=1e-15, atol=0)
+    assert programs.LOADED == {"loaded": 0, "compiled": 0, "in_process": 1}
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "not supported by this torch" in warned[0] and "in this process only" in warned[0]
+    assert not (tmp_path / "programs").exists() or not list((tmp_path / "programs").iterdir())  # nothing half-written
