@@ -51,11 +51,11 @@ from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
-# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, with the stacked-Linear kernel) compiling costs ~33 s
-# on a shape's first use (11 s in a later process, from inductor's cache) and saves ~0.1 ms per run-step (eager
-# 4,410 vs compiled 8,145 run-steps/s): break-even at ~320,000 run-steps cold, ~110,000 warm; 500,000 leaves room
-# for a machine whose speed drifts.
-AUTO_MIN_RUN_STEPS_CPU = 500_000
+# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, statistics in the kernels, saved programs) compiling
+# costs ~27 s on a shape's first use (~4.5 s in a later process, which loads the saved programs) and saves ~0.14 ms
+# per run-step (eager 4,085-4,910 vs compiled 9,436-11,223 run-steps/s): break-even at ~200,000 run-steps cold,
+# ~35,000 warm; 300,000 leaves room for a machine whose speed drifts.
+AUTO_MIN_RUN_STEPS_CPU = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
 # it is built and tested on CPU only so far.
 AUTO_ON_CUDA = "eager"

@@ -42,17 +42,23 @@ def test_saved_then_loaded_and_refused_where_it_does_not_fit(tmp_path, monkeypat
     other = Program(make(5.0), "probe", "scale 2", {}, cpu)  # (a caller that lied about what it computes)
     torch.testing.assert_close(other(x, 3), (x[:, :3] * 5.0).sin().sum(dim=1), rtol=1e-15, atol=0)
 
-    # Another shape, another Python number baked in, or another description: another program.
-    Program(make(2.0), "probe", "scale 2", {}, cpu)(x[:4], 3)
-    Program(make(2.0), "probe", "scale 2", {}, cpu)(x, 4)
-    Program(make(2.0), "probe", "scale 2, again", {}, cpu)(x, 3)
-    assert len(list((tmp_path / "programs").glob("probe-*.bin"))) == 4 and programs.LOADED["compiled"] == 4
+    # Another shape, another Python number baked in, another description, dtype or thread count: another key.
+    probe = Program(make(2.0), "probe", "scale 2", {}, cpu)
+    keys = {probe._key(programs.spec(a)) for a in ((x, 3), (x[:4], 3), (x, 4), (x.float(), 3), (x.t(), 3))}
+    keys.add(Program(make(2.0), "probe", "scale 2, again", {}, cpu)._key(programs.spec((x, 3))))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        keys.add(probe._key(programs.spec((x, 3))))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(keys) == 7 and saved[0].name == f"probe-{probe._key(programs.spec((x, 3)))}.bin"
 
     # A damaged file is compiled again (one log line), not an error.
     saved[0].write_bytes(b"not a program")
     with caplog.at_level("INFO", logger="gradsweep.programs"):
         torch.testing.assert_close(Program(make(2.0), "probe", "scale 2", {}, cpu)(x, 3), expected, rtol=0, atol=0)
-    assert programs.LOADED["compiled"] == 5 and any("could not load" in r.message for r in caplog.records)
+    assert programs.LOADED["compiled"] == 2 and any("could not load" in r.message for r in caplog.records)
 
 
 def test_where_the_ahead_of_time_api_fails_it_compiles_in_the_process(tmp_path, monkeypatch, caplog):
