@@ -7,7 +7,8 @@ fullgraph) and saved, guards and generated code together, to ``$GRADSWEEP_CACHE_
 ``~/.cache/gradsweep/programs``); a later process with the same key loads it in well under a second (the first load
 in a process also imports ``torch._dynamo``, ~2 s). The key is everything the program depends on: what it computes
 (the caller's description: shape, layout, Linear form, compile options), its arguments' shapes, strides and dtypes,
-the Python values among them, gradsweep's own source, the torch and Python versions, the CPU and the thread count.
+the Python values among them, gradsweep's own source, the torch and Python versions, the CPU, the thread count (which
+the program's guards check) and inductor's ``TORCHINDUCTOR_*`` settings.
 
 The functions are closures: what their closure holds is handed over as external data, built fresh by the loading
 process, never pickled. The ahead-of-time API is experimental in torch 2.13: where it fails (a torch that lacks it,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +70,10 @@ def spec(x: Any) -> Any:
     return ("V", repr(x))
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 class Program:
     """``fn`` compiled once per argument spec, from the program cache where a process before compiled it.
 
@@ -79,10 +85,12 @@ class Program:
         self._by_spec: dict[Any, Callable] = {}
 
     def __call__(self, *args):
-        key = spec(args)
+        # The thread count and grad mode too: a program's guards check them (and refuse, rather than recompile),
+        # and each group of a sweep may get another thread count (device.set_threads).
+        key = (spec(args), torch.get_num_threads(), torch.is_grad_enabled())
         compiled = self._by_spec.get(key)
         if compiled is None:
-            compiled = self._by_spec[key] = self._prepare(args, key)
+            compiled = self._by_spec[key] = self._prepare(args, key[0])
         return compiled(*args)
 
     def _external(self) -> dict[str, Any]:
@@ -90,8 +98,10 @@ class Program:
         return {n: c.cell_contents for n, c in zip(self.fn.__code__.co_freevars, self.fn.__closure__ or ())}
 
     def _key(self, arg_spec: Any) -> str:
+        inductor_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")
+                              and k not in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS"))
         parts = (self.name, self.what, repr(sorted(self.how.items())), repr(arg_spec), torch.__version__, sys.version,
-                 _cpu_id(), torch.get_num_threads(), source_hash())
+                 _cpu_id(), torch.get_num_threads(), source_hash(), inductor_env)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
     def _in_process(self) -> Callable:
@@ -120,12 +130,18 @@ class Program:
 
             with dynamo.config.patch(enable_aot_compile=True):
                 aot = torch.compile(self.fn, fullgraph=True, dynamic=False, **self.how).aot_compile((args, {}))
+        except Exception as e:  # noqa: BLE001 - experimental API: fall back to compiling in this process only
+            log.warning("could not compile the %s program ahead of time (%s: %s): compiling it in this process only",
+                        self.name, type(e).__name__, _first_line(e))
+            return self._in_process()
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             aot.save_compiled_function(str(path), external_data=self._external())  # written atomically
-        except Exception as e:  # noqa: BLE001 - experimental API: fall back to compiling in this process only
-            log.warning("could not save the compiled %s program (%s: %s): compiling it in this process only",
-                        self.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return self._in_process()
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written: the compiled program still serves
+            log.warning("could not save the compiled %s program to %s (%s: %s): it serves this process only",
+                        self.name, path, type(e).__name__, _first_line(e))
+            LOADED["in_process"] += 1
+            return aot
         LOADED["compiled"] += 1
         log.info("compiled the %s program in %.1f s and saved it: %s", self.name, time.perf_counter() - t0, path)
         return aot

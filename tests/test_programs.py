@@ -78,3 +78,19 @@ def test_where_the_ahead_of_time_api_fails_it_compiles_in_the_process(tmp_path, 
     warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "not supported by this torch" in warned[0] and "in this process only" in warned[0]
     assert not (tmp_path / "programs").exists() or not list((tmp_path / "programs").iterdir())  # nothing half-written
+
+
+def test_a_program_serves_each_thread_count_it_is_called_with(tmp_path, monkeypatch):
+    """A compiled program's guards check torch's thread count (and refuse rather than recompile), and each group of a
+    sweep may get another one (device.set_threads): the same Program called under 1 and then 2 threads."""
+    monkeypatch.setenv("GRADSWEEP_CACHE_DIR", str(tmp_path))
+    x = torch.randn(5, 7, dtype=torch.float64)
+    probe = Program(make(2.0), "probe", "scale 2", {}, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(probe(x, 3), (x[:, :3] * 2.0).sin().sum(dim=1), rtol=1e-15, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list((tmp_path / "programs").glob("probe-*.bin"))) == 2

@@ -155,10 +155,11 @@ DEFINE_PASSES(dw_passes, dw_pass)
 
 // Per output o over the chunk's rows: m[0][o] += y^2, m[1][o] += relu(y), m[2][o] += relu(y)^2 (relu(NaN) = NaN,
 // as torch.relu has it): a layer output's norm and what a ReLU-family activation of it has, without a pass over y.
+// Each chunk is summed on its own and then added (rounding error ~ (BC + B / BC) eps, not B eps).
 template <typename S>
 static void moments(const S* yt, S* mt, int64_t bc, int64_t O) {
   for (int64_t o = 0; o < O; ++o) {
-    vec<S> sq = ld(mt + o * V), pos = ld(mt + (O + o) * V), psq = ld(mt + (2 * O + o) * V);
+    vec<S> sq{}, pos{}, psq{};
     for (int64_t b = 0; b < bc; ++b) {
       vec<S> y = ld(yt + (b * O + o) * V);
       vec<S> p = y <= vec<S>{} ? vec<S>{} : y;
@@ -166,7 +167,9 @@ static void moments(const S* yt, S* mt, int64_t bc, int64_t O) {
       pos += p;
       psq += p * p;
     }
-    st(mt + o * V, sq); st(mt + (O + o) * V, pos); st(mt + (2 * O + o) * V, psq);
+    st(mt + o * V, ld(mt + o * V) + sq);
+    st(mt + (O + o) * V, ld(mt + (O + o) * V) + pos);
+    st(mt + (2 * O + o) * V, ld(mt + (2 * O + o) * V) + psq);
   }
 }
 
@@ -214,12 +217,16 @@ static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws
       int64_t bc = std::min(BC, B - b0);
       gather(dyt.data(), dy + r0 * B * O + b0 * O, B * O, bc * O, nv);
       gather(xt.data(), x + r0 * xs + b0 * I, xs, bc * I, nv);
-      if (gsq)
+      if (gsq) {  // summed per chunk, then added (as the moments above)
+        vec<S> csq{}, cssq{};
         for (int64_t j = 0; j < bc * O; ++j) {
           vec<S> g = ld(dyt.data() + j * V), gs = g * scale;
-          sq += g * g;
-          ssq += gs * gs;
+          csq += g * g;
+          cssq += gs * gs;
         }
+        sq += csq;
+        ssq += cssq;
+      }
       if (dx) {
         dx_passes<S>(I, (const S*)dyt.data(), (const S*)wt.data(), dxt.data(), bc, I, O);
         scatter(dx + r0 * B * I + b0 * I, dxt.data(), B * I, bc * I, nv);
