@@ -151,9 +151,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dim() != 3 or R < 1 or bad:
         raise ValueError(f"gradsweep::stacked_linear: weight {tuple(weight.shape)} must be (R, out, in) with R >= 1"
                          + "".join(f"; {b}" for b in bad))
-    given = [t for t in (x, weight, bias, grad) if t is not None]
-    if any(t.dtype != weight.dtype or t.device.type != "cpu" for t in given):
-        raise ValueError("gradsweep::stacked_linear: x, weight, bias and grad must share one dtype on the CPU; got "
+    _one_dtype_on_cpu("stacked_linear", "x, weight, bias and grad", [t for t in (x, weight, bias, grad) if t is not None])
+
+
+def _one_dtype_on_cpu(op: str, names: str, given: list[torch.Tensor]) -> None:
+    """A ValueError unless every tensor the kernel ``op`` reads shares one dtype on the CPU."""
+    if any(t.dtype != given[0].dtype or t.device.type != "cpu" for t in given):
+        raise ValueError(f"gradsweep::{op}: {names} must share one dtype on the CPU; got "
                          + ", ".join(f"{t.dtype} on {t.device.type}" for t in given))
 
 
@@ -266,8 +270,7 @@ def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, o
             or any(o < 0 or n < 1 or o + n > P for o, n in zip(offsets, numels))):
         raise ValueError(f"gradsweep::layer_sums: grad {tuple(grad.shape)}, update {tuple(update.shape)} and weight "
                          f"{tuple(weight.shape)} must be one (R, P) shape and each span inside [0, P)")
-    if any(t.dtype != weight.dtype or t.device.type != "cpu" for t in (grad, update)):
-        raise ValueError("gradsweep::layer_sums: grad, update and weight must share one dtype on the CPU")
+    _one_dtype_on_cpu("layer_sums", "grad, update and weight", [grad, update, weight])
     grad, update, weight = grad.contiguous(), update.contiguous(), weight.contiguous()
     off, num = torch.tensor(offsets, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64)
     L = len(offsets)
