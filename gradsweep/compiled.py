@@ -143,19 +143,22 @@ class Shape:
 _PROGRAMS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-def programs(shape: Shape, layout: ParamLayout) -> tuple[Callable, Callable]:
-    """The compiled (forward, update) pair for ``shape`` and parameter ``layout``, made once per process; each is
-    compiled for its first call's argument shapes (the stack size and batch among them), or loaded where an
-    earlier process compiled it (:mod:`gradsweep.programs`)."""
+def programs(shape: Shape, layout: ParamLayout, compiled: bool = True) -> tuple[Callable, Callable]:
+    """The (forward, update) pair for ``shape`` and parameter ``layout``, made once per process. ``compiled``: each
+    is compiled for its first call's argument shapes (the stack size and batch among them), or loaded where an
+    earlier process compiled it (:mod:`gradsweep.programs`); else the same Python functions, run op by op (the eager
+    engine on the CPU)."""
     form = linear_form(shape.device)
-    key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout, form)
+    key = (dataclasses.astuple(shape.model), *dataclasses.astuple(shape)[1:], layout, form, compiled)
     if key not in _PROGRAMS:
-        _prepare_inductor()
         fwd, upd = _make(shape, layout, form)
-        how = _how(shape.device, shape.dtype, form)
-        what = repr((shape, layout, form))
-        _PROGRAMS[key] = (Program(fwd, "forward", what, how, shape.device),
-                          Program(upd, "update", what, how, shape.device))
+        if compiled:
+            _prepare_inductor()
+            how = _how(shape.device, shape.dtype, form)
+            what = repr((shape, layout, form))
+            fwd, upd = (Program(fwd, "forward", what, how, shape.device),
+                        Program(upd, "update", what, how, shape.device))
+        _PROGRAMS[key] = (fwd, upd)
     return _PROGRAMS[key]
 
 
@@ -258,14 +261,27 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
     return fwd, upd
 
 
-class CompiledStep:
-    """One group's training state on the compiled engine: call it once per step."""
+def runs_programs(engine: str, device: torch.device) -> bool:
+    """Whether a group on ``engine`` trains through the step programs (:class:`Step`): always when compiled; eager
+    on the CPU wherever gradsweep's kernel is built (the programs run op by op: the kernel's Linear and its
+    in-kernel statistics are 1.6-2x the ``baddbmm`` loop's rate at 1,000 runs). Eager on CUDA, or on a CPU without
+    a C++ compiler, is the loop of :mod:`gradsweep.train` (``baddbmm``, statistics through a probe and hooks)."""
+    return engine == "compiled" or (device.type == "cpu" and linear_form(device) == "kernel")
+
+
+class Step:
+    """One group's training state on the step programs: call it once per step.
+
+    ``compiled``: the programs compiled, with every statistic taken on every step (one program serves all steps);
+    else run op by op, with the statistics only on the steps that log them (``stats_now``)."""
 
     def __init__(self, shape: Shape, layout: ParamLayout, params: list[torch.Tensor], opt: StackedOptimizer,
-                 max_norm: torch.Tensor):
+                 max_norm: torch.Tensor, compiled: bool = True):
         """``opt``: the group's eager optimiser, whose per-run settings and zeroed state the programs take over."""
-        self.shape, self.flat, self.params = shape, opt.flat, params
-        self.fwd, self.upd = programs(shape, layout)
+        self.shape, self.flat, self.params, self.compiled = shape, opt.flat, params, compiled
+        self.pairs = {shape.stats: programs(shape, layout, compiled)}
+        if shape.stats and not compiled:
+            self.pairs[False] = programs(dataclasses.replace(shape, stats=False), layout, compiled)
         self.hyper = {"lr": opt.lr, "weight_decay": opt.weight_decay, "max_norm": max_norm}
         if shape.optim == "sgd":
             self.hyper["momentum"] = opt.momentum
@@ -283,20 +299,23 @@ class CompiledStep:
         self.step_t = torch.zeros((), dtype=torch.long, device=self.flat.device)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
-                 reason: torch.Tensor) -> tuple[Any, ...]:
-        if self.shape.device.type == "cuda":
+                 reason: torch.Tensor, stats_now: bool = True) -> tuple[Any, ...]:
+        stats = self.shape.stats and (stats_now or self.compiled)
+        fwd, upd = self.pairs[stats]
+        tokens = self.tokens if stats else []
+        if self.shape.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # this step's graph outputs feed the next step's inputs
-        loss, fwd_stats = self.fwd(self.params, self.tokens, xb, yb)
-        grads = torch.autograd.grad(loss.sum(), [*self.params, *self.tokens])
+        loss, fwd_stats = fwd(self.params, tokens, xb, yb)
+        grads = torch.autograd.grad(loss.sum(), [*self.params, *tokens])
         n = len(self.params)
         with torch.no_grad():
-            new_flat, self.state, alive, diverged, reason, scalars, stats = self.upd(
+            new_flat, self.state, alive, diverged, reason, scalars, lay = upd(
                 self.flat, list(grads[:n]), list(grads[n:]), loss.detach(), fwd_stats, xb.shape[1],
                 self.state, self.hyper, alive, diverged, reason, self.step_t)
             self.flat.copy_(new_flat)  # the parameter views see the update
             self.step_t += 1
-        if self.shape.device.type == "cuda":  # a CUDA graph's outputs are overwritten by its next replay
+        if self.shape.device.type == "cuda" and self.compiled:  # a CUDA graph's outputs are overwritten by its next replay
             self.state = [t.clone() for t in self.state]
             alive, diverged, reason = alive.clone(), diverged.clone(), reason.clone()
-            scalars, stats = scalars.clone(), (stats.clone() if stats is not None else None)
-        return alive, diverged, reason, scalars, stats
+            scalars, lay = scalars.clone(), (lay.clone() if lay is not None else None)
+        return alive, diverged, reason, scalars, lay

@@ -6,10 +6,13 @@ GEMM). The kernel puts V = 8 runs side by side instead: each tile of 8 runs is t
 SIMD register holds the same element of 8 runs, and every product is a plain vector FMA. Each run's arithmetic is
 the same sequence of operations whatever its position in the group (its bits do not depend on its neighbours).
 
-The kernel is built with the machine's C++ compiler (the one inductor needs for ``engine=compiled`` anyway) on
-first use and cached by source, compiler and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default
-``~/.cache/gradsweep/kernels``); a build takes a few seconds. It is exposed as the custom op
-``gradsweep::stacked_linear`` with its backward, so ``torch.compile`` calls it as one opaque kernel.
+Both engines train through it on the CPU (the eager one runs the compiled engine's step programs op by op,
+:func:`gradsweep.compiled.runs_programs`). The kernel is built with the machine's C++ compiler (the one inductor
+needs for ``engine=compiled`` anyway) on first use, one library per dtype (float32's in ~4 s, float64's in ~13 s on
+the 2-core development VM), and cached by source, compiler and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default
+``~/.cache/gradsweep/kernels``). Without a compiler, both engines use ``torch.bmm``/``baddbmm`` instead. It is
+exposed as the custom op ``gradsweep::stacked_linear`` with its backward, so ``torch.compile`` calls it as one
+opaque kernel.
 
 The statistics of a compiled step are taken in the same kernels, where the tensors are already in registers or
 cache, instead of in passes of their own over every (R, B, w) layer output and gradient (each such pass costs about
@@ -21,6 +24,7 @@ statistics in one pass over the gradient, update and weight matrices.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -79,39 +84,67 @@ class KernelBuildError(RuntimeError):
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The built kernel, loaded (built first if this machine's cache lacks it). Raises KernelBuildError."""
+def library(suffix: str = "f32") -> ctypes.CDLL:
+    """The kernels for one dtype (``f32`` or ``f64``), loaded; built first if this machine's cache lacks them (each
+    dtype its own library, built on its first use: float32's takes ~4 s, float64's ~13 s, at -O3, which is 1.1-1.6x
+    -O2's speed here). Processes that need one at the same time build it once (a file lock). Raises
+    KernelBuildError."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler ($CXX, c++, g++ or clang++) on PATH")
     src = source()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([src, cxx.encode(), version.encode(), _cpu_id().encode(),
-                                     " ".join(FLAGS).encode()])).hexdigest()[:20]
-    path = cache_dir() / f"stacked-{key}.so"
+                                     " ".join(FLAGS).encode(), suffix.encode()])).hexdigest()[:20]
+    path = cache_dir() / f"stacked-{suffix}-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            cpp, out = Path(tmp) / "stacked.cpp", Path(tmp) / "k.so"
-            cpp.write_bytes(src)
-            errors = ""
-            for extra in ((OPENMP,), ()):
-                done = subprocess.run([cxx, *FLAGS, *extra, "-o", str(out), str(cpp)], capture_output=True, text=True)
-                if done.returncode == 0:
-                    break
-                errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            else:
-                raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/stacked.cpp: {errors[0]}")
-            os.replace(out, path)  # atomic: a process beside this one sees the whole file or none
-        log.info("built the stacked Linear kernel: %s", path)
+        with _locked(path.with_suffix(".lock")):
+            if not path.exists():  # another process may have built it while this one waited
+                _build(cxx, src, suffix, path)
     lib = ctypes.CDLL(str(path))
     ptr, i64, cint, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    for suffix in ("f32", "f64"):
-        getattr(lib, f"gs_forward_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, cint]
-        getattr(lib, f"gs_backward_{suffix}").argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, dbl, i64, i64, i64,
-                                                          i64, cint]
-        getattr(lib, f"gs_layer_sums_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, i64, i64, i64, cint]
+    getattr(lib, f"gs_forward_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, cint]
+    getattr(lib, f"gs_backward_{suffix}").argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, dbl, i64, i64, i64,
+                                                      i64, cint]
+    getattr(lib, f"gs_layer_sums_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, i64, i64, i64, cint]
     return lib
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """Holds an exclusive lock on ``lock`` (POSIX); elsewhere nothing (concurrent builds then just repeat the work:
+    each replaces the library atomically)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(cxx: str, src: bytes, suffix: str, path: Path) -> None:
+    t0 = time.perf_counter()
+    log.info("building gradsweep's %s CPU kernels for this machine (once, a few seconds): %s", suffix, path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        cpp, out = Path(tmp) / "stacked.cpp", Path(tmp) / "k.so"
+        cpp.write_bytes(src)
+        errors = ""
+        only = f"-DGS_ONLY={suffix[1:]}"
+        for extra in ((OPENMP,), ()):
+            done = subprocess.run([cxx, *FLAGS, *extra, only, "-o", str(out), str(cpp)], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+            errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        else:
+            raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/stacked.cpp: {errors[0]}")
+        os.replace(out, path)  # atomic: a process beside this one sees the whole file or none
+    log.info("built gradsweep's %s CPU kernels in %.1f s", suffix, time.perf_counter() - t0)
 
 
 @functools.cache
@@ -120,7 +153,7 @@ def available() -> bool:
     try:
         library()
     except KernelBuildError as e:
-        log.warning("stacked Linear kernel unavailable (%s): the compiled engine uses bmm", e)
+        log.warning("gradsweep's CPU kernels are unavailable (%s): training uses torch's batched matmul (slower)", e)
         return False
     return True
 
@@ -167,6 +200,11 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
+def _fn(op: str, dtype: torch.dtype):
+    suffix = _suffix(dtype)
+    return getattr(library(suffix), f"gs_{op}_{suffix}")
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, moments: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(x, weight, bias)
@@ -174,7 +212,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, moments:
     (x, xs), (weight, ws), (bias, bs) = _runs(x), _runs(weight), _runs(bias)
     y = weight.new_empty(R, B, n_out)
     m = weight.new_empty(R, 3, n_out) if moments else None
-    getattr(library(), f"gs_forward_{_suffix(weight.dtype)}")(
+    _fn("forward", weight.dtype)(
         _ptr(x), xs, _ptr(weight), ws, _ptr(bias), bs, _ptr(y), _ptr(m), R, B, n_in, n_out, torch.get_num_threads())
     return y, m
 
@@ -221,7 +259,7 @@ def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dx = grad.new_empty(R, B, n_in) if need_input else grad.new_empty(0)
     dw, db = weight.new_empty(weight.shape), weight.new_empty(R, n_out)  # row-major, as the fake below says
     gsq = grad.new_empty(R, 2) if norms else grad.new_empty(0)
-    getattr(library(), f"gs_backward_{_suffix(weight.dtype)}")(
+    _fn("backward", weight.dtype)(
         _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db),
         _ptr(gsq) if norms else None, scale, R, B, n_in, n_out, torch.get_num_threads())
     return dx, dw, db, gsq
@@ -275,7 +313,7 @@ def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, o
     off, num = torch.tensor(offsets, dtype=torch.int64), torch.tensor(numels, dtype=torch.int64)
     L = len(offsets)
     sums, gmax = weight.new_empty(7, R, L), weight.new_empty(R, L)
-    getattr(library(), f"gs_layer_sums_{_suffix(weight.dtype)}")(
+    _fn("layer_sums", weight.dtype)(
         _ptr(grad), _ptr(update), _ptr(weight), _ptr(off), _ptr(num), _ptr(sums), _ptr(gmax), scale, R, P, L,
         torch.get_num_threads())
     return sums, gmax

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradsweep.compiled import CompiledStep, Shape, bucket, resolve_engine
+from gradsweep.compiled import Shape, Step, bucket, resolve_engine, runs_programs
 from gradsweep.config import RunCfg
 from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
@@ -142,11 +142,11 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     params, plist = stack.params, list(stack.params.values())
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
-    compiled_step = plan = None
-    if engine == "compiled":
+    program_step = plan = None
+    if runs_programs(engine, device):
         shape = Shape(model_cfg, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
                       collect_stats, dtype, device)
-        compiled_step = CompiledStep(shape, stack.layout, plist, opt, max_norm)
+        program_step = Step(shape, stack.layout, plist, opt, max_norm, compiled=engine == "compiled")
     else:
         plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
 
@@ -207,9 +207,10 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
                 idx = idx.to(device, non_blocking=True)
                 xb, yb = x[idx], y[idx]
             log_now = _logged(step, steps, every)
-            if compiled_step is not None:
-                # Statistics every step (one program, compiled once), recorded on the logged ones.
-                alive, diverged, reason, scal, lay = compiled_step(xb, yb, alive, diverged, reason)
+            if program_step is not None:
+                # Compiled: statistics every step (one program, compiled once), recorded on the logged ones.
+                alive, diverged, reason, scal, lay = program_step(xb, yb, alive, diverged, reason,
+                                                                  collect_stats and log_now)
             else:
                 alive, diverged, reason, scal, lay = _eager_step(step, xb, yb, alive, diverged, reason, log_now)
             if log_now:

@@ -125,6 +125,20 @@ def _gradsweep(runs, steps, depth, width, engine: str, stats: bool, device: str 
     return fn
 
 
+def _without_kernel(fn):
+    """fn as on a machine without a C++ compiler: eager trains through train_group's own loop (baddbmm, statistics
+    through a probe and hooks), as every eager run did before the eager engine ran the step programs."""
+    def wrapped():
+        from gradsweep import compiled
+
+        form, compiled.linear_form = compiled.linear_form, lambda device: "bmm"
+        try:
+            return fn()
+        finally:
+            compiled.linear_form = form
+    return wrapped
+
+
 def warm_compile_s(runs: int, depth: int, width: int, device: str) -> float:
     """Seconds to the first compiled step in a fresh process (inductor's caches warm), less its eager twin's."""
     code = ("import dataclasses, time, torch; torch.set_num_threads(1)\n"
@@ -158,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
             ("torch.func vmap(functional_call) + autograd.grad, per-run lr", R, lambda: torch_func(R, S, d, w, dev)),
             ("gradsweep eager, no statistics", R, _gradsweep(R, S, d, w, "eager", False, dev)),
             ("gradsweep eager, all statistics every step", R, _gradsweep(R, S, d, w, "eager", True, dev))]
+    if dev == "cpu":
+        rows.append(("gradsweep eager without the kernel (baddbmm loop), all statistics", R,
+                     _without_kernel(_gradsweep(R, S, d, w, "eager", True, dev))))
     compile_s = {}
     for stats in (False, True):
         name = f"gradsweep compiled, {'all statistics every step' if stats else 'no statistics'}"

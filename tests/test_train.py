@@ -11,6 +11,7 @@ from conftest import make_cfg, scaled
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
+from gradsweep import compiled
 from gradsweep.schema import LAYER_STATS
 from gradsweep.train import _batches, train_group
 
@@ -18,10 +19,20 @@ S = {name: i for i, name in enumerate(LAYER_STATS)}
 REINIT = {"default": None, "kaiming": nn.init.kaiming_uniform_, "large": lambda w: nn.init.normal_(w, 0.0, 10.0)}
 
 
-@pytest.fixture(params=["eager", pytest.param("compiled", marks=[pytest.mark.slow, pytest.mark.xdist_group("compiled")])])
-def engine(request) -> str:
-    """The reference tests run on both engines (compiling costs tens of seconds per shape: the slow tier, on one
-    worker, where a program compiled for one test serves the next of the same shape)."""
+def _without_kernel(monkeypatch) -> None:
+    """As on a machine without a C++ compiler (or on CUDA): eager trains through train_group's own loop (baddbmm,
+    statistics through a probe and hooks) instead of the step programs through gradsweep's kernel."""
+    monkeypatch.setattr(compiled, "linear_form", lambda device: "bmm")
+
+
+@pytest.fixture(params=["eager", "eager-loop",
+                        pytest.param("compiled", marks=[pytest.mark.slow, pytest.mark.xdist_group("compiled")])])
+def engine(request, monkeypatch) -> str:
+    """The reference tests run on both engines and both eager paths (compiling costs tens of seconds per shape: the
+    slow tier, on one worker, where a program compiled for one test serves the next of the same shape)."""
+    if request.param == "eager-loop":
+        _without_kernel(monkeypatch)
+        return "eager"
     return request.param
 
 
@@ -96,10 +107,15 @@ def test_minibatches_follow_the_runs_own_order(engine):
     {"optim": {"name": "adam"}, "model": {"norm": "batchnorm"}},
     {"train": {"batch_size": 32}, "model": {"norm": "layernorm", "residual": True, "activation": "prelu"}},
 ])
-def test_a_run_in_a_group_equals_the_run_alone_bit_for_bit(dtype, variant):
+@pytest.mark.parametrize("path", ["programs", "loop"])
+def test_a_run_in_a_group_equals_the_run_alone_bit_for_bit(dtype, variant, path, monkeypatch):
     # Per-run lr, clip norm, init and seed vary inside the group; BatchNorm statistics, minibatch order,
     # momentum and Adam state are per run. A lone run trains as a stack of two copies (see train_group),
-    # so its numbers are the same bits as in any group.
+    # so its numbers are the same bits as in any group. On both eager paths (the kernel's: each run's arithmetic does
+    # not depend on its lane; the loop's: baddbmm on a stack of at least two).
+    if path == "loop":
+        _without_kernel(monkeypatch)
+
     def cfg(lr, seed, clip, init):
         return make_cfg(model={"depth": 4, **variant.get("model", {})}, init={"name": init, "scheme": init},
                         optim={"lr": lr, **variant.get("optim", {})},
