@@ -197,9 +197,9 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
             return GradNorm.apply(h, tokens[k], plan.small, plan.scale)
 
         def tapped_linear(k: int, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-            from gradsweep.stacked import stacked_linear_stats  # d/d(token): the sums of |dL/dh|'s two norms
+            from gradsweep.stacked import linear_stats  # d/d(token): the sums of |dL/dh|'s two norms
 
-            h, moments[k] = stacked_linear_stats(a, weight, bias, tokens[k], plan.scale)
+            h, moments[k] = linear_stats(a, weight, bias, tokens[k], plan.scale)
             return h
 
         f = forward(dict(zip(names, plist)), cfg, xb, tap=tap if shape.stats else None, linear_form=form,
@@ -228,7 +228,7 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
         hgrad = [pick_norm(torch.sqrt(t[:, 0]), torch.sqrt(t[:, 1]), plan.small, plan.scale) if t.dim() == 2 else t
                  for t in hgrad]
         if form == "kernel":
-            from gradsweep.stacked import layer_sums
+            from gradsweep.stacked import sums as layer_sums
 
             sums, gmax = layer_sums(grad, u, flat, plan.offsets, plan.numels, plan.scale)
         else:

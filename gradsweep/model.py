@@ -185,9 +185,9 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, form: str 
     engine on the CPU).
     """
     if form == "kernel":
-        from gradsweep.stacked import stacked_linear
+        from gradsweep import stacked
 
-        return stacked_linear(a, weight, bias)
+        return stacked.linear(a, weight, bias)
     if form == "bmm":
         return torch.bmm(a, weight.transpose(1, 2)) + bias.unsqueeze(1)
     return torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))

@@ -245,12 +245,8 @@ def _(x, weight, bias, token, scale):
     return weight.new_empty(R, x.shape[1], n_out), weight.new_empty(R, 3, n_out)
 
 
-@torch.library.custom_op("gradsweep::stacked_linear_backward", mutates_args=(), device_types="cpu")
-def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool,
-                            norms: bool = False, scale: float = 1.0
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx or an empty tensor, dL/dweight, dL/dbias, and with ``norms`` each run's (R, 2) sums of (dL/dy)^2 and
-    (dL/dy * scale)^2, else an empty tensor) of :func:`stacked_linear` given dL/dy."""
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, norms: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, weight, grad=grad)
     R, B, n_out = grad.shape
     n_in = weight.shape[2]
@@ -263,6 +259,15 @@ def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
         _ptr(grad), _ptr(x), xs, _ptr(weight), ws, _ptr(dx) if need_input else None, _ptr(dw), _ptr(db),
         _ptr(gsq) if norms else None, scale, R, B, n_in, n_out, torch.get_num_threads())
     return dx, dw, db, gsq
+
+
+@torch.library.custom_op("gradsweep::stacked_linear_backward", mutates_args=(), device_types="cpu")
+def stacked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool,
+                            norms: bool = False, scale: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx or an empty tensor, dL/dweight, dL/dbias, and with ``norms`` each run's (R, 2) sums of (dL/dy)^2 and
+    (dL/dy * scale)^2, else an empty tensor) of :func:`stacked_linear` given dL/dy."""
+    return _backward_impl(grad, x, weight, need_input, norms, scale)
 
 
 @stacked_linear_backward.register_fake
@@ -297,12 +302,8 @@ stacked_linear.register_autograd(lambda ctx, grad: _backward(ctx, grad)[:3], set
 stacked_linear_stats.register_autograd(_backward_stats, setup_context=_setup)
 
 
-@torch.library.custom_op("gradsweep::layer_sums", mutates_args=(), device_types="cpu")
-def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per run and per span ``weight[:, offsets[k]:offsets[k] + numels[k]]`` of the (R, P) matrices: the sums of
-    grad^2, (grad * scale)^2, [grad != 0], [grad not finite], update^2, (update * scale)^2 and weight^2, (7, R, L),
-    and the largest |grad| (NaN where one is), (R, L): stats.StatsPlan's per-weight reductions in one pass."""
+def _layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     R, P = weight.shape
     if (grad.shape != weight.shape or update.shape != weight.shape or len(offsets) != len(numels)
             or any(o < 0 or n < 1 or o + n > P for o, n in zip(offsets, numels))):
@@ -319,7 +320,67 @@ def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, o
     return sums, gmax
 
 
+
+
+@torch.library.custom_op("gradsweep::layer_sums", mutates_args=(), device_types="cpu")
+def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per run and per span ``weight[:, offsets[k]:offsets[k] + numels[k]]`` of the (R, P) matrices: the sums of
+    grad^2, (grad * scale)^2, [grad != 0], [grad not finite], update^2, (update * scale)^2 and weight^2, (7, R, L),
+    and the largest |grad| (NaN where one is), (R, L): stats.StatsPlan's per-weight reductions in one pass."""
+    return _layer_sums(grad, update, weight, offsets, numels, scale)
+
+
 @layer_sums.register_fake
 def _(grad, update, weight, offsets, numels, scale):
     R, L = weight.shape[0], len(offsets)
     return weight.new_empty(7, R, L), weight.new_empty(R, L)
+
+
+# Outside torch.compile the kernels are called through a plain autograd.Function instead of the custom ops: the same
+# functions on the same tensors (the same bits, tests/test_stacked.py), without the custom-op dispatch (tens of
+# microseconds a call) and without importing torch._dynamo on the first call (~2 s a process: a custom op's CPU
+# implementation is wrapped in dynamo's "disable"), which the eager engine would otherwise pay in every process.
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, token, scale):
+        y, m = _forward(x, weight, bias, token is not None)
+        ctx.save_for_backward(x, weight)
+        ctx.norms, ctx.scale = token is not None and ctx.needs_input_grad[3], scale
+        if m is None:
+            m = y.new_empty(0)
+        ctx.mark_non_differentiable(m)
+        return y, m
+
+    @staticmethod
+    def backward(ctx, grad, _moments):
+        x, weight = ctx.saved_tensors
+        need_input = ctx.needs_input_grad[0]
+        dx, dw, db, gsq = _backward_impl(grad, x, weight, need_input, ctx.norms, ctx.scale)
+        return (dx if need_input else None), dw, db, (gsq if ctx.norms else None), None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`stacked_linear`: the custom op inside torch.compile, else the same kernel through autograd.Function."""
+    if torch.compiler.is_compiling():
+        return stacked_linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias, None, 1.0)[0]
+
+
+def linear_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stacked_linear_stats`, dispatched as :func:`linear`."""
+    if torch.compiler.is_compiling():
+        return stacked_linear_stats(x, weight, bias, token, scale)
+    if token.shape != (weight.shape[0], 2):
+        raise ValueError(f"gradsweep::stacked_linear_stats: token {tuple(token.shape)} (expected ({weight.shape[0]}, 2))")
+    return _Linear.apply(x, weight, bias, token, scale)
+
+
+def sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
+         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_sums`, dispatched as :func:`linear`."""
+    if torch.compiler.is_compiling():
+        return layer_sums(grad, update, weight, offsets, numels, scale)
+    return _layer_sums(grad, update, weight, offsets, numels, scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,35 @@ def test_layer_sums_equal_the_statistics_reductions(dtype):
     torch.testing.assert_close(ours, sums, rtol=rtol, atol=0, equal_nan=True)
     assert torch.equal(ours_max.isnan(), gmax.isnan()) and torch.equal(ours_max.nan_to_num(), gmax.nan_to_num())
     assert torch.equal(ours[2:4], sums[2:4])  # the counts are exact
+
+
+def test_outside_compile_the_same_kernels_without_the_custom_op_dispatch():
+    # stacked.linear / linear_stats / sums call the kernels through autograd.Function outside torch.compile: the
+    # same bits as the custom ops, gradients and the token's sums included.
+    from gradsweep import stacked
+
+    x, W, b = _inputs(13, 37, 5, 17, torch.float32)
+    dy = torch.randn(13, 37, 17)
+    g, u, w = (torch.randn(13, 60) for _ in range(3))
+    outs = []
+    for use_op in (True, False):
+        xs, Ws, bs = (t.clone().requires_grad_() for t in (x, W, b))
+        token = torch.zeros(13, 2, requires_grad=True)
+        y, m = (stacked.stacked_linear_stats(xs, Ws, bs, token, 8.0) if use_op
+                else stacked.linear_stats(xs, Ws, bs, token, 8.0))
+        y2 = stacked.stacked_linear(xs, Ws, bs) if use_op else stacked.linear(xs, Ws, bs)
+        grads = torch.autograd.grad([y, y2], [xs, Ws, bs, token], [dy, dy])
+        ls = (stacked.layer_sums if use_op else stacked.sums)(g, u, w, [0, 20], [20, 40], 8.0)
+        outs.append((y, m, y2, *grads, *ls))
+    for a, r in zip(*outs, strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+def test_an_eager_run_does_not_import_torchs_compiler(tmp_path):
+    # The custom ops' first call imports torch._dynamo (~2 s); the eager engine calls the kernels without them.
+    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\nfrom gradsweep.train import train_group\n"
+            "t = train_group([make_cfg(model={'depth': 3}, train={'steps': 3})])\n"
+            "print(t.engine, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["eager", "False"], out.stderr[-2000:]
