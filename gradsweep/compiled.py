@@ -51,11 +51,15 @@ from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
-# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, statistics in the kernels, saved programs) compiling
-# costs ~27 s on a shape's first use (~4.5 s in a later process, which loads the saved programs) and saves ~0.14 ms
-# per run-step (eager 4,085-4,910 vs compiled 9,436-11,223 run-steps/s): break-even at ~200,000 run-steps cold,
-# ~35,000 warm; 300,000 leaves room for a machine whose speed drifts.
-AUTO_MIN_RUN_STEPS_CPU = 300_000
+# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28) both engines run the same programs through gradsweep's
+# kernels, eager op by op: eager 9,613, compiled 11,084 run-steps/s, i.e. compiling saves ~14 us per run-step, and
+# costs ~28 s on a shape's first use (~1-3.5 s in a later process, which loads the saved programs): break-even at
+# ~2,000,000 run-steps cold, ~100,000-250,000 warm. Auto does not know whether the programs are saved: it takes the
+# cold figure, with room for a machine whose speed drifts.
+AUTO_MIN_RUN_STEPS_CPU = 3_000_000
+# Without the kernels (GRADSWEEP_KERNELS=0) eager is the baddbmm loop, ~2.3x slower than compiled (bench_peers
+# 2026-11-28): break-even ~200,000 run-steps cold.
+AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
 # it is built and tested on CPU only so far.
 AUTO_ON_CUDA = "eager"
@@ -73,7 +77,8 @@ def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch
         return engine
     if device.type == "cuda":
         return AUTO_ON_CUDA
-    return "compiled" if dtype == "float32" and runs * steps >= AUTO_MIN_RUN_STEPS_CPU else "eager"
+    least = AUTO_MIN_RUN_STEPS_CPU if linear_form(device) == "kernel" else AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL
+    return "compiled" if dtype == "float32" and runs * steps >= least else "eager"
 
 
 def has_cxx() -> bool:

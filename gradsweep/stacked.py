@@ -37,6 +37,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -149,7 +150,11 @@ def _build(cxx: str, src: bytes, suffix: str, path: Path) -> None:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel can be used here (building it if needed); logs why not, once per process."""
+    """Whether the kernel can be used here (building it if needed); logs why not, once per process.
+    ``GRADSWEEP_KERNELS=0`` turns it off (both engines then use torch's batched matmul)."""
+    if os.environ.get("GRADSWEEP_KERNELS", "1") == "0":
+        log.info("GRADSWEEP_KERNELS=0: gradsweep's CPU kernels are off; training uses torch's batched matmul")
+        return False
     try:
         library()
     except KernelBuildError as e:
@@ -167,15 +172,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _runs(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """t with each run's part (all but the first axis) contiguous, and its run stride: 0 where one input serves every
-    run, a row of the (R, P) parameter matrix for a weight (no copy either way)."""
-    if not t[0].is_contiguous():
-        t = t.contiguous()
-    return t, (t.stride(0) if t.shape[0] > 1 else t[0].numel())
+    run, a row of the (R, P) parameter matrix for a weight (no copy either way). From the strides (indexing t[0]
+    makes a view: microseconds that count at a few runs, where a step is ~20 kernel calls)."""
+    shape, stride = t.shape, t.stride()
+    size = 1
+    for d in range(len(shape) - 1, 0, -1):
+        if shape[d] != 1 and stride[d] != size:
+            t = t.contiguous()
+            stride = t.stride()
+            break
+        size *= shape[d]
+    return t, (stride[0] if shape[0] > 1 else size)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            grad: torch.Tensor | None = None) -> None:
     """Shapes, dtypes and device as the kernel reads them (it has no bounds of its own), else a ValueError."""
+    if weight.dim() == 3 and x.dim() == 3 and weight.shape[0] >= 1:
+        R, n_out, n_in = weight.shape
+        B = x.shape[1]
+        dtype = weight.dtype
+        if (x.shape == (R, B, n_in) and (bias is None or bias.shape == (R, n_out))
+                and (grad is None or grad.shape == (R, B, n_out)) and weight.is_cpu and x.is_cpu and x.dtype == dtype
+                and (bias is None or (bias.is_cpu and bias.dtype == dtype))
+                and (grad is None or (grad.is_cpu and grad.dtype == dtype))):
+            return  # the common case, in a few comparisons; otherwise the error below says what is wrong
     R, n_out, n_in = weight.shape if weight.dim() == 3 else (-1, -1, -1)
     B = x.shape[1] if x.dim() == 3 else -1
     want = {"x": (x, (R, B, n_in)), "bias": (bias, (R, n_out)), "grad": (grad, (R, B, n_out))}
@@ -200,9 +221,15 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
+_FNS: dict[tuple[str, torch.dtype], Any] = {}
+
+
 def _fn(op: str, dtype: torch.dtype):
-    suffix = _suffix(dtype)
-    return getattr(library(suffix), f"gs_{op}_{suffix}")
+    fn = _FNS.get((op, dtype))
+    if fn is None:
+        suffix = _suffix(dtype)
+        fn = _FNS[op, dtype] = getattr(library(suffix), f"gs_{op}_{suffix}")
+    return fn
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, moments: bool

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import make_cfg, scaled
 
-from gradsweep.compiled import AUTO_MIN_RUN_STEPS_CPU, bucket, resolve_engine
+from gradsweep import compiled
+from gradsweep.compiled import AUTO_MIN_RUN_STEPS_CPU, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL, bucket, resolve_engine
 from gradsweep.config import ConfigError, config_hash
 from gradsweep.train import train_group
 
@@ -35,6 +36,17 @@ def test_auto_compiles_where_it_pays():
     assert resolve_engine("auto", 6, 500, "float32", cuda) == "eager"  # until a GPU has run gpu_check.sh
     assert resolve_engine("eager", 10_000, 1000, "float32", cuda) == "eager"
     assert resolve_engine("compiled", 1, 1, "float64", cpu) == "compiled"
+
+
+def test_auto_counts_on_the_kernels_making_eager_fast(monkeypatch):
+    # With the kernels eager runs the same programs op by op (compiling gains ~15%); without them eager is the
+    # baddbmm loop (compiling gains ~2.3x), so compiling pays ten times sooner.
+    cpu = torch.device("cpu")
+    if compiled.linear_form(cpu) == "kernel":
+        assert resolve_engine("auto", 1000, 200, "float32", cpu) == "eager"  # the end-to-end benchmark's sweep
+    monkeypatch.setattr(compiled, "linear_form", lambda device: "bmm")
+    assert resolve_engine("auto", 1000, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL // 1000, "float32", cpu) == "compiled"
+    assert resolve_engine("auto", 1000, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL // 1000 - 1, "float32", cpu) == "eager"
 
 
 def test_without_a_cxx_compiler_cpu_groups_stay_eager(monkeypatch):

@@ -307,3 +307,9 @@ def test_an_eager_run_does_not_import_torchs_compiler(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.split() == ["eager", "False"], out.stderr[-2000:]
+
+
+def test_gradsweep_kernels_0_turns_them_off(tmp_path):
+    out = _probe(tmp_path, GRADSWEEP_KERNELS="0")
+    assert out.returncode == 0 and out.stdout.strip() == "bmm", out.stderr[-2000:]
+    assert not (tmp_path / "kernels").exists()  # nothing built
