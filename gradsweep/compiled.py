@@ -83,7 +83,7 @@ def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch
 
 def has_cxx() -> bool:
     """Whether inductor (and the stacked-Linear kernel) can build CPU kernels here: a C++ compiler on PATH."""
-    from gradsweep.stacked import compiler
+    from gradsweep.kernels import compiler
 
     return compiler() is not None
 
@@ -102,7 +102,7 @@ def linear_form(device: torch.device) -> str:
     """How the compiled programs compute a Linear layer (model.linear's ``form``): gradsweep's kernel on the CPU
     where this machine's compiler builds it, else ``bmm`` + bias."""
     if device.type == "cpu":
-        from gradsweep.stacked import available
+        from gradsweep.kernels import available
 
         if available():
             return "kernel"

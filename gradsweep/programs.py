@@ -25,12 +25,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import torch
 
-from gradsweep.stacked import _cpu_id, cache_root
+from gradsweep.kernels import _cpu_id, cache_root, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def source_hash() -> str:
     """gradsweep's own source (every .py and .cpp file of the package): a program compiled from other code is not
     loaded."""
     h = hashlib.sha256()
-    root = resources.files("gradsweep")
+    root = package_dir()
     todo = [root]
     while todo:
         for entry in sorted(todo.pop().iterdir(), key=lambda e: e.name):

@@ -17,7 +17,7 @@ LAYERS = [
     {"gradsweep", "gradsweep.errors", "gradsweep.checks", "gradsweep.progress"},
     {"gradsweep.config"},
     {"gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
-     "gradsweep.optim", "gradsweep.stacked", "gradsweep.programs"},
+     "gradsweep.optim", "gradsweep.kernels", "gradsweep.stacked", "gradsweep.programs"},
     {"gradsweep.model", "gradsweep.stats", "gradsweep.theory"},
     {"gradsweep.device", "gradsweep.train", "gradsweep.compiled"},
     {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -313,3 +314,14 @@ def test_gradsweep_kernels_0_turns_them_off(tmp_path):
     out = _probe(tmp_path, GRADSWEEP_KERNELS="0")
     assert out.returncode == 0 and out.stdout.strip() == "bmm", out.stderr[-2000:]
     assert not (tmp_path / "kernels").exists()  # nothing built
+
+
+def test_the_kernel_source_is_found_beside_a_gradsweep_folder_in_the_working_directory(tmp_path):
+    # A sweep directory called gradsweep in the working directory: importlib.resources named it instead of the package
+    # (the editable install's finder comes after the working directory on sys.path), and every job failed.
+    (tmp_path / "gradsweep" / "csrc").mkdir(parents=True)
+    code = ("import hashlib\nfrom gradsweep.kernels import source\nfrom gradsweep.programs import source_hash\n"
+            "print(hashlib.sha256(source()).hexdigest(), len(source_hash()))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120))
+    shipped = hashlib.sha256((Path(__file__).resolve().parent.parent / "gradsweep" / "csrc" / "stacked.cpp").read_bytes())
+    assert out.stdout.split() == [shipped.hexdigest(), "64"], out.stderr[-2000:]

@@ -35,7 +35,7 @@ def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     module, conf = where.stdout.split()
     assert module.startswith(str(venv)) and conf.startswith(str(venv)), where.stdout
     assert (Path(conf) / "config.yaml").is_file() and (Path(conf) / "hydra" / "help" / "gradsweep.yaml").is_file()
-    kernel = subprocess.run([str(python), "-c", "import hashlib, gradsweep.stacked as s; "
+    kernel = subprocess.run([str(python), "-c", "import hashlib, gradsweep.kernels as s; "
                              "print(hashlib.sha256(s.source()).hexdigest())"],
                             cwd=elsewhere, capture_output=True, text=True, check=True)
     shipped = hashlib.sha256((ROOT / "gradsweep" / "csrc" / "stacked.cpp").read_bytes()).hexdigest()
