@@ -1,4 +1,6 @@
 """``engine=compiled``: a group's training step as two ``torch.compile``'d programs and autograd's backward between.
+On the CPU, where gradsweep's kernels are built, ``engine=eager`` runs the same two programs uncompiled (:class:`Step`,
+:func:`runs_programs`).
 
 The step computes what the eager loop in :mod:`gradsweep.train` computes, from the same definitions (the
 model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update``/``adam_update``):
@@ -50,15 +52,13 @@ from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_upd
 from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
-# engine=auto compiles a CPU group when its run-steps (runs x steps) reach this. At the article's shape with every
-# statistic (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28) both engines run the same programs through gradsweep's
-# kernels, eager op by op: eager 9,613, compiled 11,084 run-steps/s, i.e. compiling saves ~14 us per run-step, and
-# costs ~28 s on a shape's first use (~1-3.5 s in a later process, which loads the saved programs): break-even at
-# ~2,000,000 run-steps cold, ~100,000-250,000 warm. Auto does not know whether the programs are saved: it takes the
-# cold figure, with room for a machine whose speed drifts.
-AUTO_MIN_RUN_STEPS_CPU = 3_000_000
-# Without the kernels (GRADSWEEP_KERNELS=0) eager is the baddbmm loop, ~2.3x slower than compiled (bench_peers
-# 2026-11-28): break-even ~200,000 run-steps cold.
+# engine=auto on the CPU. Where gradsweep's kernels are built both engines run the same programs through them, eager
+# op by op, and compiling does not reliably pay (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, every statistic,
+# R = 1,000: compiled 1.15x eager in one run, 0.84x in the next, after a compile of 10-28 s): auto stays eager there
+# (None). Without the kernels (GRADSWEEP_KERNELS=0, or no C++ compiler: then eager only) eager is the baddbmm loop,
+# ~2.3x slower than compiled: auto compiles float32 groups from this many run-steps (runs x steps; break-even
+# ~200,000 cold).
+AUTO_MIN_RUN_STEPS_CPU: int | None = None
 AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
 # it is built and tested on CPU only so far.
@@ -78,7 +78,7 @@ def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch
     if device.type == "cuda":
         return AUTO_ON_CUDA
     least = AUTO_MIN_RUN_STEPS_CPU if linear_form(device) == "kernel" else AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL
-    return "compiled" if dtype == "float32" and runs * steps >= least else "eager"
+    return "compiled" if dtype == "float32" and least is not None and runs * steps >= least else "eager"
 
 
 def has_cxx() -> bool:
