@@ -269,8 +269,9 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
 def runs_programs(engine: str, device: torch.device) -> bool:
     """Whether a group on ``engine`` trains through the step programs (:class:`Step`): always when compiled; eager
     on the CPU wherever gradsweep's kernel is built (the programs run op by op: the kernel's Linear and its
-    in-kernel statistics are 1.6-2x the ``baddbmm`` loop's rate at 1,000 runs). Eager on CUDA, or on a CPU without
-    a C++ compiler, is the loop of :mod:`gradsweep.train` (``baddbmm``, statistics through a probe and hooks)."""
+    in-kernel statistics give 2.1-2.6x the ``baddbmm`` loop's rate at 1,000 runs, BENCHMARKS.md). Eager on CUDA,
+    or on a CPU without a C++ compiler, is the loop of :mod:`gradsweep.train` (``baddbmm``, statistics through a
+    probe and hooks)."""
     return engine == "compiled" or (device.type == "cpu" and linear_form(device) == "kernel")
 
 

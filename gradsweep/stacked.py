@@ -75,6 +75,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _one_dtype_on_cpu("stacked_linear", "x, weight, bias and grad", [t for t in (x, weight, bias, grad) if t is not None])
 
 
+def _check_token(token: torch.Tensor, weight: torch.Tensor) -> None:
+    """stacked_linear_stats' token is (R, 2): its gradient is each run's two sums of (dL/dy)^2."""
+    if token.shape != (weight.shape[0], 2):
+        raise ValueError(f"gradsweep::stacked_linear_stats: token {tuple(token.shape)} (expected ({weight.shape[0]}, 2))")
+
+
 def _one_dtype_on_cpu(op: str, names: str, given: list[torch.Tensor]) -> None:
     """A ValueError unless every tensor the kernel ``op`` reads shares one dtype on the CPU."""
     if any(t.dtype != given[0].dtype or t.device.type != "cpu" for t in given):
@@ -128,8 +134,7 @@ def stacked_linear_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """:func:`stacked_linear`'s y, and its moments (R, 3, out): per output unit the sums over the batch of y^2,
     relu(y) and relu(y)^2 (relu(NaN) = NaN, as torch.relu). ``token`` (R, 2) is not read; its gradient is each run's
     (sum of (dL/dy)^2, sum of (dL/dy * scale)^2) (stats.safe_norm's two sums)."""
-    if token.shape != (weight.shape[0], 2):
-        raise ValueError(f"gradsweep::stacked_linear_stats: token {tuple(token.shape)} (expected ({weight.shape[0]}, 2))")
+    _check_token(token, weight)
     return _forward(x, weight, bias, True)
 
 
@@ -214,8 +219,6 @@ def _layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, 
     return sums, gmax
 
 
-
-
 @torch.library.custom_op("gradsweep::layer_sums", mutates_args=(), device_types="cpu")
 def layer_sums(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, offsets: list[int], numels: list[int],
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,8 +270,7 @@ def linear_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, toke
     """:func:`stacked_linear_stats`, dispatched as :func:`linear`."""
     if torch.compiler.is_compiling():
         return stacked_linear_stats(x, weight, bias, token, scale)
-    if token.shape != (weight.shape[0], 2):
-        raise ValueError(f"gradsweep::stacked_linear_stats: token {tuple(token.shape)} (expected ({weight.shape[0]}, 2))")
+    _check_token(token, weight)
     return _Linear.apply(x, weight, bias, token, scale)
 
 

@@ -208,7 +208,8 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
                 xb, yb = x[idx], y[idx]
             log_now = _logged(step, steps, every)
             if program_step is not None:
-                # Compiled: statistics every step (one program, compiled once), recorded on the logged ones.
+                # Compiled: statistics every step (one program, compiled once), recorded on the logged ones; run op
+                # by op (eager on the CPU): statistics on the logged steps only.
                 alive, diverged, reason, scal, lay = program_step(xb, yb, alive, diverged, reason,
                                                                   collect_stats and log_now)
             else:

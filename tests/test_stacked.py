@@ -157,20 +157,21 @@ def test_weights_read_in_place_from_the_parameter_matrix():
         torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
+# Prints the Linear form a fresh process would train with (building the kernel if its cache lacks it).
+PROBE = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+         "from gradsweep.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
+
+
 def _probe(cache, **env):
-    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-            "from gradsweep.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=scaled(300),
                           env={**os.environ, "GRADSWEEP_CACHE_DIR": str(cache), **env})
 
 
 def test_built_once_per_machine_then_loaded(tmp_path):
     # Two processes that need the kernel at once (a sweep's jobs on one node, pytest's workers): one builds it, the
     # other waits on the lock and loads it.
-    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-            "from gradsweep.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
     env = {**os.environ, "GRADSWEEP_CACHE_DIR": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for _ in range(2)]
     outs = [p.communicate(timeout=scaled(300)) for p in procs]
     assert [o[0].strip() for o in outs] == ["kernel", "kernel"], outs[0][1][-2000:] + outs[1][1][-2000:]
