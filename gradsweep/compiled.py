@@ -1,6 +1,7 @@
 """``engine=compiled``: a group's training step as two ``torch.compile``'d programs and autograd's backward between.
 On the CPU, where gradsweep's kernels are built, ``engine=eager`` runs the same two programs uncompiled (:class:`Step`,
-:func:`runs_programs`).
+:func:`runs_programs`), and ``engine=compiled`` is the fused kernel instead where it applies (nets without norm layers,
+:mod:`gradsweep.fused`).
 
 The step computes what the eager loop in :mod:`gradsweep.train` computes, from the same definitions (the
 model's ``forward``, ``losses.per_run_loss``, ``optim.clip``, ``optim.sgd_update``/``adam_update``):
@@ -52,12 +53,13 @@ from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_upd
 from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
-# engine=auto on the CPU. Where gradsweep's kernels are built both engines run the same programs through them, eager
-# op by op, and compiling does not reliably pay (BENCHMARKS.md, bench_peers, 2-core VM, 2026-11-28, every statistic,
-# R = 1,000: compiled 1.15x eager in one run, 0.84x in the next, after a compile of 10-28 s): auto stays eager there
-# (None). Without the kernels (GRADSWEEP_KERNELS=0, or no C++ compiler: then eager only) eager is the baddbmm loop,
-# ~2.3x slower than compiled: auto compiles float32 groups from this many run-steps (runs x steps; break-even
-# ~200,000 cold).
+# engine=auto on the CPU. Where the fused kernel applies (gradsweep.fused: the kernels built, no norm layers) auto is
+# compiled: nothing is compiled per shape, and it gave 2.3-2.9x eager at 1,000 runs and 3x at 1-64 runs (BENCHMARKS.md,
+# 2026-11-28). Else, where gradsweep's kernels are built (norm layers), both engines run the same programs through
+# them, eager op by op, and torch.compile does not reliably pay (compiled 1.15x eager in one bench_peers run, 0.84x in
+# the next, after a compile of 10-28 s): auto stays eager there (None). Without the kernels (GRADSWEEP_KERNELS=0, or no
+# C++ compiler: then eager only) eager is the baddbmm loop, ~2.3x slower than compiled: auto compiles float32 groups
+# from this many run-steps (runs x steps; break-even ~200,000 cold).
 AUTO_MIN_RUN_STEPS_CPU: int | None = None
 AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
@@ -66,8 +68,9 @@ AUTO_ON_CUDA = "eager"
 RECOMPILE_LIMIT = 64  # distinct shapes one process may compile (dynamo's default, 8, is hit by a varied sweep)
 
 
-def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch.device) -> str:
-    """The engine a group trains with: ``auto`` -> compiled where compiling pays (see the constants above)."""
+def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch.device, fused: bool = False) -> str:
+    """The engine a group trains with: ``auto`` -> compiled where the fused kernel applies (``fused``:
+    :func:`gradsweep.fused.applies`) or compiling pays (see the constants above)."""
     if device.type == "cpu" and engine != "eager" and not has_cxx():
         if engine == "compiled":
             raise ConfigError("engine='compiled' is not valid here: torch.compile on the CPU needs a C++ compiler "
@@ -77,6 +80,8 @@ def resolve_engine(engine: str, runs: int, steps: int, dtype: str, device: torch
         return engine
     if device.type == "cuda":
         return AUTO_ON_CUDA
+    if fused:
+        return "compiled"
     least = AUTO_MIN_RUN_STEPS_CPU if linear_form(device) == "kernel" else AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL
     return "compiled" if dtype == "float32" and least is not None and runs * steps >= least else "eager"
 

@@ -240,7 +240,8 @@ class RunCfg:
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
     engine: str = "auto"
-    """eager | compiled (one torch.compile'd step per shape, gradsweep.compiled) | auto (compiled where compiling
+    """eager | compiled (on the CPU the fused kernel, gradsweep.fused, for nets without norm layers; else one
+    torch.compile'd step per shape, gradsweep.compiled) | auto (compiled where the fused kernel applies or compiling
     pays: see gradsweep.compiled.resolve_engine). How a run is computed, not what: not part of its run_id."""
     quiet: bool = False
     """No progress bars."""

@@ -1,4 +1,5 @@
-"""Building and loading gradsweep's CPU kernels (``csrc/stacked.cpp``; the ops that call them: :mod:`gradsweep.stacked`).
+"""Building and loading gradsweep's CPU kernels (``csrc/stacked.cpp`` and ``csrc/fused.cpp``; what calls them:
+:mod:`gradsweep.stacked`, :mod:`gradsweep.fused`).
 
 Each dtype's library is built with the machine's C++ compiler on its first use and cached by source, compiler, flags
 and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default ``~/.cache/gradsweep/kernels``), under a file lock so that
@@ -62,8 +63,11 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+SOURCES = ("stacked.cpp", "fused.cpp")  # one translation unit: fused.cpp uses stacked.cpp's vectors and passes
+
+
 def source() -> bytes:
-    return (package_dir() / "csrc" / "stacked.cpp").read_bytes()
+    return b"\n".join((package_dir() / "csrc" / name).read_bytes() for name in SOURCES)
 
 
 class KernelBuildError(RuntimeError):
@@ -94,7 +98,16 @@ def library(suffix: str = "f32") -> ctypes.CDLL:
     getattr(lib, f"gs_forward_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, cint]
     getattr(lib, f"gs_backward_{suffix}").argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, dbl, i64, i64, i64,
                                                       i64, cint]
+    getattr(lib, f"gs_mlp_update_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, cint, cint, ptr, ptr, ptr,
+                                                        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                                                        ptr, ptr, dbl, i64, i64, cint]
     getattr(lib, f"gs_layer_sums_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, i64, i64, i64, cint]
+    getattr(lib, f"gs_mlp_step_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr,
+                                                      ptr, ptr, cint, cint, cint, dbl, dbl, ptr, ptr, ptr, ptr, ptr,
+                                                      i64, i64, cint]
+    getattr(lib, f"gs_mlp_update_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, cint, cint, ptr, ptr, ptr,
+                                                        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                                                        ptr, ptr, dbl, i64, i64, cint]
     return lib
 
 
@@ -119,7 +132,7 @@ def _build(cxx: str, src: bytes, suffix: str, path: Path) -> None:
     t0 = time.perf_counter()
     log.info("building gradsweep's %s CPU kernels for this machine (once, a few seconds): %s", suffix, path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        cpp, out = Path(tmp) / "stacked.cpp", Path(tmp) / "k.so"
+        cpp, out = Path(tmp) / "kernels.cpp", Path(tmp) / "k.so"
         cpp.write_bytes(src)
         errors = ""
         only = f"-DGS_ONLY={suffix[1:]}"
@@ -129,7 +142,7 @@ def _build(cxx: str, src: bytes, suffix: str, path: Path) -> None:
                 break
             errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
         else:
-            raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/stacked.cpp: {errors[0]}")
+            raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/{' + '.join(SOURCES)}: {errors[0]}")
         os.replace(out, path)  # atomic: a process beside this one sees the whole file or none
     log.info("built gradsweep's %s CPU kernels in %.1f s", suffix, time.perf_counter() - t0)
 

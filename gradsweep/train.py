@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradsweep.compiled import Shape, Step, bucket, resolve_engine, runs_programs
+from gradsweep import fused
+from gradsweep.compiled import Shape, Step, bucket, linear_form, resolve_engine, runs_programs
 from gradsweep.config import RunCfg
 from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
@@ -119,13 +120,16 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     if n_runs == 1:
         cfgs = cfgs * 2
     device = resolve_device(first.device)
-    engine = resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device)
-    if engine == "compiled":  # padded to the bucket whose compiled program it shares; the padding is dropped below
+    dtype = getattr(torch, first.train.dtype)
+    fused_ok = fused.applies(first.model, first.loss, dtype, linear_form(device))
+    engine = resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device, fused_ok)
+    if engine == "compiled" and not fused_ok:
+        # padded to the bucket whose compiled program it shares (the fused kernel compiles nothing per shape); the
+        # padding is dropped below
         cfgs = cfgs + [cfgs[-1]] * (bucket(len(cfgs)) - len(cfgs))
     if device.type == "cpu":
         set_threads()  # in every launcher: the cores free now, not one thread per core
         position_independent_blas()  # warns once per process where it does not hold
-    dtype = getattr(torch, first.train.dtype)
     model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
     t0 = time.perf_counter()
 
@@ -143,7 +147,9 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
     program_step = plan = None
-    if runs_programs(engine, device):
+    if engine == "compiled" and fused_ok:
+        program_step = fused.FusedStep(model_cfg, loss_name, stack.layout, opt, max_norm, collect_stats)
+    elif runs_programs(engine, device):
         shape = Shape(model_cfg, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
                       collect_stats, dtype, device)
         program_step = Step(shape, stack.layout, plist, opt, max_norm, compiled=engine == "compiled")

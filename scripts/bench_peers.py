@@ -3,9 +3,11 @@
 Rows (article shape: depth 10, width 10, ReLU, 100 points, full-batch SGD, per-run lr; R runs, S steps):
 the plain loop (nn.Sequential + torch.optim.SGD, one run at a time, timed on a subset and scaled), torch.func
 (vmap(functional_call) forward + autograd.grad, per-run lr), JAX (jit(lax.scan(vmap(value_and_grad))), when
-installed), and gradsweep's eager and compiled engines with and without statistics. Rows are interleaved in every
-round; the median is reported. Compile time is reported apart: first use in this process, and a fresh process
-with inductor's caches warm. The last lines compare the paths' final losses (median, and runs that part ways).
+installed), and gradsweep's eager and compiled engines with and without statistics (on the CPU compiled is the fused
+kernel; one more row shows the torch.compile'd step programs that norm-layer nets compile instead). Rows are
+interleaved in every round; the median is reported. Compile time is reported apart: first use in this process, and
+a fresh process with the caches warm. The last lines compare the paths' final losses (median, and runs that part
+ways).
 
     python scripts/bench_peers.py [--runs 1000] [--steps 200] [--rounds 3] [--threads 1]
 """
@@ -139,6 +141,20 @@ def _without_kernel(fn):
     return wrapped
 
 
+def _not_fused(fn):
+    """fn with engine=compiled as norm-layer nets get it on the CPU: torch.compile'd step programs (gradsweep.compiled)
+    instead of the fused kernel."""
+    def wrapped():
+        from gradsweep import fused
+
+        applies, fused.applies = fused.applies, lambda *args: False
+        try:
+            return fn()
+        finally:
+            fused.applies = applies
+    return wrapped
+
+
 def warm_compile_s(runs: int, depth: int, width: int, device: str) -> float:
     """Seconds to the first compiled step in a fresh process (inductor's caches warm), less its eager twin's."""
     code = ("import dataclasses, time, torch; torch.set_num_threads(1)\n"
@@ -176,9 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("gradsweep eager without the kernel (baddbmm loop), all statistics", R,
                      _without_kernel(_gradsweep(R, S, d, w, "eager", True, dev))))
     compile_s = {}
-    for stats in (False, True):
-        name = f"gradsweep compiled, {'all statistics every step' if stats else 'no statistics'}"
-        fn = _gradsweep(R, S, d, w, "compiled", stats, dev)
+    compiled_rows = [(f"gradsweep compiled, {'all statistics every step' if stats else 'no statistics'}",
+                      _gradsweep(R, S, d, w, "compiled", stats, dev)) for stats in (False, True)]
+    if dev == "cpu":
+        compiled_rows.append(("gradsweep torch.compile'd step programs (not fused), all statistics",
+                              _not_fused(_gradsweep(R, S, d, w, "compiled", True, dev))))
+    for name, fn in compiled_rows:
         t0 = time.perf_counter()
         fn()
         compile_s[name] = time.perf_counter() - t0
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         steady = statistics.median(times[name])
         print(f"compile, first use in this process: {name}: {max(0.0, cs - steady):.1f} s")
     warm = warm_compile_s(R, d, w, dev)
-    print(f"compile, a fresh process with inductor's caches warm (first compiled step less eager's): {warm:.1f} s")
+    print(f"compile, a fresh process with the caches warm (first compiled step less eager's): {warm:.1f} s")
     first = compile_s["gradsweep compiled, all statistics every step"]
     steady = statistics.median(times["gradsweep compiled, all statistics every step"])
     ten = (first + 9 * steady) / (10 * steady)

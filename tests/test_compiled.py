@@ -35,6 +35,18 @@ def test_auto_compiles_where_it_pays():
     assert resolve_engine("auto", 6, 500, "float32", cuda) == "eager"  # until a GPU has run gpu_check.sh
     assert resolve_engine("eager", 10_000, 1000, "float32", cuda) == "eager"
     assert resolve_engine("compiled", 1, 1, "float64", cpu) == "compiled"
+    # where the fused kernel applies (no norm layers) nothing is compiled per shape: compiled whatever the size
+    assert resolve_engine("auto", 1, 10, "float64", cpu, fused=True) == "compiled"
+    assert resolve_engine("eager", 1000, 1000, "float32", cpu, fused=True) == "eager"
+
+
+def test_a_group_without_norm_layers_trains_through_the_fused_kernel_unpadded():
+    if compiled.linear_form(torch.device("cpu")) != "kernel":
+        pytest.skip("needs gradsweep's kernels (a C++ compiler)")
+    cfgs = [make_cfg(model={"depth": 2}, train={"steps": 3, "seed": s}) for s in range(9)]
+    trace = train_group(cfgs)  # engine=auto
+    assert trace.engine == "compiled" and trace.final_loss.shape == (9,)
+    assert train_group([make_cfg(model={"depth": 2, "norm": "layernorm"}, train={"steps": 3})]).engine == "eager"
 
 
 def test_auto_counts_on_the_kernels_making_eager_fast(monkeypatch):
@@ -65,17 +77,25 @@ def test_engine_is_how_not_what():
         make_cfg(engine="jit")
 
 
+# The fused kernel (no norm layers) and torch.compile'd step programs (norm layers: the shape of test_train's
+# momentum test, compiled once on this worker)
+NETS = {"fused": ({"depth": 4}, {}),
+        "programs": ({"depth": 3, "norm": "batchnorm"}, {"momentum": 0.9, "weight_decay": 1e-3})}
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("compiled")  # one worker: the programs compiled once serve every compiled test there
-def test_a_diverging_neighbour_changes_nothing_compiled():
+@pytest.mark.parametrize("net", NETS)
+def test_a_diverging_neighbour_changes_nothing_compiled(net):
     """Same program (same stack size), once beside a run that diverges and once beside a healthy one: the
-    healthy run's numbers are the same bits. (Depth 4, ReLU, two runs, float64: the shape of the reference
-    tests' ReLU program, compiled once on this worker.)"""
+    healthy run's numbers are the same bits."""
+    model, optim = NETS[net]
+
     def cfg(**kw):
-        return make_cfg(model={"depth": 4}, train={"steps": 40, "dtype": "float64", **kw.pop("train", {})},
-                        engine="compiled", **kw)
+        return make_cfg(model=model, train={"steps": 40, "dtype": "float64", **kw.pop("train", {})},
+                        optim={"lr": kw.pop("lr", 0.02), **optim}, engine="compiled", **kw)
     healthy = cfg(train={"seed": 1})
-    blowup = cfg(init={"name": "large", "scheme": "normal", "std": 30.0}, optim={"lr": 0.5})
+    blowup = cfg(init={"name": "large", "scheme": "normal", "std": 30.0}, lr=0.5)
     beside_bad = train_group([blowup, healthy])
     beside_good = train_group([cfg(train={"seed": 2}), healthy])
     assert beside_bad.diverged_step[0] >= 0 and beside_bad.diverged_step[1] == -1
@@ -89,18 +109,21 @@ def test_a_diverging_neighbour_changes_nothing_compiled():
     assert beside_bad.diverged_step[0] == eager.diverged_step[0]
 
 
-def _relu_shape_cfg():
-    """The reference tests' ReLU program (depth 4, two runs, float64): compiled once on this worker."""
-    return make_cfg(model={"depth": 4}, train={"steps": 3, "dtype": "float64"}, engine="compiled")
+def _programs_shape_cfg():
+    """The torch.compile'd step programs of test_train's momentum test (a BatchNorm net: the fused kernel does not
+    apply; two runs, float64): compiled once on this worker."""
+    model, optim = NETS["programs"]
+    return make_cfg(model=model, optim={"lr": 0.02, **optim}, train={"steps": 3, "dtype": "float64"},
+                    engine="compiled")
 
 
 CACHE_PROBE = """
 import json
 from torch._dynamo.utils import counters
-from test_compiled import _relu_shape_cfg
+from test_compiled import _programs_shape_cfg
 from gradsweep.programs import LOADED
 from gradsweep.train import train_group
-trace = train_group([_relu_shape_cfg()])
+trace = train_group([_programs_shape_cfg()])
 print(json.dumps({"programs": LOADED, "traced": counters["stats"]["unique_graphs"],
                   "miss": counters["inductor"]["fxgraph_cache_miss"],
                   "loss": trace.loss[:, 0].tolist(), "layer": trace.layer[:, 0].tolist()}))
@@ -113,7 +136,7 @@ def test_a_second_process_compiles_nothing():
     """This process compiles the shape (or an earlier test on this worker did) and saves its programs
     (gradsweep.programs); a new process of the same shape loads both, traces and compiles nothing, and computes
     the same bits."""
-    here = train_group([_relu_shape_cfg()])
+    here = train_group([_programs_shape_cfg()])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     assert env.get("TORCHINDUCTOR_CACHE_DIR")  # set by gradsweep.compiled before compiling (or by the caller)
     out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True,
@@ -143,9 +166,10 @@ def test_its_float32_statistics_keep_a_signal_whose_squares_underflow(monkeypatc
         cfg = make_cfg(model={"depth": 30, "activation": "sigmoid"}, train={"steps": 3, "dtype": dtype}, engine=engine)
         return build_tables([cfg], train_group([cfg]))
 
-    r32, s32 = run("float32", "compiled")
     r64, s64 = run("float64", "eager")
     assert 1e-30 < s64[s64.layer == 1].hgrad_norm.iloc[0] < 1e-20
-    for col in ("hgrad_norm", "wgrad_norm", "wgrad_rms", "update_ratio", "out_rms"):
-        np.testing.assert_allclose(s32[col], s64[col], rtol=1e-3, err_msg=col)
-    assert r32.grad_ratio_log10.iloc[0] == pytest.approx(r64.grad_ratio_log10.iloc[0], abs=1e-3)
+    for engine in ("compiled", "eager"):  # the fused kernel's sums; the step programs' (op by op)
+        r32, s32 = run("float32", engine)
+        for col in ("hgrad_norm", "wgrad_norm", "wgrad_rms", "update_ratio", "out_rms"):
+            np.testing.assert_allclose(s32[col], s64[col], rtol=1e-3, err_msg=f"{engine}: {col}")
+        assert r32.grad_ratio_log10.iloc[0] == pytest.approx(r64.grad_ratio_log10.iloc[0], abs=1e-3)

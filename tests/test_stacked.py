@@ -13,6 +13,7 @@ import torch
 from conftest import scaled
 
 from gradsweep.compiled import has_cxx
+from gradsweep.kernels import SOURCES
 
 pytestmark = pytest.mark.skipif(not has_cxx(), reason="needs a C++ compiler")
 
@@ -301,14 +302,16 @@ def test_outside_compile_the_same_kernels_without_the_custom_op_dispatch():
         torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
-def test_an_eager_run_does_not_import_torchs_compiler(tmp_path):
-    # The custom ops' first call imports torch._dynamo (~2 s); the eager engine calls the kernels without them.
+@pytest.mark.parametrize("engine", ["eager", "compiled"])
+def test_a_run_does_not_import_torchs_compiler(engine, tmp_path):
+    # The custom ops' first call imports torch._dynamo (~2 s); the eager engine calls the kernels without them, and
+    # the compiled one, where the fused kernel applies (here), compiles nothing.
     code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\nfrom gradsweep.train import train_group\n"
-            "t = train_group([make_cfg(model={'depth': 3}, train={'steps': 3})])\n"
+            f"t = train_group([make_cfg(model={{'depth': 3}}, train={{'steps': 3}}, engine={engine!r})])\n"
             "print(t.engine, 'torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
                          cwd=Path(__file__).resolve().parent.parent)
-    assert out.stdout.split() == ["eager", "False"], out.stderr[-2000:]
+    assert out.stdout.split() == [engine, "False"], out.stderr[-2000:]
 
 
 def test_gradsweep_kernels_0_turns_them_off(tmp_path):
@@ -324,5 +327,6 @@ def test_the_kernel_source_is_found_beside_a_gradsweep_folder_in_the_working_dir
     code = ("import hashlib\nfrom gradsweep.kernels import source\nfrom gradsweep.programs import source_hash\n"
             "print(hashlib.sha256(source()).hexdigest(), len(source_hash()))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120))
-    shipped = hashlib.sha256((Path(__file__).resolve().parent.parent / "gradsweep" / "csrc" / "stacked.cpp").read_bytes())
+    csrc = Path(__file__).resolve().parent.parent / "gradsweep" / "csrc"
+    shipped = hashlib.sha256(b"\n".join((csrc / n).read_bytes() for n in SOURCES))
     assert out.stdout.split() == [shipped.hexdigest(), "64"], out.stderr[-2000:]

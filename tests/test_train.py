@@ -106,20 +106,25 @@ def test_minibatches_follow_the_runs_own_order(engine):
     {"optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-3}},
     {"optim": {"name": "adam"}, "model": {"norm": "batchnorm"}},
     {"train": {"batch_size": 32}, "model": {"norm": "layernorm", "residual": True, "activation": "prelu"}},
+    {"train": {"batch_size": 32}, "model": {"residual": True, "activation": "prelu"}, "optim": {"name": "adam"}},
 ])
-@pytest.mark.parametrize("path", ["programs", "loop"])
+@pytest.mark.parametrize("path", ["auto", "programs", "loop"])
 def test_a_run_in_a_group_equals_the_run_alone_bit_for_bit(dtype, variant, path, monkeypatch):
     # Per-run lr, clip norm, init and seed vary inside the group; BatchNorm statistics, minibatch order,
     # momentum and Adam state are per run. A lone run trains as a stack of two copies (see train_group),
-    # so its numbers are the same bits as in any group. On both eager paths (the kernel's: each run's arithmetic does
-    # not depend on its lane; the loop's: baddbmm on a stack of at least two).
+    # so its numbers are the same bits as in any group. On every CPU path: auto (the fused kernel where there are no
+    # norm layers, else the step programs op by op), eager (the step programs: the kernel's Linear), eager without
+    # the kernels (the loop: baddbmm on a stack of at least two). In each kernel a run's arithmetic does not depend
+    # on its lane.
     if path == "loop":
         _without_kernel(monkeypatch)
+    engine = "auto" if path == "auto" else "eager"
 
     def cfg(lr, seed, clip, init):
         return make_cfg(model={"depth": 4, **variant.get("model", {})}, init={"name": init, "scheme": init},
                         optim={"lr": lr, **variant.get("optim", {})},
-                        train={"steps": 40, "seed": seed, "dtype": dtype, "clip_norm": clip, **variant.get("train", {})})
+                        train={"steps": 40, "seed": seed, "dtype": dtype, "clip_norm": clip, **variant.get("train", {})},
+                        engine=engine)
     cfgs = [cfg(0.01, 0, None, "xavier"), cfg(0.05, 1, 1.0, "kaiming"), cfg(0.02, 2, None, "default"),
             cfg(0.5, 3, None, "kaiming")]
     together = train_group(cfgs)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import scaled
 
+from gradsweep.kernels import SOURCES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,7 +40,7 @@ def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     kernel = subprocess.run([str(python), "-c", "import hashlib, gradsweep.kernels as s; "
                              "print(hashlib.sha256(s.source()).hexdigest())"],
                             cwd=elsewhere, capture_output=True, text=True, check=True)
-    shipped = hashlib.sha256((ROOT / "gradsweep" / "csrc" / "stacked.cpp").read_bytes()).hexdigest()
+    shipped = hashlib.sha256(b"\n".join((ROOT / "gradsweep" / "csrc" / n).read_bytes() for n in SOURCES)).hexdigest()
     assert kernel.stdout.strip() == shipped  # the compiled engine's kernel source ships in the wheel
     sweep = elsewhere / "sweep"
     run = subprocess.run([str(venv / "bin" / "gradsweep"), "-m", "model.depth=2,10,30", "init=xavier,kaiming",

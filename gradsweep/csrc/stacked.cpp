@@ -242,44 +242,49 @@ static void backward(const S* dy, const S* x, int64_t xs, const S* W, int64_t ws
   }
 }
 
+// layer_sums (below) for run r, its rows of g, u and w at gr0, ur0, wr0
+template <typename S>
+static void layer_sums_row(const S* gr0, const S* ur0, const S* wr0, const int64_t* off, const int64_t* n, S* sums,
+                           S* gmax, S scale, int64_t r, int64_t R, int64_t L) {
+  const S big = std::numeric_limits<S>::max();
+  for (int64_t k = 0; k < L; ++k) {
+    const S *gr = gr0 + off[k], *ur = ur0 + off[k], *wr = wr0 + off[k];
+    vec<S> acc[7] = {}, mx{};
+    const vec<S> one = vec<S>{} + S(1), zero{};
+    int64_t j = 0;
+    for (; j + V <= n[k]; j += V) {
+      vec<S> gv = ld(gr + j), uv = ld(ur + j), wv = ld(wr + j);
+      vec<S> a = gv < zero ? -gv : gv, gs = gv * scale, us = uv * scale;
+      acc[0] += gv * gv; acc[1] += gs * gs;
+      acc[2] += gv != zero ? one : zero;
+      acc[3] += a <= big ? zero : one;
+      acc[4] += uv * uv; acc[5] += us * us; acc[6] += wv * wv;
+      mx = (a > mx) | (a != a) ? a : mx;  // once NaN, stays NaN (no a > NaN)
+    }
+    S out[7], m = 0;
+    for (int t = 0; t < 7; ++t) { out[t] = 0; for (int v = 0; v < V; ++v) out[t] += acc[t][v]; }
+    for (int v = 0; v < V; ++v) m = (mx[v] > m || mx[v] != mx[v]) ? mx[v] : m;
+    for (; j < n[k]; ++j) {
+      S gv = gr[j], uv = ur[j], wv = wr[j], a = gv < 0 ? -gv : gv, gs = gv * scale, us = uv * scale;
+      out[0] += gv * gv; out[1] += gs * gs; out[2] += gv != 0; out[3] += !(a <= big);
+      out[4] += uv * uv; out[5] += us * us; out[6] += wv * wv;
+      m = (a > m || a != a) ? a : m;
+    }
+    for (int t = 0; t < 7; ++t) sums[(t * R + r) * L + k] = out[t];
+    gmax[r * L + k] = m;
+  }
+}
+
 // Per run r and weight k (offset off[k], numel n[k] in a row of the (R, P) matrices g, u, w), the sums of
 // g^2, (g * scale)^2, [g != 0], [g not finite], u^2, (u * scale)^2, w^2 into sums (7, R, L), and max |g| (NaN if
 // any is) into gmax (R, L): the statistics' per-weight reductions in one pass over the three matrices.
 template <typename S>
 static void layer_sums(const S* g, const S* u, const S* w, const int64_t* off, const int64_t* n, S* sums, S* gmax,
                        S scale, int64_t R, int64_t P, int64_t L, int threads) {
-  const S big = std::numeric_limits<S>::max();
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t k = 0; k < L; ++k) {
-      const S *gr = g + r * P + off[k], *ur = u + r * P + off[k], *wr = w + r * P + off[k];
-      vec<S> acc[7] = {}, mx{};
-      const vec<S> one = vec<S>{} + S(1), zero{};
-      int64_t j = 0;
-      for (; j + V <= n[k]; j += V) {
-        vec<S> gv = ld(gr + j), uv = ld(ur + j), wv = ld(wr + j);
-        vec<S> a = gv < zero ? -gv : gv, gs = gv * scale, us = uv * scale;
-        acc[0] += gv * gv; acc[1] += gs * gs;
-        acc[2] += gv != zero ? one : zero;
-        acc[3] += a <= big ? zero : one;
-        acc[4] += uv * uv; acc[5] += us * us; acc[6] += wv * wv;
-        mx = (a > mx) | (a != a) ? a : mx;  // once NaN, stays NaN (no a > NaN)
-      }
-      S out[7], m = 0;
-      for (int t = 0; t < 7; ++t) { out[t] = 0; for (int v = 0; v < V; ++v) out[t] += acc[t][v]; }
-      for (int v = 0; v < V; ++v) m = (mx[v] > m || mx[v] != mx[v]) ? mx[v] : m;
-      for (; j < n[k]; ++j) {
-        S gv = gr[j], uv = ur[j], wv = wr[j], a = gv < 0 ? -gv : gv, gs = gv * scale, us = uv * scale;
-        out[0] += gv * gv; out[1] += gs * gs; out[2] += gv != 0; out[3] += !(a <= big);
-        out[4] += uv * uv; out[5] += us * us; out[6] += wv * wv;
-        m = (a > m || a != a) ? a : m;
-      }
-      for (int t = 0; t < 7; ++t) sums[(t * R + r) * L + k] = out[t];
-      gmax[r * L + k] = m;
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) layer_sums_row(g + r * P, u + r * P, w + r * P, off, n, sums, gmax, scale, r, R, L);
 }
 
 #define GS_EXPORT(SUF, S)                                                                                    \
