@@ -75,11 +75,13 @@ class FusedPass:
                              f"{xb.dtype}, y {tuple(yb.shape)} do not fit this net ({self.P} parameters, "
                              f"input {int(self.dims[0])}, {self.dtype})")
         (x, xs), (y, ys) = _runs(xb), _runs(yb)
-        classes = self.loss == "cross_entropy"
-        if classes and y.dtype != torch.int64:
-            raise ValueError(f"gradsweep fused step: cross_entropy needs int64 class indices, got {y.dtype}")
-        if not classes and y.dtype != self.dtype:
-            raise ValueError(f"gradsweep fused step: targets must be {self.dtype}, got {y.dtype}")
+        classes, n_out = self.loss == "cross_entropy", int(self.dims[-1])
+        if classes and (y.dtype != torch.int64 or y.dim() != 2 or (y.numel() and not 0 <= y.min() <= y.max() < n_out)):
+            raise ValueError(f"gradsweep fused step: cross_entropy needs (R, B) int64 class indices in [0, {n_out}), "
+                             f"got {tuple(y.shape)} {y.dtype}")
+        if not classes and (y.dtype != self.dtype or y.shape != (R, B, n_out)):
+            raise ValueError(f"gradsweep fused step: targets must be {(R, B, n_out)} {self.dtype}, "
+                             f"got {tuple(y.shape)} {y.dtype}")
         grad, loss = flat.new_empty(R, P), flat.new_empty(R)
         L, D, W = self.L, self.depth, self.width
         out = ([flat.new_empty(R, L), flat.new_empty(R, D), flat.new_empty(R, D), flat.new_empty(R, D, W),
@@ -156,6 +158,7 @@ class FusedStep:
         total, clipped, sums = update(self.flat, grad, loss, alive, diverged, reason, self.steps, self.opt,
                                       self.max_norm, (plan.offsets, plan.numels) if plan is not None else None)
         self.steps += 1
+        self.opt.t = self.steps  # as the optimiser's own step would count
         scalars = torch.stack([loss, total, clipped], dim=1)
         if plan is None:
             return alive, diverged, reason, scalars, None

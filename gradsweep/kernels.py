@@ -98,9 +98,6 @@ def library(suffix: str = "f32") -> ctypes.CDLL:
     getattr(lib, f"gs_forward_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, cint]
     getattr(lib, f"gs_backward_{suffix}").argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, dbl, i64, i64, i64,
                                                       i64, cint]
-    getattr(lib, f"gs_mlp_update_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, cint, cint, ptr, ptr, ptr,
-                                                        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
-                                                        ptr, ptr, dbl, i64, i64, cint]
     getattr(lib, f"gs_layer_sums_{suffix}").argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, i64, i64, i64, cint]
     getattr(lib, f"gs_mlp_step_{suffix}").argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr,
                                                       ptr, ptr, cint, cint, cint, dbl, dbl, ptr, ptr, ptr, ptr, ptr,

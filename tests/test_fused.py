@@ -111,6 +111,7 @@ def test_a_run_gets_the_same_bits_beside_any_neighbours_and_threads(dtype):
             for name in mine[3]:
                 assert torch.equal(got[3][name][rows[0]], mine[3][name][r]), name
     assert torch.isnan(whole[0][4]) and torch.isfinite(whole[0][[3, 5]]).all()
+    assert torch.isnan(whole[2][4]).all()  # both sums of (dL/dh)^2, so that its norm is NaN (stats.safe_norm's)
 
 
 def test_it_applies_to_nets_without_norm_layers_through_the_kernels():
@@ -128,8 +129,14 @@ def test_arguments_that_do_not_fit_the_net_are_a_value_error():
         step(stack.flat.detach()[:, :-1].contiguous(), x, y, False)
     with pytest.raises(ValueError, match="do not fit this net"):
         step(stack.flat.detach().float(), x, y, False)
-    with pytest.raises(ValueError, match="targets must be torch.float64"):
+    with pytest.raises(ValueError, match=r"targets must be \(3, 100, 1\) torch.float64"):
         step(stack.flat.detach(), x, y.float(), False)
+    with pytest.raises(ValueError, match=r"targets must be \(3, 100, 1\)"):
+        step(stack.flat.detach(), x, y.expand(3, 100, 2), False)
+    cfg_ce, stack_ce, x_ce, y_ce = _setup(3, data="digits", loss="cross_entropy")
+    step_ce = fused.FusedPass(cfg_ce.model, stack_ce.layout, "cross_entropy", torch.float64)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        step_ce(stack_ce.flat.detach(), x_ce, y_ce + 10, False)
     from gradsweep.optim import StackedOptimizer, clip_vector
 
     flat = stack.flat.detach().clone()

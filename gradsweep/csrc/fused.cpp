@@ -252,7 +252,7 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
             // chunk's is: taken for the lanes whose chunk sum is (a lane's sums do not depend on the others').
             vec<S> s = sum_sq(gh, bc * Ol);
             add(acc_g + l * V, s);
-            vec<S> tiny = s < small2 ? vec<S>{} + S(1) : vec<S>{};
+            vec<S> tiny = s >= small2 ? vec<S>{} : vec<S>{} + S(1);  // NaN too: its norm is NaN, as safe_norm's
             bool any = false;
             for (int v = 0; v < V; ++v) any |= tiny[v] != S(0);
             if (any) add(acc_gs + l * V, tiny != vec<S>{} ? sum_sq(gh, bc * Ol, scale) : vec<S>{});
