@@ -54,12 +54,12 @@ from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto on the CPU. Where the fused kernel applies (gradsweep.fused: the kernels built, no norm layers) auto is
-# compiled: nothing is compiled per shape, and it gave 2.3-2.9x eager at 1,000 runs and 3x at 1-64 runs (BENCHMARKS.md,
-# 2026-11-28). Else, where gradsweep's kernels are built (norm layers), both engines run the same programs through
-# them, eager op by op, and torch.compile does not reliably pay (compiled 1.15x eager in one bench_peers run, 0.84x in
-# the next, after a compile of 10-28 s): auto stays eager there (None). Without the kernels (GRADSWEEP_KERNELS=0, or no
-# C++ compiler: then eager only) eager is the baddbmm loop, ~2.3x slower than compiled: auto compiles float32 groups
-# from this many run-steps (runs x steps; break-even ~200,000 cold).
+# compiled: nothing is compiled per shape, and it gave 3.5x eager at 1,000 runs with every statistic and 4-10x at
+# 1-64 runs (BENCHMARKS.md, 2026-11-28). Else, where gradsweep's kernels are built (norm layers), both engines run the
+# same programs through them, eager op by op, and torch.compile does not reliably pay (compiled 1.15x eager in one
+# bench_peers run, 0.84x in the next, after a compile of 10-28 s): auto stays eager there (None). Without the kernels
+# (GRADSWEEP_KERNELS=0, or no C++ compiler: then eager only) eager is the baddbmm loop, ~2.3x slower than compiled:
+# auto compiles float32 groups from this many run-steps (runs x steps; break-even ~200,000 cold).
 AUTO_MIN_RUN_STEPS_CPU: int | None = None
 AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
