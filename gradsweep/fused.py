@@ -84,8 +84,10 @@ class FusedPass:
                              f"got {tuple(y.shape)} {y.dtype}")
         grad, loss = flat.new_empty(R, P), flat.new_empty(R)
         L, D, W = self.L, self.depth, self.width
-        out = ([flat.new_empty(R, L), flat.new_empty(R, D), flat.new_empty(R, D), flat.new_empty(R, D, W),
-                flat.new_empty(R, L, 2)] if stats else [None] * 5)
+        # the saturated units of sigmoid/tanh and the positive sums of the ReLU family: asked for where they exist
+        saturating, relu_like = self.activation in SATURATING, self.activation in RELU_FAMILY
+        out = ([flat.new_empty(R, L), flat.new_empty(R, D), flat.new_empty(R, D) if saturating else None,
+                flat.new_empty(R, D, W) if relu_like else None, flat.new_empty(R, L, 2)] if stats else [None] * 5)
         _fn("mlp_step", self.dtype)(
             _ptr(x), xs, None if classes else _ptr(y), 0 if classes else ys, _ptr(y) if classes else None, ys if classes else 0,
             _ptr(flat), P, _ptr(grad), _ptr(loss), L, _ptr(self.dims), _ptr(self.w_off), _ptr(self.b_off),
@@ -95,22 +97,23 @@ class FusedPass:
             return loss, grad, None, {}
         hsq, zsq, sat, pos, gsq = out
         fwd = {"out_norm": torch.sqrt(hsq), "act_norm": torch.sqrt(zsq)}
-        if self.activation in SATURATING:
+        if saturating:
             fwd["saturated"] = sat / (B * W)
-        if self.activation in RELU_FAMILY:
+        if relu_like:
             fwd["pos_sum"] = pos
         return loss, grad, gsq, fwd
 
 
 def update(flat: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
-           reason: torch.Tensor, step: int, opt: Any, max_norm: torch.Tensor, spans: tuple[list[int], list[int]] | None,
+           reason: torch.Tensor, step: int, opt: Any, max_norm: torch.Tensor,
+           spans: tuple[torch.Tensor, torch.Tensor] | None,
            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One step's update after :class:`FusedPass`, in one call (``csrc/fused.cpp``, the formulas of
     :mod:`gradsweep.optim`): divergence bookkeeping, clipping and ``opt``'s rule (a :class:`StackedOptimizer`, whose
     per-run settings and state it uses and updates), applied to ``flat`` in place; ``alive``, ``diverged`` and
     ``reason`` (R,) updated in place. Returns each run's gradient norm before clipping, whether clipping acted (1/0),
-    and with ``spans`` (each weight's offsets and sizes: ``StatsPlan.offsets``, ``numels``) the statistics' per-weight
-    sums (7, R, L) and maxima (R, L) as ``stacked.sums`` gives them."""
+    and with ``spans`` (each weight's offsets and sizes, ``StatsPlan.offsets`` and ``numels`` as int64 tensors) the
+    statistics' per-weight sums (7, R, L) and maxima (R, L) as ``stacked.sums`` gives them."""
     R, P = flat.shape
     for name, t, dtype in (("grad", grad, flat.dtype), ("loss", loss, flat.dtype), ("alive", alive, torch.bool),
                            ("diverged", diverged, torch.int64), ("reason", reason, torch.int64)):
@@ -125,14 +128,16 @@ def update(flat: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, alive: to
     total, clipped = flat.new_empty(R), flat.new_empty(R)
     sums = gmax = off = num = None
     if spans is not None:
-        off, num = (torch.tensor(v, dtype=torch.int64) for v in spans)
-        sums, gmax = flat.new_empty(7, R, len(spans[0])), flat.new_empty(R, len(spans[0]))
+        off, num = spans
+        if off.dtype != torch.int64 or num.dtype != torch.int64 or off.shape != num.shape or off.dim() != 1:
+            raise ValueError("gradsweep fused update: spans must be two int64 vectors of one length (offsets, sizes)")
+        sums, gmax = flat.new_empty(7, R, len(off)), flat.new_empty(R, len(off))
     _fn("mlp_update", flat.dtype)(
         _ptr(flat), _ptr(grad), _ptr(loss), _ptr(alive), _ptr(diverged), _ptr(reason), step, int(adam),
         int(opt.use_wd), *map(_ptr, state), _ptr(opt.lr), _ptr(opt.weight_decay),
         _ptr(None if adam else opt.momentum), *map(_ptr, hyper), _ptr(max_norm), _ptr(total), _ptr(clipped),
-        _ptr(off), _ptr(num), len(spans[0]) if spans else 0, _ptr(sums), _ptr(gmax), small_scale(flat.dtype)[1], R, P,
-        torch.get_num_threads())
+        _ptr(off), _ptr(num), len(off) if spans is not None else 0, _ptr(sums), _ptr(gmax), small_scale(flat.dtype)[1],
+        R, P, torch.get_num_threads())
     return total, clipped, (sums, gmax) if spans is not None else None
 
 
@@ -145,6 +150,7 @@ class FusedStep:
         self.opt, self.flat, self.max_norm = opt, opt.flat, max_norm
         self.pass_ = FusedPass(model, layout, loss, opt.flat.dtype)
         self.plan = StatsPlan(layout, layers(model), model.activation, opt.flat.dtype, opt.flat.device) if stats else None
+        self.spans = (torch.tensor(self.plan.offsets), torch.tensor(self.plan.numels)) if stats else None
         self.width = model.width
         self.steps = 0
 
@@ -156,7 +162,7 @@ class FusedStep:
         plan = self.plan if stats_now else None
         loss, grad, gsq, fwd = self.pass_(self.flat, xb, yb, plan is not None)
         total, clipped, sums = update(self.flat, grad, loss, alive, diverged, reason, self.steps, self.opt,
-                                      self.max_norm, (plan.offsets, plan.numels) if plan is not None else None)
+                                      self.max_norm, self.spans if plan is not None else None)
         self.steps += 1
         self.opt.t = self.steps  # as the optimiser's own step would count
         scalars = torch.stack([loss, total, clipped], dim=1)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradsweep import fused
-from gradsweep.compiled import Shape, Step, bucket, linear_form, resolve_engine, runs_programs
+from gradsweep import compiled, fused
+from gradsweep.compiled import Shape, Step, bucket, resolve_engine, runs_programs
 from gradsweep.config import RunCfg
 from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
@@ -121,7 +121,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         cfgs = cfgs * 2
     device = resolve_device(first.device)
     dtype = getattr(torch, first.train.dtype)
-    fused_ok = fused.applies(first.model, first.loss, dtype, linear_form(device))
+    fused_ok = fused.applies(first.model, first.loss, dtype, compiled.linear_form(device))
     engine = resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device, fused_ok)
     if engine == "compiled" and not fused_ok:
         # padded to the bucket whose compiled program it shares (the fused kernel compiles nothing per shape); the

@@ -127,32 +127,28 @@ def _gradsweep(runs, steps, depth, width, engine: str, stats: bool, device: str 
     return fn
 
 
-def _without_kernel(fn):
-    """fn as on a machine without a C++ compiler: eager trains through train_group's own loop (baddbmm, statistics
-    through a probe and hooks), as every eager run did before the eager engine ran the step programs."""
-    def wrapped():
-        from gradsweep import compiled
+def _patched(module: str, name: str, value):
+    """fn -> fn run with gradsweep's ``module.name`` replaced by ``value`` (restored after)."""
+    def wrap(fn):
+        def wrapped():
+            import importlib
 
-        form, compiled.linear_form = compiled.linear_form, lambda device: "bmm"
-        try:
-            return fn()
-        finally:
-            compiled.linear_form = form
-    return wrapped
+            mod = importlib.import_module(f"gradsweep.{module}")
+            old = getattr(mod, name)
+            setattr(mod, name, value)
+            try:
+                return fn()
+            finally:
+                setattr(mod, name, old)
+        return wrapped
+    return wrap
 
 
-def _not_fused(fn):
-    """fn with engine=compiled as norm-layer nets get it on the CPU: torch.compile'd step programs (gradsweep.compiled)
-    instead of the fused kernel."""
-    def wrapped():
-        from gradsweep import fused
-
-        applies, fused.applies = fused.applies, lambda *args: False
-        try:
-            return fn()
-        finally:
-            fused.applies = applies
-    return wrapped
+# As on a machine without a C++ compiler: eager trains through train_group's own loop (baddbmm, statistics through a
+# probe and hooks), as every eager run did before the eager engine ran the step programs.
+_without_kernel = _patched("compiled", "linear_form", lambda device: "bmm")
+# engine=compiled as norm-layer nets get it on the CPU: torch.compile'd step programs instead of the fused kernel.
+_not_fused = _patched("fused", "applies", lambda *args: False)
 
 
 def warm_compile_s(runs: int, depth: int, width: int, device: str) -> float:

@@ -174,7 +174,7 @@ def test_its_update_equals_gradsweeps_optimisers_and_statistics(optim):
             loss[3] = float("nan")
         w_before = ref_opt.flat.clone()
         total, clipped, (sums, gmax) = fused.update(mine_opt.flat, grad, loss, *mine, step, mine_opt, max_norm,
-                                                    (plan.offsets, plan.numels))
+                                                    (torch.tensor(plan.offsets), torch.tensor(plan.numels)))
         g, total_ref, alive, ref[1], ref[2] = screen([grad], loss, *ref, step)
         ref[0] = alive
         cg, clipped_ref = clip(g, total_ref, max_norm)

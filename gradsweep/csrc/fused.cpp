@@ -117,8 +117,8 @@ static inline vec<S> sum_sq(const S* p, int64_t n, S scale = S(1)) {
 //   x (R, B, dims[0]) at run stride xs; y (R, B, dims[L]) float targets at ys (mse, projection) or tgt (R, B) class
 //   indices at ts (cross_entropy); flat (R, P) parameters -> grad (R, P) (entries no layer has: 0) and loss (R,).
 //   Statistics, if hsq is not null: hsq (R, L) sum of h^2 per Linear output; zsq (R, L - 1) sum of z^2 per
-//   activation; sat (R, L - 1) units within SAT_TOL of sigmoid/tanh's bounds; pos (R, L - 1, W) per unit the sum
-//   over the batch of relu(h); gsq (R, L, 2) sums of (dL/dh)^2 and (dL/dh * scale)^2 per Linear output, the second
+//   activation; if not null (the caller asks for what the activation has), sat (R, L - 1) units within SAT_TOL of
+//   sigmoid/tanh's bounds and pos (R, L - 1, W) per unit the sum over the batch of relu(h); gsq (R, L, 2) sums of (dL/dh)^2 and (dL/dh * scale)^2 per Linear output, the second
 //   over the chunks whose sum of (dL/dh)^2 is below small2 (all of them where the whole sum is: where it is needed).
 template <typename S>
 static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64_t* tgt, int64_t ts, const S* flat,
@@ -145,6 +145,7 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
       a[l] = abuf.data() + pos_at * FC * V, h[l] = hbuf.data() + pos_at * FC * V, z[l] = zbuf.data() + pos_at * FC * V;
       pos_at += dims[l];
       if (l >= 1 && l <= D) skip[l] = residual && dims[l - 1] == dims[l];
+      if (l >= 1 && l <= D && !skip[l]) a[l] = z[l];  // without a skip the next layer's input is the activation itself
     }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -174,7 +175,7 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
           activate(act, h[l], z[l], bc * Ol, slope(l));
           if (stats) {
             add(acc_z + l * V, sum_sq(z[l], bc * Ol));
-            if (act == A_SIGMOID || act == A_TANH) {
+            if (sat) {
               vec<S> c{};
               for (int64_t j = 0; j < bc * Ol; ++j) {
                 vec<S> v = ld(z[l] + j * V);
@@ -182,8 +183,7 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
               }
               add(acc_sat + l * V, c);
             }
-            if (act == A_RELU || act == A_LEAKY_RELU || act == A_PRELU || act == A_ELU || act == A_GELU ||
-                act == A_SELU) {
+            if (pos) {
               S* pos_l = acc_pos + (l - 1) * W * V;  // Ol independent chains, one per unit
               for (int64_t b = 0; b < bc; ++b)
                 for (int64_t o = 0; o < Ol; ++o) {
@@ -192,11 +192,8 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
                 }
             }
           }
-          if (skip[l]) {
+          if (skip[l])
             for (int64_t j = 0; j < bc * Ol; ++j) st(a[l] + j * V, ld(z[l] + j * V) + ld(a[l - 1] + j * V));
-          } else {
-            std::memcpy(a[l], z[l], bc * Ol * V * sizeof(S));
-          }
         }
         // loss and dL/df, into g0 (the per-run loss is a mean: over the batch, and over outputs for mse)
         S* gh = g0.data();
@@ -281,8 +278,9 @@ static void mlp_step(const S* x, int64_t xs, const S* y, int64_t ys, const int64
         }
         for (int64_t l = 1; l <= D; ++l) {
           zsq[r * D + l - 1] = acc_z[l * V + v];
-          sat[r * D + l - 1] = acc_sat[l * V + v];
-          for (int64_t o = 0; o < W; ++o) pos[(r * D + l - 1) * W + o] = acc_pos[((l - 1) * W + o) * V + v];
+          if (sat) sat[r * D + l - 1] = acc_sat[l * V + v];
+          if (pos)
+            for (int64_t o = 0; o < W; ++o) pos[(r * D + l - 1) * W + o] = acc_pos[((l - 1) * W + o) * V + v];
         }
       }
     }
