@@ -79,11 +79,36 @@ def _hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x * math.sqrt(2), w / math.sqrt(math.pi)  # E[f(z)] = sum w_i f(x_i), z ~ N(0, 1)
 
 
+def _genlaguerre(n: int, alpha: float, x: np.ndarray) -> np.ndarray:
+    """L_n^alpha(x), by the normalised recurrence scipy's ``eval_genlaguerre`` uses (stable where the plain
+    three-term one loses digits) times binom(n + alpha, n) as a product."""
+    if n == 0:
+        return np.ones_like(x)
+    d = -x / (alpha + 1)
+    p = d + 1
+    for k in range(1, n):
+        d = -x / (k + alpha + 1) * p + (k / (k + alpha + 1)) * d
+        p = d + p
+    return math.prod((k + alpha) / k for k in range(1, n + 1)) * p
+
+
 @functools.cache
 def _laguerre(n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.special import roots_genlaguerre
+    """The n-point generalised Gauss-Laguerre rule: int_0^inf u^alpha e^-u f(u) du = sum w_i f(u_i).
 
-    return roots_genlaguerre(n, alpha)
+    Golub-Welsch (the eigenvalues of the Jacobi matrix), one Newton step on L_n^alpha, weights from
+    1 / (L_(n-1)^alpha(u_i) L_n^alpha'(u_i)) log-normalised against overflow: scipy's ``roots_genlaguerre``
+    step for step (checked against it in tests/test_theory.py), without importing scipy.special (~0.5 s).
+    """
+    k = np.arange(n, dtype=np.float64)
+    off = np.sqrt(k[1:] * (k[1:] + alpha))
+    x = np.linalg.eigvalsh(np.diag(2 * k + alpha + 1) + np.diag(off, 1) + np.diag(off, -1))
+    dy = (n * _genlaguerre(n, alpha, x) - (n + alpha) * _genlaguerre(n - 1, alpha, x)) / x
+    x = x - _genlaguerre(n, alpha, x) / dy
+    fm = _genlaguerre(n - 1, alpha, x)
+    log_fm, log_dy = np.log(np.abs(fm)), np.log(np.abs(dy))
+    w = 1.0 / ((fm / np.exp((log_fm.max() + log_fm.min()) / 2)) * (dy / np.exp((log_dy.max() + log_dy.min()) / 2)))
+    return x, w * (math.gamma(alpha + 1) / w.sum())
 
 
 def _half_line(h: Fn, n: int) -> float:

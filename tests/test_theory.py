@@ -4,19 +4,49 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, scaled
 
 from gradsweep.config import InitCfg
 from gradsweep.model import new_linear
 from gradsweep.summary import build_tables
-from gradsweep.theory import KINKED, SMOOTH, _adaptive, _rule, gaussian_mean, predict, weight_variance
+from gradsweep.theory import KINKED, SMOOTH, _adaptive, _laguerre, _rule, gaussian_mean, predict, weight_variance
 from gradsweep.train import train_group
 
 QS = [1e-6, 1e-3, 0.1, 1.0, 3.7, 16.0, 100.0, 1e4]
+
+
+def test_a_relu_prediction_does_not_import_scipy_special():
+    # ~0.5 s of a sweep's fixed cost: the ReLU family's rules are numpy's (scipy stays for GELU's erf and the
+    # adaptive fallback).
+    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\nfrom gradsweep.theory import predict\n"
+            "for a in ('relu', 'elu', 'tanh'):\n"
+            "    assert not isinstance(predict(make_cfg(model={'activation': a}), 1.0, 64, 10), str)\n"
+            "print('scipy.special' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(120),
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["False"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 200])
+@pytest.mark.parametrize("alpha", [-0.5, 0.0, 1.5])
+def test_gauss_laguerre_rule_is_scipys_and_exact_on_moments(n, alpha):
+    """The numpy rule (no scipy.special import on a sweep's path) against scipy's roots_genlaguerre, and exact
+    for u^k, k < 2n, against Gamma(alpha + k + 1) (a rule of n points is exact to degree 2n - 1)."""
+    from scipy.special import roots_genlaguerre
+
+    x, w = _laguerre(n, alpha)
+    xs, ws = roots_genlaguerre(n, alpha)
+    np.testing.assert_allclose(x, xs, rtol=1e-13)
+    np.testing.assert_allclose(w, ws, rtol=0, atol=1e-14 * ws.max())
+    for k in range(min(2 * n, 12)):
+        assert w @ x**k == pytest.approx(math.gamma(alpha + k + 1), rel=1e-13)
 
 
 @pytest.mark.parametrize("q", QS)
