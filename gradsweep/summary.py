@@ -3,7 +3,6 @@ mean-field prediction (the one place that calls ``gradsweep.theory``). The schem
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gradsweep.config import RunCfg, config_hash, flatten
+from gradsweep.config import RunCfg, as_tuple, config_hash, flatten
 from gradsweep.model import layers
 from gradsweep.schema import (
     ID_COLUMNS,
@@ -37,7 +36,7 @@ def _prediction(cfg: RunCfg, trace: GroupTrace, seen: dict[tuple, Any]) -> dict[
     """The run's mean-field columns, from the data's facts the trace carries (a group's runs share their data).
     ``seen``: predictions already made in this group, by model and init (all a prediction depends on besides the
     data; a sweep over lr, clip and seed has a handful: ~0.7 ms each for a 1,000-run group otherwise)."""
-    key = (dataclasses.astuple(cfg.model), dataclasses.astuple(cfg.init))
+    key = (as_tuple(cfg.model), as_tuple(cfg.init))
     if key not in seen:
         seen[key] = predict(cfg, trace.input_q, trace.in_dim, trace.out_dim)
     p = seen[key]

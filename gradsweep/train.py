@@ -8,7 +8,6 @@ to the host once per block of logged steps.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 
 from gradsweep import compiled, fused
 from gradsweep.compiled import Shape, Step, bucket, resolve_engine, runs_programs
-from gradsweep.config import RunCfg
+from gradsweep.config import RunCfg, as_tuple
 from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
@@ -35,8 +34,8 @@ DIVERGED_REASONS = (None, "loss", "gradient", "final loss")
 def group_key(cfg: RunCfg) -> tuple:
     """Everything that fixes a run's computation shape or code path; runs with equal keys train as one group."""
     return (
-        dataclasses.astuple(cfg.model),
-        dataclasses.astuple(cfg.data),
+        as_tuple(cfg.model),
+        as_tuple(cfg.data),
         cfg.optim.name,
         cfg.train.steps,
         cfg.train.batch_size,

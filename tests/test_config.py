@@ -6,7 +6,18 @@ import dataclasses
 
 import pytest
 
-from gradsweep.config import ConfigError, InitCfg, RunCfg, build_run_cfg, config_hash, flatten, to_run_cfg
+from gradsweep.config import (
+    ConfigError,
+    InitCfg,
+    RunCfg,
+    SearchDim,
+    TuneCfg,
+    as_dict,
+    build_run_cfg,
+    config_hash,
+    flatten,
+    to_run_cfg,
+)
 from gradsweep.preflight import group_options
 
 
@@ -37,6 +48,22 @@ def test_flatten_names_columns_like_override_keys(composed):
     assert flat["init"] == "xavier" and flat["optim.lr"] == 0.1 and flat["tag"] == "x"
     assert flat["model.depth"] == 10 and flat["train.clip_norm"] is None and flat["data"] == "regression"
     assert "quiet" not in flat and "init.name" not in flat
+
+
+def test_as_dict_is_dataclasses_asdict():
+    import dataclasses
+
+    tagged = {"init": {"name": "xavier", "scheme": "xavier", "bias": 0.0}, "train": {"clip_norm": 1.0}, "tag": "x",
+              "note": 3}
+    nested = RunCfg(extra={"tag": [1, {"a": (2, 3)}]})
+    cfgs = [build_run_cfg({}), build_run_cfg(tagged), nested, TuneCfg(search=[SearchDim("optim.lr", 1e-3, 1.0, True)])]
+    for cfg in cfgs:
+        d = as_dict(cfg)
+        assert d == dataclasses.asdict(cfg) and repr(d) == repr(dataclasses.asdict(cfg))  # types too (tuples stay)
+    as_dict(nested)["extra"]["tag"][1]["a"] = None  # a copy, as asdict's: the config is untouched
+    assert nested.extra["tag"][1]["a"] == (2, 3)
+    # run_ids as dataclasses.asdict gave them (a sweep resumed across this change keeps its runs)
+    assert (config_hash(build_run_cfg({})), config_hash(build_run_cfg(tagged))) == ("2129a3d194348235", "cbb6d66d251e1aa7")
 
 
 def test_config_hash_ignores_display_options():
