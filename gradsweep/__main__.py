@@ -1,4 +1,5 @@
 from gradsweep.cli import main
+from gradsweep.shutdown import run_and_exit
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

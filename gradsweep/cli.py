@@ -88,3 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run)()
+
+
+def command() -> None:
+    """The ``gradsweep`` console script: :func:`main`, ended without the interpreter's teardown."""
+    from gradsweep.shutdown import run_and_exit
+
+    run_and_exit(main)

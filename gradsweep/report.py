@@ -336,4 +336,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gradsweep.shutdown import run_and_exit
+
+    run_and_exit(main)

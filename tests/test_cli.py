@@ -155,3 +155,38 @@ def test_help_lists_every_runner_group_and_its_options():
     for group in GROUPS:
         assert f"{group}: {', '.join(group_options(group))}" in template, group
     assert "tune:" not in template
+
+
+EXIT_PROGRAM = """
+import atexit, sys, threading, time
+from pathlib import Path
+from gradsweep.shutdown import run_and_exit
+out = Path(sys.argv[1])
+def main():
+    atexit.register(lambda: (out / "atexit").write_text("ran"))
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("joined"))).start()
+    sys.stdout.write("buffered, no newline")
+    how = sys.argv[2]
+    if how == "int":
+        sys.exit(3)
+    if how == "str":
+        sys.exit("a message")
+    if how == "raise":
+        raise ValueError("boom")
+run_and_exit(main)
+"""
+
+
+@pytest.mark.parametrize("how,status", [("return", 0), ("int", 3), ("str", 1), ("raise", 1)])
+def test_a_command_ends_like_python_minus_the_teardown(tmp_path, how, status):
+    # What run_and_exit skips is only the interpreter's teardown: threads joined, atexit run, output flushed, and
+    # the status Python would give.
+    out = subprocess.run([sys.executable, "-c", EXIT_PROGRAM, str(tmp_path), how], capture_output=True, text=True,
+                         timeout=scaled(120), cwd=REPO)
+    assert out.returncode == status, out.stderr[-2000:]
+    assert out.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    if how == "str":
+        assert out.stderr.strip() == "a message"
+    if how == "raise":
+        assert "ValueError: boom" in out.stderr

@@ -1,4 +1,5 @@
+from gradsweep.shutdown import run_and_exit
 from gradsweep.tune.cli import main
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

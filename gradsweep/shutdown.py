@@ -1,0 +1,48 @@
+"""A command's end without the interpreter's teardown.
+
+Once a command has written and closed its files, Python still tears down every module and torch's C++ state
+before the process exits: ~1 s after ``import torch`` on the 2-core machine of BENCHMARKS.md (0.02 s without
+torch), paid by every sweep, report and study for nothing. :func:`run_and_exit` ends a command the way the
+interpreter would, minus that teardown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+
+def run_and_exit(main: Callable[[], Any]) -> NoReturn:
+    """Run ``main`` as the program, then exit as Python's own exit does, minus the teardown.
+
+    In the interpreter's order: other non-daemon threads are joined, atexit handlers run (logging flushes and closes
+    its files; multiprocessing, submitit and tqdm clean up), stdout and stderr are flushed, then the process exits
+    with ``main``'s status: 0, a ``SystemExit`` code, or 1 after printing a non-integer one. An exception that is not
+    ``SystemExit`` propagates as usual, with its traceback and the full teardown.
+    """
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head) or a closed stream: nothing left to write to
+            pass
+    os._exit(status & 0xFF)  # what the OS keeps of sys.exit(n)
