@@ -7,10 +7,6 @@ the entry point sees a ``DictConfig``.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,62 +362,3 @@ def to_run_cfg(cfg: Any) -> RunCfg:
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("hydra", None)
     return build_run_cfg(values)
-
-
-def column_of(section: str, key: str) -> str:
-    """A config value's column name: its override key, and for the init and data presets' names the group alone."""
-    return section if (key == "name" and section in ("init", "data")) else f"{section}.{key}"
-
-
-_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
-_LEAVES = (str, int, float, bool, type(None))
-
-
-def as_dict(obj: Any) -> Any:
-    """``dataclasses.asdict``, the same result at a fifth of its cost (a sweep hashes and flattens every run):
-    each class's fields are read once, and values that cannot be shared (lists, dicts, other objects) are copied
-    as ``asdict`` copies them."""
-    cls = type(obj)
-    if cls in _LEAVES:
-        return obj
-    if cls not in _FIELD_NAMES:
-        _FIELD_NAMES[cls] = (tuple(f.name for f in dataclasses.fields(obj))
-                             if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else None)
-    names = _FIELD_NAMES[cls]
-    if names is not None:
-        return {name: as_dict(getattr(obj, name)) for name in names}
-    if cls is list or cls is tuple:
-        return cls(as_dict(v) for v in obj)
-    if cls is dict:
-        return {as_dict(k): as_dict(v) for k, v in obj.items()}
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else copy.deepcopy(obj)
-
-
-def as_tuple(section: Any) -> tuple:
-    """A config section's values in field order (``dataclasses.astuple`` for sections of plain values), a key
-    to group or cache runs by."""
-    return tuple(as_dict(section).values())
-
-
-def flatten(cfg: RunCfg) -> dict[str, Any]:
-    """Every config value as a column named like its override key (``model.depth``, ``init``, ``optim.lr``...).
-
-    The ``init`` and ``data`` presets are named by their ``name`` field alone (``init``, ``data``).
-    ``quiet`` is a display option and not recorded; ``device`` is recorded as the device actually used.
-    """
-    out: dict[str, Any] = {}
-    for section in SECTIONS:
-        for key, value in as_dict(getattr(cfg, section)).items():
-            out[column_of(section, key)] = value
-    out["loss"] = cfg.loss
-    out.update(cfg.extra)
-    return out
-
-
-def config_hash(cfg: RunCfg) -> str:
-    """A stable 16-hex-digit hash of everything that determines a run's result."""
-    payload = as_dict(cfg)
-    payload.pop("quiet")
-    payload.pop("engine")  # the engines agree to rounding: a sweep resumed with another engine keeps its runs
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha1(blob).hexdigest()[:16]

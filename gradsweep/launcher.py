@@ -72,8 +72,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
                   sweep_dir: Path) -> list[JobReturn]:
     from gradsweep.compose import SweepComposer
-    from gradsweep.config import build_run_cfg, config_hash
+    from gradsweep.config import build_run_cfg
     from gradsweep.device import resolve_device
+    from gradsweep.identity import config_hash
     from gradsweep.schema import GROUPS_DIR
     from gradsweep.store import completed_runs, write_job_files
     from gradsweep.submit import adopt, inflight_jobs, submit

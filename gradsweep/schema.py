@@ -24,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 
 from gradsweep.checks import bare_type, field_hints
-from gradsweep.config import SECTIONS, column_of
+from gradsweep.config import SECTIONS
+from gradsweep.identity import column_of
 
 LAYER_STATS = (
     "wgrad_norm",  # L2 norm of dL/dW (the layer's weight gradient, before clipping)

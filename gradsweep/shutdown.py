@@ -39,10 +39,14 @@ def run_and_exit(main: Callable[[], Any]) -> NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+    # Private: atexit has no public way to run its handlers before the interpreter's own exit, which is what
+    # os._exit skips.
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (| head) or a closed stream: nothing left to write to
             pass
-    os._exit(status & 0xFF)  # what the OS keeps of sys.exit(n)
+    # Not private despite its name: os._exit is the documented exit without the interpreter's cleanup. The low
+    # byte is all the OS keeps of an exit status.
+    os._exit(status & 0xFF)

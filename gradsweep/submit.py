@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import config_hash
 from gradsweep.errors import ResumeError, SetupError, first_line
 from gradsweep.group import GroupJob, GroupResult, run_group
+from gradsweep.identity import config_hash
 
 log = logging.getLogger("gradsweep.launcher")
 

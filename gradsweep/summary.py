@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gradsweep.config import RunCfg, as_tuple, config_hash, flatten
+from gradsweep.config import RunCfg
+from gradsweep.identity import as_tuple, config_hash, flatten
 from gradsweep.model import layers
 from gradsweep.schema import (
     ID_COLUMNS,

@@ -17,9 +17,10 @@ import torch
 
 from gradsweep import compiled, fused
 from gradsweep.compiled import Shape, Step, bucket, resolve_engine, runs_programs
-from gradsweep.config import RunCfg, as_tuple
+from gradsweep.config import RunCfg
 from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
+from gradsweep.identity import as_tuple
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import build_params, forward, layers
 from gradsweep.optim import StackedOptimizer, clip, clip_vector, screen

@@ -16,7 +16,8 @@ from conftest import make_cfg, scaled
 
 from gradsweep import compiled
 from gradsweep.compiled import AUTO_MIN_RUN_STEPS_CPU, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL, bucket, resolve_engine
-from gradsweep.config import ConfigError, config_hash
+from gradsweep.config import ConfigError
+from gradsweep.identity import config_hash
 from gradsweep.train import train_group
 
 

@@ -12,12 +12,10 @@ from gradsweep.config import (
     RunCfg,
     SearchDim,
     TuneCfg,
-    as_dict,
     build_run_cfg,
-    config_hash,
-    flatten,
     to_run_cfg,
 )
+from gradsweep.identity import as_dict, config_hash, flatten
 from gradsweep.preflight import group_options
 
 

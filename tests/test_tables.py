@@ -9,7 +9,7 @@ import pytest
 from conftest import make_cfg, scaled
 
 from gradsweep import load_sweep
-from gradsweep.config import config_hash
+from gradsweep.identity import config_hash
 from gradsweep.schema import RESULT_COLUMNS, STEP_COLUMNS
 from gradsweep.store import write_tables
 from gradsweep.summary import build_tables

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import SAMPLERS, RunCfg, TuneCfg, config_hash
+from gradsweep.config import SAMPLERS, RunCfg, TuneCfg
 from gradsweep.errors import ConfigError, first_line
+from gradsweep.identity import config_hash
 from gradsweep.schema import TUNE_DIR
 
 JOURNAL_FILE = "study.journal"

@@ -10,8 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.config import TuneCfg, build_run_cfg, config_hash
+from gradsweep.config import TuneCfg, build_run_cfg
 from gradsweep.group import GroupJob, plan, run_group
+from gradsweep.identity import config_hash
 from gradsweep.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_DIR
 from gradsweep.store import CompleteRun, RunIndex, write_job_files
 from gradsweep.tune.study import CONSTRAINTS, GROUP_ATTR, set_system_attr
