@@ -21,12 +21,18 @@ FAN_MODES = ("fan_in", "fan_out")
 NONLINEARITIES = ("linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "float64")
-DATASETS = ("regression", "scaled", "digits", "gaussian")
+DATASETS = ("regression", "scaled", "digits", "gaussian", "arrays")
+TASKS = ("auto", "regression", "classification")
 LOSSES = ("auto", "mse", "cross_entropy", "projection")
-CLASSIFICATION = ("digits",)  # data whose targets are class indices
+CLASSIFICATION = ("digits",)  # built-in data whose targets are class indices (data=arrays: data.task decides)
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "eager", "compiled")
+
+
+def is_classification(data: DataCfg) -> bool:
+    """Whether the data's targets are class indices (cross_entropy): digits, or data=arrays with data.task so."""
+    return data.name in CLASSIFICATION or (data.name == "arrays" and data.task == "classification")
 
 
 def linear_dims(model: ModelCfg, in_dim: int, out_dim: int) -> list[tuple[int, int]]:
@@ -163,9 +169,10 @@ class DataCfg:
     name: str = "regression"
     """regression: the article's 100 points; scaled: features whose scales differ by orders of magnitude;
     digits: scikit-learn's bundled handwritten digits (8x8, 10 classes), standardised; gaussian: N(0, I) inputs
-    and targets, for theory probes."""
-    n_samples: int = 100
-    """Number of training points (digits: at most 1797 - n_test)."""
+    and targets, for theory probes; arrays: your own file (path)."""
+    n_samples: int | None = 100
+    """Number of training points (digits: at most 1797 - n_test; arrays: null, every row the test set leaves, is
+    resolved to that number)."""
     n_test: int = 0
     """Held-out points for test_loss / test_accuracy (0: none). Generated data draws them after the training
     points, so the training points do not depend on it."""
@@ -183,10 +190,30 @@ class DataCfg:
     """gaussian: input dimension."""
     out_dim: int = 16
     """gaussian: output (target) dimension."""
+    path: str | None = None
+    """arrays: the file, relative to the working directory: .npz (arrays x, y and optionally x_test, y_test) or
+    .csv / .parquet (the column data.target, every other column a numeric feature)."""
+    target: str | None = None
+    """arrays, .csv / .parquet: the target column."""
+    task: str = "auto"
+    """arrays: regression, classification, or auto: integer, boolean or text targets classify, floats regress.
+    Stored resolved."""
+    digest: str = ""
+    """arrays: the first 16 hex digits of the file's sha256, set from the file (a run's run_id follows its data)."""
 
     def __post_init__(self) -> None:
         choice("data.name", self.name, DATASETS)
-        check("data.n_samples", self.n_samples, self.n_samples >= 1, "an integer >= 1")
+        choice("data.task", self.task, TASKS)
+        if self.name == "arrays":  # the file read (once per process) and checked; task, n_samples, digest resolved
+            from gradsweep.arrays import resolve_arrays
+
+            resolve_arrays(self)
+        else:
+            for key, default in (("path", None), ("target", None), ("task", "auto"), ("digest", "")):
+                check(f"data.{key}", getattr(self, key), getattr(self, key) == default,
+                      f"{default!r} unless data=arrays".replace("None", "null"))
+        check("data.n_samples", self.n_samples, self.n_samples is not None and self.n_samples >= 1,
+               "an integer >= 1 (null only for data=arrays)")
         check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
         check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
         check("data.in_dim", self.in_dim, self.in_dim >= 1, "an integer >= 1")
@@ -252,7 +279,7 @@ class RunCfg:
         choice("device", self.device, DEVICES)
         choice("engine", self.engine, ENGINES)
         choice("loss", self.loss, LOSSES)
-        classes = self.data.name in CLASSIFICATION
+        classes = is_classification(self.data)
         if self.loss == "auto":
             self.loss = "cross_entropy" if classes else "mse"
         if classes != (self.loss == "cross_entropy"):

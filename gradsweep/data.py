@@ -1,4 +1,5 @@
-"""Training data: the article's regression points, a badly scaled variant, scikit-learn's digits, Gaussian probes."""
+"""Training data: the article's regression points, a badly scaled variant, scikit-learn's digits, Gaussian probes, and
+a user's own file (``data=arrays``: .npz, .csv or .parquet)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradsweep.config import CLASSIFICATION, DataCfg
+from gradsweep.arrays import read_arrays
+from gradsweep.config import DataCfg, is_classification
 
 DIGITS_CLASSES = 10
 
@@ -55,10 +57,33 @@ def load_data(cfg: DataCfg) -> Data:
         std[std == 0] = 1.0  # pixels that are blank in every training image stay 0
         x, xt = (images[train] - mean) / std, (images[test] - mean) / std
         y, yt = labels[train], labels[test]
+    elif cfg.name == "arrays":
+        return _arrays(cfg, rs)
     else:  # unreachable: DataCfg validates the name
         raise ValueError(f"data={cfg.name!r} is not valid")
-    if cfg.name in CLASSIFICATION:
+    if is_classification(cfg):
         return Data(_f32(x), torch.from_numpy(y).long(), _f32(xt), torch.from_numpy(yt).long(), DIGITS_CLASSES)
+    return Data(_f32(x), _f32(y), _f32(xt), _f32(yt), y.shape[1])
+
+
+def _arrays(cfg: DataCfg, rs: np.random.RandomState) -> Data:
+    """A user's file: its own test split, or data.n_test rows held out. Rows in the file's order when every row
+    trains; else shuffled by data.seed and split as digits is. Features standardised with the training rows' mean
+    and std (a constant feature stays 0); targets as written (regression) or class indices (classification)."""
+    f = read_arrays(cfg.path, cfg.target, cfg.task)
+    if f.x_test is not None:
+        x, y, xt, yt = f.x[:cfg.n_samples], f.y[:cfg.n_samples], f.x_test, f.y_test
+    elif cfg.n_test == 0 and cfg.n_samples == len(f.x):
+        x, y, xt, yt = f.x, f.y, f.x[:0], f.y[:0]
+    else:
+        order = rs.permutation(len(f.x))
+        test, train = order[:cfg.n_test], order[cfg.n_test:cfg.n_test + cfg.n_samples]
+        x, y, xt, yt = f.x[train], f.y[train], f.x[test], f.y[test]
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std == 0] = 1.0
+    x, xt = (x - mean) / std, (xt - mean) / std
+    if f.task == "classification":
+        return Data(_f32(x), torch.from_numpy(y).long(), _f32(xt), torch.from_numpy(yt).long(), len(f.classes))
     return Data(_f32(x), _f32(y), _f32(xt), _f32(yt), y.shape[1])
 
 
@@ -92,4 +117,7 @@ def data_shape(cfg: DataCfg) -> tuple[int, int, int]:
         return cfg.n_samples, cfg.in_dim, cfg.out_dim
     if cfg.name == "digits":
         return cfg.n_samples, 64, DIGITS_CLASSES
+    if cfg.name == "arrays":
+        f = read_arrays(cfg.path, cfg.target, cfg.task)
+        return cfg.n_samples, f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
     return cfg.n_samples, (1 if cfg.name == "regression" else cfg.n_features), 1

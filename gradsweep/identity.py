@@ -62,10 +62,19 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
     return out
 
 
+# Keys added after sweeps were first written, with their defaults: a run that leaves them at those keeps the run_id
+# it had before they existed (a sweep resumed across the change finds its runs).
+ADDED_KEYS = {"data": {"path": None, "target": None, "task": "auto", "digest": ""}}
+
+
 def config_hash(cfg: RunCfg) -> str:
     """A stable 16-hex-digit hash of everything that determines a run's result."""
     payload = as_dict(cfg)
     payload.pop("quiet")
     payload.pop("engine")  # the engines agree to rounding: a sweep resumed with another engine keeps its runs
+    for section, added in ADDED_KEYS.items():  # keys newer than the first sweeps enter the hash only when set
+        for key, default in added.items():
+            if payload[section][key] == default:
+                del payload[section][key]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:16]

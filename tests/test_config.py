@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from gradsweep.config import (
@@ -25,8 +26,14 @@ def test_defaults_compose_to_the_schema_defaults(composed):
 
 
 @pytest.mark.parametrize("group", ["init", "data", "optim", "model", "train", "verdict"])
-def test_every_preset_is_valid(composed, group):
+def test_every_preset_is_valid(composed, group, tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.eye(4), y=np.arange(4.0))
     for option in group_options(group):
+        if (group, option) == ("data", "arrays"):  # the user's file: nothing to train on without data.path
+            with pytest.raises(ConfigError, match="data.path is required with data=arrays"):
+                to_run_cfg(composed(["data=arrays"]))
+            to_run_cfg(composed(["data=arrays", f"data.path={tmp_path / 'd.npz'}"]))
+            continue
         to_run_cfg(composed([f"{group}={option}"]))
 
 
