@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
+from gradsweep.identity import ADDED_KEYS, column_of
 from gradsweep.schema import (
     GROUPS_DIR,
     RUNS_FILE,
@@ -32,6 +33,7 @@ from gradsweep.schema import (
     STEPS_FILE,
     STEPS_SCHEMA,
     TUNE_DIR,
+    config_columns,
     runs_schema,
     schema_version,
     versioned,
@@ -223,6 +225,22 @@ def _inside(rel: str) -> bool:
     return rel != ".." and not rel.startswith("../")
 
 
+def _with_added_keys(table: pa.Table) -> pa.Table:
+    """A runs table written before some config keys existed (``identity.ADDED_KEYS``), with their columns where
+    today's code puts them, holding their defaults: what it would write for those runs today."""
+    order = list(config_columns())
+    for section, added in ADDED_KEYS.items():
+        for key, default in added.items():
+            col = column_of(section, key)
+            if col in table.column_names:
+                continue
+            before = [c for c in order[:order.index(col)] if c in table.column_names]
+            at = table.column_names.index(before[-1]) + 1 if before else table.num_columns
+            typ = config_columns()[col]
+            table = table.add_column(at, pa.field(col, typ), pa.array([default] * table.num_rows, typ))
+    return table
+
+
 def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFrame:
     """The runs table of a sweep directory (or one run's directory), with ``run_dir`` relative to ``path``.
 
@@ -253,7 +271,7 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
             if "run_dir" in t.column_names:
                 t = t.drop_columns(["run_dir"])
             dirs = dirs * t.num_rows if len(dirs) == 1 and t.num_rows > 1 else dirs
-            t = t.append_column("run_dir", pa.array(dirs, pa.string()))
+            t = _with_added_keys(t).append_column("run_dir", pa.array(dirs, pa.string()))
             parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
         table = pa.concat_tables(parts, promote_options="default")
         order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
