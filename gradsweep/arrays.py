@@ -69,6 +69,13 @@ def read_arrays(path: str, target: str | None, task: str) -> ArrayFile:
 
 @functools.cache
 def _read_arrays(path: str, target: str | None, task: str, size: int, mtime_ns: int) -> ArrayFile:
+    x, y, xt, yt, digest = _load(path, target, size, mtime_ns)
+    return _resolve(Path(path).name, x, y, xt, yt, digest, task)
+
+
+@functools.cache
+def _load(path: str, target: str | None, size: int, mtime_ns: int) -> tuple[Any, ...]:
+    """The file's arrays and digest, read once per version whatever data.task asks of them."""
     import hashlib
 
     name = Path(path).name
@@ -85,6 +92,14 @@ def _read_arrays(path: str, target: str | None, task: str, size: int, mtime_ns: 
         x, y, xt, yt = _npz(path, name)
     else:
         x, y, xt, yt = _table(path, name, target, suffix)
+    if len(x) == 0:
+        raise ConfigError(f"data.path: {name} has no rows")
+    return x, y, xt, yt, digest
+
+
+def _resolve(name: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray | None, yt: np.ndarray | None, digest: str,
+             task: str) -> ArrayFile:
+    """The file's arrays as ``task`` (auto: inferred) takes them: class indices, or float targets checked finite."""
     task = _task(name, y if yt is None else np.concatenate([y, yt]), task)
     classes = None
     if task == "classification":
@@ -100,8 +115,8 @@ def _read_arrays(path: str, target: str | None, task: str, size: int, mtime_ns: 
             raise ConfigError(f"data.path: {name}: classification needs at least 2 classes, the targets hold "
                               f"{len(classes)}")
     else:
-        y = y.astype(np.float64).reshape(len(y), -1)
-        yt = yt.astype(np.float64).reshape(len(yt), -1) if yt is not None else None
+        y = _numeric(name, "the target", y).reshape(len(y), -1)
+        yt = _numeric(name, "y_test", yt).reshape(len(yt), -1) if yt is not None else None
     log.info("data=arrays: %s: %d rows, %d features, %s%s", name, len(x), x.shape[1], task,
              f" with {len(classes)} classes" if classes else f" with {y.shape[1]} output(s)")
     return ArrayFile(x, y, xt, yt, task, classes, digest)
@@ -127,6 +142,9 @@ def _npz(path: str, name: str) -> tuple[np.ndarray, ...]:
     if missing:
         raise ConfigError(f"data.path: {name} has no array {' or '.join(missing)}; it holds "
                           f"{', '.join(sorted(arrays)) or 'none'} (expected x, y and optionally x_test, y_test)")
+    scalar = [k for k in ("x", "y", "x_test", "y_test") if k in arrays and arrays[k].ndim == 0]
+    if scalar:
+        raise ConfigError(f"data.path: {name}: {', '.join(scalar)} is a single value, not an array of rows")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"data.path: {name} has {'x_test' if 'x_test' in arrays else 'y_test'} without "
                           f"{'y_test' if 'x_test' in arrays else 'x_test'}")
@@ -162,6 +180,8 @@ def _table(path: str, name: str, target: str | None, suffix: str) -> tuple[np.nd
     if len(columns) < 2:
         raise ConfigError(f"data.path: {name} has no feature column besides the target {target!r}")
     frame.columns = columns
+    if len(frame) == 0:
+        raise ConfigError(f"data.path: {name} has no rows")
     features = frame.drop(columns=[target])
     text = [c for c in features.columns if features[c].dtype.kind not in "biuf"]
     if text:
@@ -171,7 +191,7 @@ def _table(path: str, name: str, target: str | None, suffix: str) -> tuple[np.nd
     if missing:
         raise ConfigError(f"data.path: {name}: missing (NaN) values in column(s) {', '.join(missing)} "
                           f"({', '.join(str(int(frame[c].isna().sum())) for c in missing)} rows)")
-    x = _numeric(name, "the features", features.to_numpy())
+    x = _numeric(name, "the features", features.to_numpy(dtype=np.float64, na_value=np.nan))
     y = frame[target].to_numpy()
     if y.dtype.kind == "O":
         y = y.astype(str)

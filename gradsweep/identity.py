@@ -76,5 +76,7 @@ def config_hash(cfg: RunCfg) -> str:
         for key, default in added.items():
             if payload[section][key] == default:
                 del payload[section][key]
+    if payload["data"]["name"] == "arrays":  # the file's content (data.digest), not how its path is spelled
+        del payload["data"]["path"]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:16]

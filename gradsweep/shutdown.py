@@ -19,10 +19,11 @@ from typing import Any, NoReturn
 def run_and_exit(main: Callable[[], Any]) -> NoReturn:
     """Run ``main`` as the program, then exit as Python's own exit does, minus the teardown.
 
-    In the interpreter's order: other non-daemon threads are joined, atexit handlers run (logging flushes and closes
-    its files; multiprocessing, submitit and tqdm clean up), stdout and stderr are flushed, then the process exits
-    with ``main``'s status: 0, a ``SystemExit`` code, or 1 after printing a non-integer one. An exception that is not
-    ``SystemExit`` propagates as usual, with its traceback and the full teardown.
+    In the interpreter's order: other non-daemon threads are joined (idle thread pools woken first), atexit
+    handlers run (logging flushes and closes its files; multiprocessing, submitit and tqdm clean up), stdout and
+    stderr are flushed, then the process exits with ``main``'s status: 0, a ``SystemExit`` code, or 1 after
+    printing a non-integer one (120 where the final flush of stdout or stderr fails, as Python's). An exception
+    that is not ``SystemExit`` propagates as usual, with its traceback and the full teardown.
     """
     try:
         main()
@@ -36,16 +37,20 @@ def run_and_exit(main: Callable[[], Any]) -> NoReturn:
     else:
         print(code, file=sys.stderr)
         status = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # Private: what the interpreter calls first at exit: wakes concurrent.futures' idle workers (its own atexit
+    # hooks), then joins the non-daemon threads; there is no public way.
+    threading._shutdown()
     # Private: atexit has no public way to run its handlers before the interpreter's own exit, which is what
     # os._exit skips.
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the stream closed (>&-)
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (| head) or a closed stream: nothing left to write to
+        except OSError:  # output lost (a full disk, a closed pipe): Python's own exit says so with status 120
+            status = status or 120
+        except ValueError:  # a stream the program closed: nothing left to write
             pass
     # Not private despite its name: os._exit is the documented exit without the interpreter's cleanup. The low
     # byte is all the OS keeps of an exit status.

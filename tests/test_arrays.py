@@ -92,6 +92,25 @@ def test_the_run_id_follows_the_files_content(tmp_path):
     assert config_hash(build_run_cfg(cfg)) != before
 
 
+def test_boolean_and_integer_features_beside_floats(tmp_path):
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": [True, False, True, False], "c": [1, 2, 3, 5],
+                          "y": [0.1, 0.2, 0.3, 0.4]})
+    frame.to_csv(tmp_path / "mixed.csv", index=False)
+    frame.astype({"c": "Int64"}).to_parquet(tmp_path / "mixed.parquet")
+    for name in ("mixed.csv", "mixed.parquet"):
+        d = load_data(DataCfg(name="arrays", path=str(tmp_path / name), target="y", n_samples=None))
+        x = frame[["a", "b", "c"]].to_numpy(dtype=np.float64)
+        np.testing.assert_allclose(d.x.numpy(), _standardised(x, x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_run_id_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    _regression_frame().to_csv(tmp_path / "d.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    ids = {config_hash(build_run_cfg({"data": {"name": "arrays", "path": p, "target": "y", "n_samples": None}}))
+           for p in ("d.csv", "./d.csv", str(tmp_path / "d.csv"))}
+    assert len(ids) == 1
+
+
 def _bad_files(tmp: Path) -> list[tuple[dict, str]]:
     good = _regression_frame(10)
     good.to_csv(tmp / "good.csv", index=False)
@@ -100,6 +119,10 @@ def _bad_files(tmp: Path) -> list[tuple[dict, str]]:
     (tmp / "junk.parquet").write_bytes(b"not parquet at all")
     np.savez(tmp / "short.npz", x=np.zeros((5, 2)), y=np.zeros(4))
     np.savez(tmp / "noy.npz", x=np.zeros((5, 2)))
+    np.savez(tmp / "ynan.npz", x=np.zeros((6, 2)), y=np.array([1.0, np.nan, 2, 3, 4, 5]))
+    np.savez(tmp / "scalar.npz", x=np.array(3.0), y=np.array(1.0))
+    np.savez(tmp / "empty.npz", x=np.ones((0, 3)), y=np.ones((0,)))
+    (tmp / "header.csv").write_text("a,y\n")
     (tmp / "d.txt").write_text("1,2\n")
     return [
         ({"path": str(tmp / "missing.csv"), "target": "y"}, "missing.csv'"),
@@ -111,6 +134,10 @@ def _bad_files(tmp: Path) -> list[tuple[dict, str]]:
         ({"path": str(tmp / "nan.csv"), "target": "y"}, "nan.csv: missing (NaN) values in column(s) c (1 rows)"),
         ({"path": str(tmp / "short.npz")}, "short.npz: x has 5 rows and y 4: shapes (5, 2) and (4,) do not match"),
         ({"path": str(tmp / "noy.npz")}, "noy.npz has no array y; it holds x"),
+        ({"path": str(tmp / "ynan.npz")}, "ynan.npz: the target holds 1 NaN or infinite value(s)"),
+        ({"path": str(tmp / "scalar.npz")}, "scalar.npz: x, y is a single value, not an array of rows"),
+        ({"path": str(tmp / "empty.npz")}, "empty.npz has no rows"),
+        ({"path": str(tmp / "header.csv"), "target": "y"}, "header.csv has no rows"),
         ({}, "data.path is required with data=arrays"),
         ({"path": str(tmp / "good.csv"), "target": "y", "n_samples": 11}, "data.n_samples=11 is not valid"),
     ]

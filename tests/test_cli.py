@@ -173,11 +173,16 @@ def main():
         sys.exit("a message")
     if how == "raise":
         raise ValueError("boom")
+    if how == "pool":  # a thread pool left open: Python's exit wakes and joins its idle worker
+        global pool
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1)
+        pool.submit(print, "", end="")
 run_and_exit(main)
 """
 
 
-@pytest.mark.parametrize("how,status", [("return", 0), ("int", 3), ("str", 1), ("raise", 1)])
+@pytest.mark.parametrize("how,status", [("return", 0), ("int", 3), ("str", 1), ("raise", 1), ("pool", 0)])
 def test_a_command_ends_like_python_minus_the_teardown(tmp_path, how, status):
     # What run_and_exit skips is only the interpreter's teardown: threads joined, atexit run, output flushed, and
     # the status Python would give.
@@ -190,3 +195,15 @@ def test_a_command_ends_like_python_minus_the_teardown(tmp_path, how, status):
         assert out.stderr.strip() == "a message"
     if how == "raise":
         assert "ValueError: boom" in out.stderr
+
+
+def test_output_a_command_could_not_write_is_status_120_as_pythons(tmp_path):
+    program = "from gradsweep.shutdown import run_and_exit\nrun_and_exit(lambda: print('done', end=''))\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the output waits for the final flush
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-c", program], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                             timeout=scaled(120), cwd=REPO)
+    assert out.returncode == 120, out.stderr[-2000:]
+    closed = subprocess.run(["bash", "-c", f"'{sys.executable}' -c \"{program}\" >&-"], capture_output=True, text=True,
+                            timeout=scaled(120), cwd=REPO)
+    assert closed.returncode == 0, closed.stderr[-2000:]
