@@ -70,7 +70,11 @@ def read_arrays(path: str, target: str | None, task: str) -> ArrayFile:
 @functools.cache
 def _read_arrays(path: str, target: str | None, task: str, size: int, mtime_ns: int) -> ArrayFile:
     x, y, xt, yt, digest = _load(path, target, size, mtime_ns)
-    return _resolve(Path(path).name, x, y, xt, yt, digest, task)
+    name, labels = Path(path).name, y if yt is None else np.concatenate([y, yt])
+    resolved = _task(name, labels, task)
+    if resolved != task:  # auto: the very reading of the task it resolves to (one per file version, one log line)
+        return _read_arrays(path, target, resolved, size, mtime_ns)
+    return _resolve(name, x, y, xt, yt, labels, digest, task)
 
 
 @functools.cache
@@ -97,13 +101,12 @@ def _load(path: str, target: str | None, size: int, mtime_ns: int) -> tuple[Any,
     return x, y, xt, yt, digest
 
 
-def _resolve(name: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray | None, yt: np.ndarray | None, digest: str,
-             task: str) -> ArrayFile:
-    """The file's arrays as ``task`` (auto: inferred) takes them: class indices, or float targets checked finite."""
-    task = _task(name, y if yt is None else np.concatenate([y, yt]), task)
+def _resolve(name: str, x: np.ndarray, y: np.ndarray, xt: np.ndarray | None, yt: np.ndarray | None,
+             labels: np.ndarray, digest: str, task: str) -> ArrayFile:
+    """The file's arrays as ``task`` (regression or classification) takes them: class indices of ``labels`` (y and
+    y_test together), or float targets checked finite."""
     classes = None
     if task == "classification":
-        labels = y if yt is None else np.concatenate([y, yt])
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.ndim != 1:
@@ -148,7 +151,7 @@ def _npz(path: str, name: str) -> tuple[np.ndarray, ...]:
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"data.path: {name} has {'x_test' if 'x_test' in arrays else 'y_test'} without "
                           f"{'y_test' if 'x_test' in arrays else 'x_test'}")
-    x = arrays["x"].reshape(len(arrays["x"]), -1) if arrays["x"].ndim != 2 else arrays["x"]
+    x = arrays["x"].reshape(len(arrays["x"]), -1) if arrays["x"].ndim != 2 else arrays["x"]  # 1-D: one feature
     x = _numeric(name, "x", x)
     y = arrays["y"]
     if len(y) != len(x):
@@ -206,8 +209,6 @@ def _task(name: str, y: np.ndarray, task: str) -> str:
     if task == "regression" and kind in "US":
         raise ConfigError(f"data.task=regression is not valid for {name}: its targets are text labels; "
                           "valid values: auto, classification")
-    if task == "regression":
-        _numeric(name, "the target", y)
     if task == "classification" and kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise ConfigError(f"data.task=classification is not valid for {name}: its targets are not whole numbers; "
                           "valid values: auto, regression")

@@ -23,6 +23,8 @@ OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "float64")
 DATASETS = ("regression", "scaled", "digits", "gaussian", "arrays")
 TASKS = ("auto", "regression", "classification")
+# data=arrays' own keys with the values every other data keeps (and run_ids before they existed)
+ARRAYS_KEYS = {"path": None, "target": None, "task": "auto", "digest": ""}
 LOSSES = ("auto", "mse", "cross_entropy", "projection")
 CLASSIFICATION = ("digits",)  # built-in data whose targets are class indices (data=arrays: data.task decides)
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
@@ -209,7 +211,7 @@ class DataCfg:
 
             resolve_arrays(self)
         else:
-            for key, default in (("path", None), ("target", None), ("task", "auto"), ("digest", "")):
+            for key, default in ARRAYS_KEYS.items():
                 check(f"data.{key}", getattr(self, key), getattr(self, key) == default,
                       f"{default!r} unless data=arrays".replace("None", "null"))
         check("data.n_samples", self.n_samples, self.n_samples is not None and self.n_samples >= 1,

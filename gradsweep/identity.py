@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from gradsweep.config import SECTIONS, RunCfg
+from gradsweep.config import ARRAYS_KEYS, SECTIONS, RunCfg
 
 
 def column_of(section: str, key: str) -> str:
@@ -38,7 +38,7 @@ def as_dict(obj: Any) -> Any:
         return cls(as_dict(v) for v in obj)
     if cls is dict:
         return {as_dict(k): as_dict(v) for k, v in obj.items()}
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else copy.deepcopy(obj)
+    return copy.deepcopy(obj)
 
 
 def as_tuple(section: Any) -> tuple:
@@ -64,7 +64,7 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
 
 # Keys added after sweeps were first written, with their defaults: a run that leaves them at those keeps the run_id
 # it had before they existed (a sweep resumed across the change finds its runs).
-ADDED_KEYS = {"data": {"path": None, "target": None, "task": "auto", "digest": ""}}
+ADDED_KEYS = {"data": ARRAYS_KEYS}
 
 
 def config_hash(cfg: RunCfg) -> str:

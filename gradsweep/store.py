@@ -228,7 +228,8 @@ def _inside(rel: str) -> bool:
 def _with_added_keys(table: pa.Table) -> pa.Table:
     """A runs table written before some config keys existed (``identity.ADDED_KEYS``), with their columns where
     today's code puts them, holding their defaults: what it would write for those runs today."""
-    order = list(config_columns())
+    columns = config_columns()
+    order = list(columns)
     for section, added in ADDED_KEYS.items():
         for key, default in added.items():
             col = column_of(section, key)
@@ -236,7 +237,7 @@ def _with_added_keys(table: pa.Table) -> pa.Table:
                 continue
             before = [c for c in order[:order.index(col)] if c in table.column_names]
             at = table.column_names.index(before[-1]) + 1 if before else table.num_columns
-            typ = config_columns()[col]
+            typ = columns[col]
             table = table.add_column(at, pa.field(col, typ), pa.array([default] * table.num_rows, typ))
     return table
 
