@@ -11,13 +11,12 @@ from gradsweep.config import (
     ConfigError,
     InitCfg,
     RunCfg,
-    SearchDim,
-    TuneCfg,
     build_run_cfg,
     to_run_cfg,
 )
 from gradsweep.identity import as_dict, config_hash, flatten
 from gradsweep.preflight import group_options
+from gradsweep.tune.config import SearchDim, TuneCfg
 
 
 def test_defaults_compose_to_the_schema_defaults(composed):

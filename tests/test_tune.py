@@ -348,8 +348,8 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
 
 
 def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_edge():
-    from gradsweep.config import TuneCfg
     from gradsweep.tune import summarize
+    from gradsweep.tune.config import TuneCfg
 
     lrs = [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1.6e-3, 3e-3, 5e-3, 1e-2, 2e-2]
     ok = [False, True, True, True, True, False, True, False, False, False]  # 1e-4 stalled; 3e-3 an island

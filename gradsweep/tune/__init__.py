@@ -24,7 +24,7 @@ learning rate, its loss, the stability edge), ``stability.png``, ``trials.csv``,
 
 Modules: ``cli`` (composition, the ask/tell loop, the command), ``study`` (storage, sampler, constraints),
 ``trials`` (trained through ``gradsweep.group``), ``recovery`` (dead workers), ``results`` (the stable band,
-best.json). ``TuneCfg`` is with the other schemas, in ``gradsweep.config``.
+best.json). ``TuneCfg`` is in ``gradsweep.tune.config``.
 """
 
 from gradsweep.tune.cli import compose, main, tune_study

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from gradsweep.checks import check, coerce, field_hints
-from gradsweep.config import SECTIONS, RunCfg, SearchDim, TuneCfg, build_run_cfg
+from gradsweep.config import SECTIONS, RunCfg, build_run_cfg
 from gradsweep.errors import ConfigError, first_line
 from gradsweep.schema import TUNE_DIR
 from gradsweep.store import RunIndex
+from gradsweep.tune.config import SearchDim, TuneCfg
 from gradsweep.tune.recovery import Heartbeat, fail_and_requeue, recover_stale, worker_id
 from gradsweep.tune.results import describe, summarize, write_outputs
 from gradsweep.tune.study import CONSTRAINTS, WORKER_ATTR, default_study_name, named_constraints, open_study, set_system_attr

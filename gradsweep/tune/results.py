@@ -10,8 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.config import TuneCfg
 from gradsweep.schema import TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, TUNE_TRIALS_FILE
+from gradsweep.tune.config import TuneCfg
 
 
 def trial_frame(study: Any) -> Any:

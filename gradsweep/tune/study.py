@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import SAMPLERS, RunCfg, TuneCfg
+from gradsweep.config import RunCfg
 from gradsweep.errors import ConfigError, first_line
 from gradsweep.identity import config_hash
 from gradsweep.schema import TUNE_DIR
+from gradsweep.tune.config import SAMPLERS, TuneCfg
 
 JOURNAL_FILE = "study.journal"
 TABLE_CREATION_TRIES = 5

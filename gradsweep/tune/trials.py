@@ -10,11 +10,12 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.config import TuneCfg, build_run_cfg
+from gradsweep.config import build_run_cfg
 from gradsweep.group import GroupJob, plan, run_group
 from gradsweep.identity import config_hash
 from gradsweep.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_DIR
 from gradsweep.store import CompleteRun, RunIndex, write_job_files
+from gradsweep.tune.config import TuneCfg
 from gradsweep.tune.study import CONSTRAINTS, GROUP_ATTR, set_system_attr
 
 log = logging.getLogger("gradsweep.tune")
