@@ -14,7 +14,8 @@ from typing import Any
 
 from gradsweep.errors import ConfigError
 
-TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+              dict: "a config node (<key>.<name>=...)"}
 
 
 def choice(key: str, value: Any, valid: tuple[str, ...]) -> None:

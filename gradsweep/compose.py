@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import AnyNode, DictConfig, OmegaConf, open_dict
 
+from gradsweep.config import settle_data_dims
+
 _PRIMITIVES = (bool, int, float, str, type(None))
 
 
@@ -124,6 +126,7 @@ class SweepComposer:
             self.n_hydra += 1
             unresolved = OmegaConf.to_container(cfg, resolve=False)
             unresolved.pop("hydra")
+            settle_data_dims(cfg)  # ${data.in_dim} reads the data's size
             task = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                     for k in cfg.keys() if k != "hydra"}
             return JobConfig(task, unresolved, lines, dirname, fast=False)

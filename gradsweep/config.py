@@ -15,6 +15,8 @@ from gradsweep.errors import ConfigError, first_line  # noqa: F401  (importable 
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "gelu", "selu", "identity")
 NORMS = ("none", "batchnorm", "layernorm")
+MODELS = ("mlp", "cnn", "resmlp", "custom")
+MODULE_KEYS = {"name": "mlp", "net": None}  # the model keys of module-built nets, with the values the MLP keeps
 INIT_SCHEMES = ("default", "xavier", "kaiming", "normal", "uniform", "orthogonal")
 DISTRIBUTIONS = ("uniform", "normal")
 FAN_MODES = ("fan_in", "fan_out")
@@ -28,6 +30,7 @@ ARRAYS_KEYS = {"path": None, "target": None, "task": "auto", "digest": ""}
 LOSSES = ("auto", "mse", "cross_entropy", "projection")
 CLASSIFICATION = ("digits",)  # built-in data whose targets are class indices (data=arrays: data.task decides)
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
+DIGITS_CLASSES = 10
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "eager", "compiled")
 
@@ -48,24 +51,41 @@ PRELU_INIT = 0.25  # nn.PReLU's initial slope
 
 @dataclass
 class ModelCfg:
-    """The MLP: ``depth`` blocks of Linear -> norm -> activation, then a Linear readout."""
+    """The network: the MLP (``depth`` blocks of Linear -> norm -> activation, then a Linear readout), a built-in
+    module (cnn, resmlp: gradsweep.nets, from the same keys) or your own module (custom: ``net``)."""
 
     depth: int = 10
-    """Number of hidden blocks (the readout Linear comes on top, so depth + 1 Linear layers)."""
+    """Number of hidden blocks (the readout Linear comes on top, so depth + 1 Linear layers); cnn: conv layers;
+    resmlp: residual blocks."""
     width: int = 10
-    """Units per hidden block."""
+    """Units per hidden block; cnn: channels per conv layer."""
     activation: str = "relu"
     """Activation after every hidden block; one of ACTIVATIONS."""
     residual: bool = False
     """Add each block's input to its output wherever the shapes match (hidden blocks)."""
     norm: str = "none"
-    """Normalisation between Linear and activation: none, batchnorm (gamma=1, beta=0), layernorm."""
+    """Normalisation between Linear and activation: none, batchnorm (gamma=1, beta=0), layernorm (cnn: GroupNorm
+    with one group, over channels and pixels; resmlp: the pre-norm of each block)."""
+    name: str = "mlp"
+    """mlp, cnn, resmlp (gradsweep.nets) or custom (your module: ``net``)."""
+    net: dict | None = None
+    """custom: the module, in Hydra's instantiate convention: ``_target_`` (an nn.Module class or a function that
+    returns one, importable from the working directory or PYTHONPATH) and its arguments, each sweepable
+    (model.net.<arg>=a,b). ``in_dim`` and ``out_dim``, the data's sizes, are passed when the target takes them and
+    they are not given."""
 
     def __post_init__(self) -> None:
         check("model.depth", self.depth, self.depth >= 1, "an integer >= 1")
         check("model.width", self.width, self.width >= 1, "an integer >= 1")
         choice("model.activation", self.activation, ACTIVATIONS)
         choice("model.norm", self.norm, NORMS)
+        choice("model.name", self.name, MODELS)
+        if self.name == "custom":
+            target = (self.net or {}).get("_target_")
+            check("model.net._target_", target, isinstance(target, str) and bool(target.strip()),
+                  "the module to build, as model.net._target_=<module>.<class or function>")
+        else:
+            check("model.net", self.net, self.net is None, "null unless model=custom")
 
 
 @dataclass
@@ -189,9 +209,11 @@ class DataCfg:
     scale_max: float = 1.0
     """scaled: largest feature scale (scales are log-spaced from scale_min to scale_max)."""
     in_dim: int = 16
-    """gaussian: input dimension."""
+    """gaussian: input dimension; every other data: set to its number of input features (what ${data.in_dim}
+    reads, e.g. in a model.net argument)."""
     out_dim: int = 16
-    """gaussian: output (target) dimension."""
+    """gaussian: output (target) dimension; every other data: set to its number of outputs (classes for
+    classification)."""
     path: str | None = None
     """arrays: the file, relative to the working directory: .npz (arrays x, y and optionally x_test, y_test) or
     .csv / .parquet (the column data.target, every other column a numeric feature)."""
@@ -226,10 +248,37 @@ class DataCfg:
                "a finite number >= data.scale_min")
         if self.name == "regression":
             check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
+        if self.name != "gaussian":  # the sizes of the data, for ${data.in_dim} (not part of run_id: derived)
+            self.in_dim, self.out_dim = _data_dims(self)
         if self.name == "digits":
             check("data.n_test", self.n_test, self.n_test < DIGITS_SIZE, f"< {DIGITS_SIZE} for data=digits")
             check("data.n_samples", self.n_samples, self.n_samples <= DIGITS_SIZE - self.n_test,
                    f"<= {DIGITS_SIZE - self.n_test} for data=digits with data.n_test={self.n_test}")
+
+
+def _data_dims(data: DataCfg) -> tuple[int, int]:
+    """(input features, outputs) of data other than gaussian."""
+    if data.name == "digits":
+        return 64, DIGITS_CLASSES
+    if data.name == "arrays":
+        from gradsweep.arrays import read_arrays
+
+        f = read_arrays(data.path, data.target, data.task)
+        return f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
+    return (1 if data.name == "regression" else data.n_features), 1
+
+
+def settle_data_dims(cfg: Any) -> None:
+    """Set a composed config's (a DictConfig's) data.in_dim and data.out_dim to its data's sizes before it is
+    resolved, so that ``${data.in_dim}`` and ``${data.out_dim}`` anywhere in it read them."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    data = cfg.get("data") if OmegaConf.is_dict(cfg) else None
+    if not OmegaConf.is_dict(data) or data.get("name") == "gaussian":
+        return
+    settled = build_section("data", OmegaConf.to_container(data, resolve=True))
+    with read_write(data), open_dict(data):
+        data.in_dim, data.out_dim = settled.in_dim, settled.out_dim
 
 
 @dataclass
@@ -341,6 +390,7 @@ def to_run_cfg(cfg: Any) -> RunCfg:
     """Convert Hydra's composed config (a ``DictConfig``) into a :class:`RunCfg`. The one conversion point."""
     from omegaconf import OmegaConf
 
+    settle_data_dims(cfg)
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("hydra", None)
     return build_run_cfg(values)

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from gradsweep.arrays import read_arrays
-from gradsweep.config import DataCfg, is_classification
-
-DIGITS_CLASSES = 10
+from gradsweep.config import DIGITS_CLASSES, DataCfg, is_classification
 
 
 @dataclass
@@ -113,11 +111,4 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 def data_shape(cfg: DataCfg) -> tuple[int, int, int]:
     """(training points, input features, outputs) of ``cfg``'s data, without drawing it."""
-    if cfg.name == "gaussian":
-        return cfg.n_samples, cfg.in_dim, cfg.out_dim
-    if cfg.name == "digits":
-        return cfg.n_samples, 64, DIGITS_CLASSES
-    if cfg.name == "arrays":
-        f = read_arrays(cfg.path, cfg.target, cfg.task)
-        return cfg.n_samples, f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
-    return cfg.n_samples, (1 if cfg.name == "regression" else cfg.n_features), 1
+    return cfg.n_samples, cfg.in_dim, cfg.out_dim

@@ -139,7 +139,10 @@ def run_group(job: GroupJob) -> GroupResult:
         failures = [f or group_error for f in failures]
     m = cfgs[0].model
     n = len(cfgs)
-    line = (f"{n} run{'s' if n != 1 else ''} (depth {m.depth}, width {m.width}, {m.activation}), {trace.device}, "
+    arch = (f"depth {m.depth}, width {m.width}, {m.activation}" if m.name in ("mlp", "cnn", "resmlp") else
+            ", ".join(f"{k}={v}" for k, v in m.net.items() if k != "_target_") or "no arguments")
+    arch = arch if m.name == "mlp" else f"{m.net['_target_'] if m.name == 'custom' else m.name}: {arch}"
+    line = (f"{n} run{'s' if n != 1 else ''} ({arch}), {trace.device}, "
             f"{trace.engine}, "
             f"{n * cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
             f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")

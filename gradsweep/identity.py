@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from gradsweep.config import ARRAYS_KEYS, SECTIONS, RunCfg
+from gradsweep.config import ARRAYS_KEYS, MODULE_KEYS, SECTIONS, DataCfg, RunCfg
 
 
 def column_of(section: str, key: str) -> str:
@@ -42,9 +42,18 @@ def as_dict(obj: Any) -> Any:
 
 
 def as_tuple(section: Any) -> tuple:
-    """A config section's values in field order (``dataclasses.astuple`` for sections of plain values), a key
-    to group or cache runs by."""
-    return tuple(as_dict(section).values())
+    """A config section's values in field order (``dataclasses.astuple`` for sections of plain values; a mapping,
+    model.net, as its sorted JSON), a key to group or cache runs by."""
+    return tuple(json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v
+                 for v in as_dict(section).values())
+
+
+def _dotted(prefix: str, node: dict[str, Any], out: dict[str, Any]) -> None:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _dotted(f"{prefix}.{key}", value, out)
+        else:
+            out[f"{prefix}.{key}"] = value
 
 
 def flatten(cfg: RunCfg) -> dict[str, Any]:
@@ -56,7 +65,10 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in SECTIONS:
         for key, value in as_dict(getattr(cfg, section)).items():
-            out[column_of(section, key)] = value
+            if isinstance(value, dict):  # model.net: a column per argument (model.net._target_, model.net.depth...)
+                _dotted(column_of(section, key), value, out)
+            elif value is not None or key not in MODULE_KEYS:
+                out[column_of(section, key)] = value
     out["loss"] = cfg.loss
     out.update(cfg.extra)
     return out
@@ -64,7 +76,7 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
 
 # Keys added after sweeps were first written, with their defaults: a run that leaves them at those keeps the run_id
 # it had before they existed (a sweep resumed across the change finds its runs).
-ADDED_KEYS = {"data": ARRAYS_KEYS}
+ADDED_KEYS = {"data": ARRAYS_KEYS, "model": MODULE_KEYS}
 
 
 def config_hash(cfg: RunCfg) -> str:
@@ -76,6 +88,8 @@ def config_hash(cfg: RunCfg) -> str:
         for key, default in added.items():
             if payload[section][key] == default:
                 del payload[section][key]
+    if payload["data"]["name"] != "gaussian":  # derived from the data: hashed as the constants they were before
+        payload["data"]["in_dim"], payload["data"]["out_dim"] = DataCfg.in_dim, DataCfg.out_dim
     if payload["data"]["name"] == "arrays":  # the file's content (data.digest), not how its path is spelled
         del payload["data"]["path"]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

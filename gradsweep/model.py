@@ -23,16 +23,20 @@ BN_EPS = 1e-5  # nn.BatchNorm1d's and nn.LayerNorm's default eps
 
 @dataclass(frozen=True)
 class Layer:
-    """One row of the per-layer statistics: a Linear layer or a norm layer of block ``index``."""
+    """One row of the per-layer statistics: a Linear layer or a norm layer of block ``index`` (a module-built net,
+    gradsweep.nets: a Linear, Conv or norm layer, ``index`` its place in the forward pass)."""
 
     index: int
-    """Block number, 1..depth for hidden blocks, depth + 1 for the readout."""
+    """Block number, 1..depth for hidden blocks, depth + 1 for the readout (a module: 1, 2, ... in forward order)."""
     kind: str
-    """'linear' or 'norm'."""
+    """'linear', 'conv' or 'norm'."""
+    path: str | None = None
+    """A module's layer: its dotted name in the module (``blocks.3.fc1``)."""
 
     @property
     def name(self) -> str:
-        return f"{self.kind}{self.index}"
+        """The layer's name: the steps table's layer_name (``linear3``; a module's layer: its dotted path)."""
+        return self.path if self.path is not None else f"{self.kind}{self.index}"
 
 
 def layers(cfg: ModelCfg) -> list[Layer]:
@@ -95,6 +99,18 @@ class Stack:
     layout: ParamLayout
     params: dict[str, torch.Tensor]
 
+    @classmethod
+    def of(cls, per_run: list[dict[str, torch.Tensor]], dtype: torch.dtype, device: torch.device | str) -> Stack:
+        """The stack of R runs' parameters (each a dict, in one order and shape), in ``dtype`` on ``device``."""
+        layout = ParamLayout.of(per_run[0])
+        flat = torch.stack([torch.cat([t.detach().reshape(-1) for t in p.values()]) for p in per_run]).to(
+            device=device, dtype=dtype)
+        R = flat.shape[0]
+        params = {}
+        for name, shape in zip(layout.names, layout.shapes):
+            params[name] = flat[:, layout.span(name)].view(R, *shape).requires_grad_()
+        return cls(flat, layout, params)
+
 
 def build_params(
     cfg: ModelCfg,
@@ -129,13 +145,7 @@ def build_params(
                 p[f"norm{i}.bias"] = torch.zeros(cfg.width)
             if cfg.activation == "prelu":
                 p[f"act{i}.weight"] = torch.full((1,), PRELU_INIT)
-    layout = ParamLayout.of(per_run[0])
-    flat = torch.stack([torch.cat([t.reshape(-1) for t in p.values()]) for p in per_run]).to(device=device, dtype=dtype)
-    R = flat.shape[0]
-    params = {}
-    for name, shape in zip(layout.names, layout.shapes):
-        params[name] = flat[:, layout.span(name)].view(R, *shape).requires_grad_()
-    return Stack(flat, layout, params)
+    return Stack.of(per_run, dtype, device)
 
 
 def activate(x: torch.Tensor, name: str, prelu_weight: torch.Tensor | None = None) -> torch.Tensor:

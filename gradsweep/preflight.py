@@ -12,7 +12,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import SECTIONS, TOP_LEVEL, ConfigError, build_run_cfg, build_section, first_line
+from gradsweep.config import (
+    SECTIONS,
+    TOP_LEVEL,
+    ConfigError,
+    build_run_cfg,
+    build_section,
+    first_line,
+    settle_data_dims,
+)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so that a wheel carries it
 GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
@@ -77,11 +85,16 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
         for value in _values(o):
             if "." in key and key.split(".", 1)[0] in SECTIONS:
                 section, field = key.split(".", 1)
-                build_section(section, {**base.get(section, {}), field: value})
+                checked = build_section(section, _with(base.get(section, {}), field, value))
+                if section == "model" and checked.name != "mlp" and base:  # the module built and run once
+                    data = build_section("data", base["data"])
+                    describe(checked, data.in_dim, data.out_dim)
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
     if base:
         cfg = build_run_cfg(base)
+        if cfg.model.name != "mlp":
+            describe(cfg.model, cfg.data.in_dim, cfg.data.out_dim)
         if cfg.device == "cuda":
             from gradsweep.device import resolve_device
 
@@ -93,6 +106,25 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
 
             device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
             resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
+
+
+def describe(model: Any, in_dim: int, out_dim: int) -> None:
+    """A module-built net (model=cnn, resmlp, custom) built and run once: gradsweep.nets.describe's one-line errors."""
+    from gradsweep.nets import describe as describe_net
+
+    describe_net(model, in_dim, out_dim)
+
+
+def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of a section's ``values`` with ``dotted`` (``depth``, or ``net.depth`` below a mapping) set."""
+    out = dict(values)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node[name] = dict(node[name]) if isinstance(node.get(name), dict) else {}
+        node = node[name]
+    node[leaf] = value
+    return out
 
 
 def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
@@ -128,6 +160,7 @@ def compose_values(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
+    settle_data_dims(cfg)  # ${data.in_dim} reads the data's size
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("hydra", None)
     return values

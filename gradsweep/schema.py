@@ -10,7 +10,8 @@ store ``run_dir``, each run's directory relative to the group's); ``gradsweep.st
     column named like its override key (``model.depth``, ``init``, ``optim.lr``, ``train.clip_norm``, ...;
     ``+key=value`` additions too), then the results in ``RESULT_COLUMNS``.
 ``steps.parquet``
-    One row per logged step and layer (Linear layers 1..depth+1, norm layers), columns ``STEP_COLUMNS``.
+    One row per logged step and layer (Linear layers 1..depth+1, norm layers; a module's Linear, Conv and norm
+    layers), columns ``STEP_COLUMNS``.
     Rows stop at the step where a run diverged.
 
 Nothing here imports torch: ``load_sweep`` reads a sweep without it.
@@ -97,8 +98,9 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
 STEP_COLUMNS: dict[str, pa.DataType] = {
     "run_id": pa.string(),
     "step": pa.int64(),  # optimiser step; statistics are taken before that step's update
-    "layer": pa.int64(),  # block number: 1..depth hidden blocks, depth + 1 the readout
-    "kind": pa.string(),  # linear | norm
+    "layer": pa.int64(),  # block number: 1..depth hidden blocks, depth + 1 the readout (a module: 1, 2, ... in forward order)
+    "kind": pa.string(),  # linear | conv | norm
+    "layer_name": pa.string(),  # linear3, norm3; a module's layer: its dotted path (blocks.3.fc1); null in older tables
     "loss": pa.float64(),  # the run's loss at this step (repeated on each layer's row)
     "grad_norm": pa.float64(),  # total gradient norm over all parameters, before clipping
     "clipped": pa.bool_(),  # whether clipping scaled this step's gradients
@@ -116,7 +118,9 @@ def config_columns() -> dict[str, pa.DataType]:
     for section, cls in SECTIONS.items():
         hints, names = field_hints(cls)
         for name in names:
-            out[column_of(section, name)] = _PA_TYPES[bare_type(hints[name])[0]]
+            typ = bare_type(hints[name])[0]
+            if typ in _PA_TYPES:  # a mapping (model.net) is a column per key, typed by its values
+                out[column_of(section, name)] = _PA_TYPES[typ]
     out["loss"] = pa.string()
     return out
 

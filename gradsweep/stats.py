@@ -64,8 +64,9 @@ class StatsPlan:
     N_TERMS = 7
 
     def __init__(self, layout: ParamLayout, layers: list[Layer], activation: str, dtype: torch.dtype,
-                 device: torch.device | str):
-        # Each layer's output width: a Linear weight is (out, in), a norm gain is (width,).
+                 device: torch.device | str, widths: list[int] | None = None):
+        """``widths``: each layer's output entries per sample, where they are not its weight's first dimension (a
+        Linear weight is (out, in), a norm gain (width,); a module's conv or norm layer: gradsweep.nets)."""
         w_names = [f"{la.name}.weight" for la in layers]
         shapes = [layout.shapes[layout.names.index(n)] for n in w_names]
         spans = [(k, layout.offsets[layout.names.index(n)], math.prod(s)) for k, (n, s) in enumerate(zip(w_names, shapes))]
@@ -75,7 +76,8 @@ class StatsPlan:
         self.unpermute = torch.tensor([order.index(k) for k in range(len(layers))], device=device)
         self.P = layout.size
         self.w_numel = torch.tensor([float(n) for _, _, n in spans], dtype=dtype, device=device)
-        self.widths = torch.tensor([float(s[0]) for s in shapes], dtype=dtype, device=device)
+        self.widths = torch.tensor([float(s[0]) for s in shapes] if widths is None else [float(w) for w in widths],
+                                   dtype=dtype, device=device)
         self.hidden_rows = torch.tensor([k for k, la in enumerate(layers) if la.kind == "linear"][:-1], device=device)
         self.n_layers = len(layers)
         self.activation = activation
@@ -130,14 +132,21 @@ class StatsPlan:
         update; ``updated`` (R,) whether the run was updated. :meth:`start` and :meth:`probe` must have seen
         this step's forward pass, and :meth:`weight_sq` the parameters before the update.
         """
-        terms = self._buffer(grad.shape[0])
-        absg, _ = self.terms(grad, update, out=terms)
         stack = functools.partial(torch.stack, dim=1)
-        return self.finish(
-            self.per_weight(terms, torch.sum), self.per_weight(absg, torch.amax), updated, stack(self._hgrad),
-            stack(self._out_norm), self._batch,
+        return self.reduce(
+            grad, update, updated, stack(self._hgrad), stack(self._out_norm), self._batch,
             stack(self._act_norm) if self._act_norm else None, self._width if self._act_norm else 0,
             stack(self._sat) if self._sat else None, stack(self._pos_sum) if self._pos_sum else None)
+
+    def reduce(self, grad: torch.Tensor, update: torch.Tensor, updated: torch.Tensor, hgrad: torch.Tensor,
+               out_norm: torch.Tensor, batch: int, act_norm: torch.Tensor | None = None, width: int = 0,
+               saturated: torch.Tensor | None = None, pos_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`collect` from the forward and backward side's reductions, taken by the caller (see :meth:`finish`):
+        the per-weight ones of ``grad`` and ``update`` are taken here."""
+        terms = self._buffer(grad.shape[0])
+        absg, _ = self.terms(grad, update, out=terms)
+        return self.finish(self.per_weight(terms, torch.sum), self.per_weight(absg, torch.amax), updated, hgrad,
+                           out_norm, batch, act_norm, width, saturated, pos_sum)
 
     def terms(self, grad: torch.Tensor, update: torch.Tensor, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -41,7 +41,8 @@ from gradsweep.schema import (
 
 # Steps files are large and mostly floats: dictionary-encode only the repeated strings, and keep min/max
 # statistics only on the columns readers filter on (a third less time to write, the same size).
-STEPS_WRITE_OPTIONS = {"use_dictionary": ["run_id", "kind"], "write_statistics": ["run_id", "step", "layer", "kind"]}
+STEPS_WRITE_OPTIONS = {"use_dictionary": ["run_id", "kind", "layer_name"],
+                       "write_statistics": ["run_id", "step", "layer", "kind"]}
 
 
 @contextmanager
@@ -233,7 +234,7 @@ def _with_added_keys(table: pa.Table) -> pa.Table:
     for section, added in ADDED_KEYS.items():
         for key, default in added.items():
             col = column_of(section, key)
-            if col in table.column_names:
+            if col in table.column_names or col not in columns:  # model.net: columns only where set
                 continue
             before = [c for c in order[:order.index(col)] if c in table.column_names]
             at = table.column_names.index(before[-1]) + 1 if before else table.num_columns

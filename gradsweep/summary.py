@@ -54,7 +54,7 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
     ``meta[r]`` may give ``job_num`` and ``override_dirname`` for run r. The steps table is a pandas
     DataFrame, or with ``arrow`` the ``pyarrow.Table`` that ``write_group`` writes without converting.
     """
-    lays = layers(cfgs[0].model)
+    lays = trace.layers or layers(cfgs[0].model)
     T, R = trace.loss.shape
     L = len(lays)
     S = {name: i for i, name in enumerate(LAYER_STATS)}
@@ -69,12 +69,15 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
     # Built as arrow columns from numpy (strings as dictionary indices, cast once in C++): no Python
     # objects per row, so a group of 1,000 runs x 200 steps x 11 layers costs milliseconds, not seconds.
     run_idx = np.repeat(np.arange(R, dtype=np.int32), T * L)[keep_rows]
-    kind_idx = np.tile(np.array([0 if la.kind == "linear" else 1 for la in lays], dtype=np.int32), R * T)[keep_rows]
+    kinds = sorted({la.kind for la in lays})
+    kind_idx = np.tile(np.array([kinds.index(la.kind) for la in lays], dtype=np.int32), R * T)[keep_rows]
+    name_idx = np.tile(np.arange(L, dtype=np.int32), R * T)[keep_rows]
     cols: dict[str, Any] = {
         "run_id": pa.DictionaryArray.from_arrays(run_idx, pa.array(list(run_ids), pa.string())).cast(pa.string()),
         "step": np.tile(np.repeat(trace.steps, L), R)[keep_rows],
         "layer": np.tile(np.array([la.index for la in lays], dtype=np.int64), R * T)[keep_rows],
-        "kind": pa.DictionaryArray.from_arrays(kind_idx, pa.array(["linear", "norm"])).cast(pa.string()),
+        "kind": pa.DictionaryArray.from_arrays(kind_idx, pa.array(kinds)).cast(pa.string()),
+        "layer_name": pa.DictionaryArray.from_arrays(name_idx, pa.array([la.name for la in lays])).cast(pa.string()),
         "loss": np.repeat(trace.loss.T.reshape(-1), L)[keep_rows],
         "grad_norm": np.repeat(trace.grad_norm.T.reshape(-1), L)[keep_rows],
         "clipped": np.repeat(trace.clipped.T.reshape(-1), L)[keep_rows],
@@ -85,7 +88,8 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
                       else np.ascontiguousarray(flat[:, i], dtype=np.float64))
     steps = pa.table({k: cols[k] for k in STEP_COLUMNS}, schema=STEPS_SCHEMA)
 
-    first, last = 0, L - 1  # linear1 and the readout
+    weights = [k for k, la in enumerate(lays) if la.kind in ("linear", "conv")]
+    first, last = weights[0], weights[-1]  # linear1 and the readout; a module's first and last Linear/Conv layer
     h = trace.layer[:, :, :, S["hgrad_norm"]].astype(np.float64)  # (T, R, L); float32 where the group trained in it
     w = trace.layer[:, :, :, S["wgrad_norm"]].astype(np.float64)
     ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
@@ -98,8 +102,7 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
         final_ok = np.where(np.isfinite(trace.final_loss), trace.final_loss, np.nan)
         min_loss = np.nanmin(np.vstack([losses, final_ok[None, :]]), axis=0)
     diverged = div >= 0
-    linear = [k for k, la in enumerate(lays) if la.kind == "linear"]
-    dead_step, dead_layer = dead_runs(h[:, :, linear], trace.steps, valid, np.array([lays[k].index for k in linear]),
+    dead_step, dead_layer = dead_runs(h[:, :, weights], trace.steps, valid, np.array([lays[k].index for k in weights]),
                                       underflow_floor(cfgs[0].train.dtype))
     baseline = np.full(R, trace.baseline_loss)
     cond = conditions(ratio_t[0], median, trace.final_loss, baseline,

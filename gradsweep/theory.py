@@ -223,6 +223,8 @@ class Prediction:
 def predict(cfg: RunCfg, q_in: float, in_dim: int, out_dim: int) -> Prediction | str:
     """The run's predictions, or a string saying why theory makes none for it."""
     m = cfg.model
+    if m.name != "mlp":
+        return f"{m.name} model: no mean-field prediction"
     if m.residual:
         return "no prediction: residual connections (the plain-MLP recursion does not apply)"
     if m.norm != "none":

@@ -22,7 +22,9 @@ from gradsweep.data import load_data
 from gradsweep.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
 from gradsweep.identity import as_tuple
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
-from gradsweep.model import build_params, forward, layers
+from gradsweep.model import Layer, build_params, forward, layers
+from gradsweep.modules import ModuleStep, build_stack
+from gradsweep.nets import describe
 from gradsweep.optim import StackedOptimizer, clip, clip_vector, screen
 from gradsweep.progress import bar as progress_bar
 from gradsweep.schema import LAYER_STATS
@@ -84,6 +86,8 @@ class GroupTrace:
     in_dim: int = 0
     out_dim: int = 0
     """The data's input and output sizes."""
+    layers: list[Layer] | None = None
+    """The rows of ``layer``'s third axis (model.layers, or a module's recorded layers: gradsweep.nets)."""
 
 
 def _logged(step: int, total: int, every: int) -> bool:
@@ -121,8 +125,13 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         cfgs = cfgs * 2
     device = resolve_device(first.device)
     dtype = getattr(torch, first.train.dtype)
-    fused_ok = fused.applies(first.model, first.loss, dtype, compiled.linear_form(device))
-    engine = resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device, fused_ok)
+    # A module-built net (model.name: cnn, resmlp, custom) trains through gradsweep.modules, or through the built-in
+    # engines where it is the built-in MLP (info.mlp); arch is the built-in MLP the engines compute.
+    info = describe(first.model, first.data.in_dim, first.data.out_dim) if first.model.name != "mlp" else None
+    arch = first.model if info is None else info.mlp
+    fused_ok = arch is not None and fused.applies(arch, first.loss, dtype, compiled.linear_form(device))
+    engine = (resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device, fused_ok)
+              if arch is not None else "eager")
     if engine == "compiled" and not fused_ok:
         # padded to the bucket whose compiled program it shares (the fused kernel compiles nothing per shape); the
         # padding is dropped below
@@ -130,7 +139,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     if device.type == "cpu":
         set_threads()  # in every launcher: the cores free now, not one thread per core
         position_independent_blas()  # warns once per process where it does not hold
-    model_cfg, steps, every = first.model, first.train.steps, first.train.log_every
+    steps, every = first.train.steps, first.train.log_every
     t0 = time.perf_counter()
 
     data = load_data(first.data)
@@ -141,20 +150,29 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
 
     x, y = on_device(data.x), on_device(data.y)
     R, n = len(cfgs), x.shape[0]
-    stack = build_params(model_cfg, [c.init for c in cfgs], [c.train.seed for c in cfgs],
-                         x.shape[1], data.out_dim, dtype, device)
+    if info is None:
+        stack = build_params(arch, [c.init for c in cfgs], [c.train.seed for c in cfgs], x.shape[1], data.out_dim,
+                             dtype, device)
+        rows = layers(arch)
+    else:
+        stack, buffers, base = build_stack(first.model, info, cfgs, x.shape[1], data.out_dim, dtype, device)
+        rows = list(info.layers)
     params, plist = stack.params, list(stack.params.values())
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
-    program_step = plan = None
-    if engine == "compiled" and fused_ok:
-        program_step = fused.FusedStep(model_cfg, loss_name, stack.layout, opt, max_norm, collect_stats)
+    program_step = plan = module_step = None
+    if arch is None:
+        name = first.model.net["_target_"] if first.model.name == "custom" else f"model={first.model.name}"
+        program_step = module_step = ModuleStep(name, info, base, stack, buffers, loss_name, opt, max_norm,
+                                                collect_stats, x.expand(R, *x.shape)[:, :2])
+    elif engine == "compiled" and fused_ok:
+        program_step = fused.FusedStep(arch, loss_name, stack.layout, opt, max_norm, collect_stats)
     elif runs_programs(engine, device):
-        shape = Shape(model_cfg, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
+        shape = Shape(arch, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
                       collect_stats, dtype, device)
         program_step = Step(shape, stack.layout, plist, opt, max_norm, compiled=engine == "compiled")
     else:
-        plan = StatsPlan(stack.layout, layers(model_cfg), model_cfg.activation, dtype, device)
+        plan = StatsPlan(stack.layout, layers(arch), arch.activation, dtype, device)
 
     alive = torch.ones(R, dtype=torch.bool, device=device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=device)
@@ -164,7 +182,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     # of (R, L, S) per step; a list of blocks concatenated at the end, then widened to float64, was three, and at
     # 1,000 runs with every statistic every step they cost more than computing the statistics on the CPU).
     n_logged = sum(_logged(s, steps, every) for s in range(steps))
-    host_layer = (torch.empty(n_logged, R, len(layers(model_cfg)), len(LAYER_STATS), dtype=dtype)
+    host_layer = (torch.empty(n_logged, R, len(rows), len(LAYER_STATS), dtype=dtype)
                   if collect_stats else None)
     x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
     batches = _batches(cfgs, n)
@@ -191,7 +209,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         stats_now = collect_stats and log_now
         if stats_now:
             plan.start()
-        fwd = forward(params, model_cfg, xb, plan.probe if stats_now else None)
+        fwd = forward(params, arch, xb, plan.probe if stats_now else None)
         loss = per_run_loss(loss_name, fwd.out, yb)
         grads = torch.autograd.grad(loss.sum(), plist)
         grad, total, alive, diverged, reason = screen(grads, loss, alive, diverged, reason, step)
@@ -234,12 +252,15 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     finally:
         bar.close()
 
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        return module_step.predict(inputs) if module_step is not None else forward(params, arch, inputs).out
+
     with torch.no_grad():
-        final = per_run_loss(loss_name, forward(params, model_cfg, x_full).out, y_full)
+        final = per_run_loss(loss_name, predict(x_full), y_full)
         test_loss = test_acc = torch.full((R,), float("nan"), dtype=dtype)
         if len(data.y_test):
             xt, yt = on_device(data.x_test), on_device(data.y_test)
-            out_t = forward(params, model_cfg, xt.expand(R, *xt.shape)).out
+            out_t = predict(xt.expand(R, *xt.shape))
             yt = yt.expand(R, *yt.shape)
             test_loss = per_run_loss(loss_name, out_t, yt).cpu()
             if not yt.is_floating_point():
@@ -265,5 +286,6 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
         input_q=float(data.x.double().square().mean()),
         in_dim=int(data.x.shape[1]),
         out_dim=int(data.out_dim),
+        layers=rows,
     )
 

@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from gradsweep.compose import SweepComposer
+from gradsweep.config import settle_data_dims
 from gradsweep.preflight import CONF_DIR
 
 
@@ -53,6 +54,8 @@ def test_every_job_equals_hydras(loader, name):
             want.hydra.job.num = idx
         want_unresolved = OmegaConf.to_container(want, resolve=False)
         hydra_node = want_unresolved.pop("hydra")
+        if not got.fast:  # what the launcher adds before resolving: ${data.in_dim} reads the data's size
+            settle_data_dims(want)
         want_resolved = {k: OmegaConf.to_container(want[k], resolve=True) if OmegaConf.is_config(want[k]) else want[k]
                          for k in want.keys() if k != "hydra"}
         assert got.unresolved == want_unresolved, job

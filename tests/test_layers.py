@@ -18,7 +18,7 @@ LAYERS = [
     {"gradsweep.config", "gradsweep.arrays", "gradsweep.tune.config"},
     {"gradsweep.identity", "gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
      "gradsweep.optim", "gradsweep.kernels", "gradsweep.stacked", "gradsweep.programs"},
-    {"gradsweep.model", "gradsweep.stats", "gradsweep.theory", "gradsweep.fused"},
+    {"gradsweep.model", "gradsweep.stats", "gradsweep.theory", "gradsweep.fused", "gradsweep.nets", "gradsweep.modules"},
     {"gradsweep.device", "gradsweep.train", "gradsweep.compiled"},
     {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},
     {"gradsweep.group", "gradsweep.compose", "gradsweep.preflight", "gradsweep.figures", "gradsweep.html"},

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -61,3 +62,14 @@ ConfigStore.instance().store(group="hydra/launcher", name="gradsweep_submitit_lo
 ConfigStore.instance().store(group="hydra/launcher", name="gradsweep_submitit_slurm", node=FusedSubmititSlurmConf,
                              provider="gradsweep")
 ConfigStore.instance().store(group="hydra/sweeper", name="gradsweep", node=GradsweepSweeperConf, provider="gradsweep")
+
+
+def _open_net() -> Any:
+    """model=custom's ``net`` node: open, so that ``model.net.<arg>=...`` adds any argument of the user's module
+    without Hydra's ``+`` (model/custom.yaml puts it at model.net)."""
+    node = OmegaConf.create({"_target_": "???"})
+    OmegaConf.set_struct(node, False)
+    return node
+
+
+ConfigStore.instance().store(group="gradsweep/net", name="open", node=_open_net(), provider="gradsweep")

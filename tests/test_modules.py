@@ -1,0 +1,243 @@
+"""Module-built nets (gradsweep.nets, gradsweep.modules) against plain PyTorch: a user's residual MLP with LayerNorm
+and a CNN, trained by an nn.Module and torch.optim in float64, step by step."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradsweep.config import ConfigError, build_run_cfg
+from gradsweep.data import load_data
+from gradsweep.schema import LAYER_STATS
+from gradsweep.summary import build_tables
+from gradsweep.train import train_group
+
+NETS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class ResMLP(nn.Module):
+        def __init__(self, in_dim, out_dim, depth=3, width=12):
+            super().__init__()
+            self.inp = nn.Linear(in_dim, width)
+            self.blocks = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(width), "fc1": nn.Linear(width, width),
+                                                        "fc2": nn.Linear(width, width)}) for _ in range(depth)])
+            self.head = nn.Linear(width, out_dim)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for b in self.blocks:
+                h = h + b["fc2"](torch.tanh(b["fc1"](b["norm"](h))))
+            return self.head(h)
+
+
+    class CNN(nn.Module):
+        def __init__(self, out_dim, channels=3, depth=2):
+            super().__init__()
+            self.convs = nn.Sequential(*[m for i in range(depth) for m in
+                                         (nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1), nn.ReLU())])
+            self.head = nn.Linear(channels * 64, out_dim)
+
+        def forward(self, x):
+            return self.head(self.convs(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+    class Dropped(nn.Module):
+        def __init__(self, in_dim, out_dim):
+            super().__init__()
+            self.a, self.drop, self.b = nn.Linear(in_dim, 8), nn.Dropout(0.2), nn.Linear(8, out_dim)
+
+        def forward(self, x):
+            return self.b(self.drop(torch.relu(self.a(x))))
+
+
+    def mlp(in_dim, out_dim, depth=3, width=10):
+        dims = [in_dim] + [width] * depth
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+    class NoWeights(nn.Module):
+        def forward(self, x):
+            return x[:, :1] * 2
+''')
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch):
+    """The module file ``usernets.py`` in a fresh working directory on the path."""
+    (tmp_path / "usernets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("usernets", None)
+    yield
+    sys.modules.pop("usernets", None)
+
+
+def cfg(net: dict, data: str = "regression", **sections) -> object:
+    values = {"model": {"name": "custom", "net": net}, "train": {"steps": 6, "dtype": "float64"},
+              "data": {"name": data, **({"n_samples": 64} if data == "digits" else {})}}
+    for key, value in sections.items():
+        values.setdefault(key, {}).update(value)
+    return build_run_cfg(values)
+
+
+def reference(run, factory):
+    """Plain PyTorch: the module built under the run's seed, each Linear/Conv re-initialised in module order, float64,
+    torch.optim.SGD; per step the loss and, per recorded layer (by dotted name), |dL/dh| and |dL/dW|."""
+    torch.manual_seed(run.train.seed)
+    net = factory()
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            with torch.no_grad():
+                if run.init.scheme == "xavier":
+                    nn.init.xavier_uniform_(m.weight, gain=run.init.gain)
+                elif run.init.scheme == "kaiming":
+                    nn.init.kaiming_uniform_(m.weight, a=run.init.a, mode=run.init.mode,
+                                             nonlinearity=run.init.nonlinearity)
+    net = net.double()
+    data = load_data(run.data)
+    x = data.x.double()
+    y = data.y.double() if data.y.is_floating_point() else data.y
+    opt = torch.optim.SGD(net.parameters(), lr=run.optim.lr)
+    recorded = {name: m for name, m in net.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.LayerNorm))}
+    outs = {}
+    def keep(name, output):
+        if output.requires_grad:
+            output.retain_grad()
+        outs[name] = output
+
+    for name, m in recorded.items():
+        m.register_forward_hook(lambda mod, i, o, name=name: keep(name, o))
+    record = []
+    for _ in range(run.train.steps):
+        opt.zero_grad()
+        out = net(x)
+        loss = F.mse_loss(out, y) if y.is_floating_point() else F.cross_entropy(out, y)
+        loss.backward()
+        record.append({"loss": loss.item(), **{
+            name: (outs[name].grad.norm().item(), m.weight.grad.norm().item()) for name, m in recorded.items()}})
+        opt.step()
+    with torch.no_grad():
+        out = net(x)
+        final = (F.mse_loss(out, y) if y.is_floating_point() else F.cross_entropy(out, y)).item()
+    return record, final
+
+
+@pytest.mark.parametrize("which", ["resmlp", "cnn"])
+def test_float64_equals_plain_pytorch(nets, which):
+    import usernets
+
+    if which == "resmlp":
+        runs = [cfg({"_target_": "usernets.ResMLP", "depth": d}, init={"name": i, "scheme": i}, optim={"lr": lr})
+                for d in (2, 3) for i in ("xavier", "kaiming") for lr in (0.003, 0.01)]
+    else:
+        runs = [cfg({"_target_": "usernets.CNN", "channels": c}, "digits", init={"name": i, "scheme": i},
+                    optim={"lr": lr}) for c in (2, 3) for i in ("xavier", "kaiming") for lr in (0.05, 0.2)]
+    by_arch: dict[str, list] = {}
+    for r in runs:
+        by_arch.setdefault(str(r.model.net), []).append(r)
+    for group in by_arch.values():
+        trace = train_group(group, progress=False)
+        runs_t, steps = build_tables(group, trace)
+        for r, run in enumerate(group):
+            net = run.model.net
+            args = {k: v for k, v in net.items() if k != "_target_"}
+            factory = (functools.partial(usernets.ResMLP, 1, 1, **args) if which == "resmlp"
+                       else functools.partial(usernets.CNN, 10, **args))
+            record, final = reference(run, factory)
+            mine = steps[steps.run_id == runs_t.run_id[r]]
+            names = list(record[0])[1:]
+            assert sorted(set(mine.layer_name)) == sorted(names)  # every layer, by its dotted name
+            for t, rec in enumerate(record):
+                at = mine[mine.step == t].set_index("layer_name")
+                assert at.loss.iloc[0] == pytest.approx(rec["loss"], rel=1e-9)
+                for name in names:
+                    h, w = rec[name]
+                    assert at.loc[name, "hgrad_norm"] == pytest.approx(h, rel=1e-9), (t, name)
+                    assert at.loc[name, "wgrad_norm"] == pytest.approx(w, rel=1e-9), (t, name)
+            assert np.isfinite(final) and runs_t.final_loss[r] == pytest.approx(final, rel=1e-9)
+            assert runs_t.pred_note[r] == "custom model: no mean-field prediction"
+
+
+def test_signal_ratio_is_first_over_last_weight_layer(nets):
+    run = cfg({"_target_": "usernets.ResMLP", "depth": 2})
+    trace = train_group([run], progress=False)
+    runs, steps = build_tables([run], trace)
+    at0 = steps[steps.step == 0].set_index("layer_name")
+    assert list(at0.index[:2]) == ["inp", "blocks.0.norm"]  # forward order, norms included
+    expected = np.log10(at0.loc["inp", "hgrad_norm"] / at0.loc["head", "hgrad_norm"])
+    assert runs.grad_ratio_log10[0] == pytest.approx(expected, rel=1e-12)
+    assert set(at0.kind) == {"linear", "norm"}
+
+
+def test_fused_group_equals_runs_alone_and_run_by_run(nets, caplog):
+    runs = [cfg({"_target_": "usernets.ResMLP"}, train={"seed": s}, optim={"lr": 0.05}) for s in range(3)]
+    with caplog.at_level("INFO", logger="gradsweep.modules"):
+        together = build_tables(runs, train_group(runs, progress=False))[1]
+    assert not any("one by one" in r.message for r in caplog.records)  # LayerNorm and Linear fuse
+    for run in runs:
+        alone = build_tables([run], train_group([run], progress=False))[1]
+        mine = together[together.run_id == alone.run_id[0]].reset_index(drop=True)
+        for col in ("loss", *LAYER_STATS):
+            np.testing.assert_allclose(mine[col].to_numpy(float), alone[col].to_numpy(float), rtol=1e-12, equal_nan=True)
+    # a module vmap cannot take (dropout's randomness) trains run by run, with one log line saying why
+    drop = [cfg({"_target_": "usernets.Dropped"}, train={"seed": s}) for s in range(2)]
+    with caplog.at_level("INFO", logger="gradsweep.modules"):
+        steps = build_tables(drop, train_group(drop, progress=False))[1]
+    assert any("one by one" in r.message and "usernets.Dropped" in r.message for r in caplog.records)
+    assert steps.hgrad_norm.notna().all() and set(steps.layer_name) == {"a", "b"}
+
+
+def test_plain_sequential_mlp_trains_on_the_builtin_engine(nets):
+    runs = [cfg({"_target_": "usernets.mlp"}, train={"seed": s}) for s in range(2)]
+    trace = train_group(runs, progress=False)
+    assert trace.engine in ("eager", "compiled")
+    runs_t, steps = build_tables(runs, trace)
+    assert list(steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[0])].layer_name) == ["0", "2", "4", "6"]
+    import usernets
+
+    record, final = reference(runs[0], lambda: usernets.mlp(1, 1))
+    assert runs_t.final_loss[0] == pytest.approx(final, rel=1e-9)
+    at0 = steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[0])].set_index("layer_name")
+    assert at0.loc["0", "hgrad_norm"] == pytest.approx(record[0]["0"][0], rel=1e-9)
+
+
+@pytest.mark.parametrize("net, message", [
+    ({"_target_": "nosuchmodule.Net"}, "model.net._target_='nosuchmodule.Net' does not import: ModuleNotFoundError"),
+    ({"_target_": "usernets.ResMLP", "depht": 3}, "model.net.depht is not an argument of usernets.ResMLP; valid "
+                                                   "arguments: in_dim, out_dim, depth, width"),
+    ({"_target_": "usernets.NoWeights"}, "has no nn.Linear or nn.Conv layer"),
+    ({"_target_": "usernets.CNN"}, "model.net: usernets.CNN fails on a batch of the data's inputs (2, 1)"),
+    ({"_target_": "usernets.mlp", "out_dim": 3}, "model.net: usernets.mlp returns (2, 3) for inputs (2, 1); the data "
+                                                  "needs (2, 1)"),
+])
+def test_bad_module_is_one_line(nets, net, message):
+    from gradsweep.nets import describe
+
+    run = cfg(net)
+    with pytest.raises(ConfigError) as e:
+        describe(run.model, run.data.in_dim, run.data.out_dim)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_data_dims_are_passed_and_interpolated(nets):
+    from gradsweep.preflight import compose_values
+
+    values = compose_values(["model=custom", "model.net._target_=usernets.mlp", "model.net.width=${data.out_dim}",
+                             "data=digits", "model.net.depth=2"])
+    assert values["data"]["in_dim"] == 64 and values["model"]["net"]["width"] == 10
+    run = build_run_cfg(values)
+    trace = train_group([run], progress=False)
+    assert trace.in_dim == 64 and trace.out_dim == 10
