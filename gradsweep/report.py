@@ -242,13 +242,13 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         raise ReportError(f"--run {unknown[0]!r} is not a run of this sweep; run_ids are in summary.csv")
     run_ids = runs["run_id"].tolist()
     try:
-        flow = load_steps(sweep_dir, ["run_id", "step", "layer", "hgrad_norm"],
-                          (pc.field("kind") == "linear") & pc.field("run_id").isin(chosen), run_ids=run_ids)
+        flow = load_steps(sweep_dir, ["run_id", "step", "layer", "layer_name", "hgrad_norm"],
+                          pc.field("kind").isin(["linear", "conv"]) & pc.field("run_id").isin(chosen), run_ids=run_ids)
     except (pa.ArrowException, OSError) as e:
         raise ReportError(f"{sweep_dir}: a steps table cannot be read ({first_line(e)})") from None
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
     save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
-         "Backpropagated signal per Linear layer and step for chosen runs (one per verdict, worst first).")
+         "Backpropagated signal per Linear (and Conv) layer and step for chosen runs (one per verdict, worst first).")
 
     loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
     experiment = article_experiment(runs)

@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
+from gradsweep.config import DIGITS_CLASSES
 from gradsweep.identity import ADDED_KEYS, column_of
 from gradsweep.schema import (
     GROUPS_DIR,
@@ -228,7 +229,10 @@ def _inside(rel: str) -> bool:
 
 def _with_added_keys(table: pa.Table) -> pa.Table:
     """A runs table written before some config keys existed (``identity.ADDED_KEYS``), with their columns where
-    today's code puts them, holding their defaults: what it would write for those runs today."""
+    today's code puts them, holding their defaults: what it would write for those runs today. data.in_dim and
+    data.out_dim held 16 for every data but gaussian before they were the data's sizes: they get those sizes
+    (regression, scaled, digits; a data=arrays table of then keeps 16)."""
+    table = _data_sizes(table)
     columns = config_columns()
     order = list(columns)
     for section, added in ADDED_KEYS.items():
@@ -240,6 +244,18 @@ def _with_added_keys(table: pa.Table) -> pa.Table:
             at = table.column_names.index(before[-1]) + 1 if before else table.num_columns
             typ = columns[col]
             table = table.add_column(at, pa.field(col, typ), pa.array([default] * table.num_rows, typ))
+    return table
+
+
+def _data_sizes(table: pa.Table) -> pa.Table:
+    if not {"data", "data.in_dim", "data.out_dim", "data.n_features"} <= set(table.column_names):
+        return table
+    rows = zip(*(table.column(c).to_pylist() for c in ("data", "data.in_dim", "data.out_dim", "data.n_features")))
+    sizes = {"regression": lambda nf: (1, 1), "scaled": lambda nf: (nf, 1), "digits": lambda nf: (64, DIGITS_CLASSES)}
+    fixed = [sizes[d](nf) if d in sizes and out == 16 else (i, out) for d, i, out, nf in rows]
+    for k, col in enumerate(("data.in_dim", "data.out_dim")):
+        at = table.column_names.index(col)
+        table = table.set_column(at, table.field(at), pa.array([f[k] for f in fixed], table.field(at).type))
     return table
 
 
@@ -263,7 +279,7 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
     if index.exists() and index.stat().st_mtime_ns >= max(f.stat().st_mtime_ns for f in files):
         cached = pq.read_table(index)
         if cached.column("run_dir").to_pylist() == rel:
-            table = cached
+            table = _with_added_keys(cached)  # an index written by an older version: as today's code reads it
     if table is None:
         with ThreadPoolExecutor(4) as pool:
             tables = list(pool.map(lambda f: pq.read_table(f, use_threads=False), files))
@@ -310,13 +326,25 @@ def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter
         else:
             drop = False
     dataset = pads.dataset(files, schema=STEPS_SCHEMA, format="parquet")
-    table = dataset.to_table(columns=columns, filter=filter)
+    extra = [c for c in ("kind", "layer") if columns is not None and "layer_name" in columns and c not in columns]
+    table = _named_layers(dataset.to_table(columns=None if columns is None else [*columns, *extra], filter=filter))
+    table = table.drop_columns(extra)
     if grouped:  # group files hold runs in group order: put them back in the sweep's (a stable sort)
         rank = pc.index_in(table.column("run_id"), value_set=pa.array(ids, pa.string()))
         table = table.take(pc.sort_indices(pa.table({"rank": rank}), sort_keys=[("rank", "ascending")]))
         if drop:
             table = table.drop_columns(["run_id"])
     return table.to_pandas().reset_index(drop=True)
+
+
+def _named_layers(table: pa.Table) -> pa.Table:
+    """Steps written before layer_name existed (every one the built-in MLP's), with the name today's code writes:
+    kind and layer number (linear3, norm3)."""
+    if "layer_name" not in table.column_names or table.column("layer_name").null_count == 0:
+        return table
+    derived = pc.binary_join_element_wise(table.column("kind"), pc.cast(table.column("layer"), pa.string()), "")
+    names = pc.coalesce(table.column("layer_name"), derived)
+    return table.set_column(table.column_names.index("layer_name"), "layer_name", names)
 
 
 def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -4,6 +4,7 @@ and a CNN, trained by an nn.Module and torch.optim in float64, step by step."""
 from __future__ import annotations
 
 import functools
+import subprocess
 import sys
 import textwrap
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import scaled
 from torch import nn
 
 from gradsweep.config import ConfigError, build_run_cfg
@@ -57,6 +59,15 @@ NETS = textwrap.dedent('''
 
         def forward(self, x):
             return self.b(self.drop(torch.relu(self.a(x))))
+
+
+    class BatchNormed(nn.Module):
+        def __init__(self, in_dim, out_dim, width=8):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.Linear(width, out_dim)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.bn(self.a(x))))
 
 
     def mlp(in_dim, out_dim, depth=3, width=10):
@@ -111,7 +122,7 @@ def reference(run, factory):
     y = data.y.double() if data.y.is_floating_point() else data.y
     opt = torch.optim.SGD(net.parameters(), lr=run.optim.lr)
     recorded = {name: m for name, m in net.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.LayerNorm))}
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.BatchNorm1d))}
     outs = {}
     def keep(name, output):
         if output.requires_grad:
@@ -129,22 +140,26 @@ def reference(run, factory):
         record.append({"loss": loss.item(), **{
             name: (outs[name].grad.norm().item(), m.weight.grad.norm().item()) for name, m in recorded.items()}})
         opt.step()
+    net.eval()  # gradsweep's final loss: eval mode (BatchNorm's running statistics)
     with torch.no_grad():
         out = net(x)
         final = (F.mse_loss(out, y) if y.is_floating_point() else F.cross_entropy(out, y)).item()
     return record, final
 
 
-@pytest.mark.parametrize("which", ["resmlp", "cnn"])
+@pytest.mark.parametrize("which", ["resmlp", "cnn", "batchnorm"])
 def test_float64_equals_plain_pytorch(nets, which):
     import usernets
 
     if which == "resmlp":
         runs = [cfg({"_target_": "usernets.ResMLP", "depth": d}, init={"name": i, "scheme": i}, optim={"lr": lr})
                 for d in (2, 3) for i in ("xavier", "kaiming") for lr in (0.003, 0.01)]
-    else:
+    elif which == "cnn":
         runs = [cfg({"_target_": "usernets.CNN", "channels": c}, "digits", init={"name": i, "scheme": i},
                     optim={"lr": lr}) for c in (2, 3) for i in ("xavier", "kaiming") for lr in (0.05, 0.2)]
+    else:  # BatchNorm fuses too: each run's batch statistics and running buffers are its own
+        runs = [cfg({"_target_": "usernets.BatchNormed", "width": w}, train={"seed": s}, optim={"lr": 0.05})
+                for w in (4, 8) for s in range(3)]
     by_arch: dict[str, list] = {}
     for r in runs:
         by_arch.setdefault(str(r.model.net), []).append(r)
@@ -154,8 +169,9 @@ def test_float64_equals_plain_pytorch(nets, which):
         for r, run in enumerate(group):
             net = run.model.net
             args = {k: v for k, v in net.items() if k != "_target_"}
-            factory = (functools.partial(usernets.ResMLP, 1, 1, **args) if which == "resmlp"
-                       else functools.partial(usernets.CNN, 10, **args))
+            factory = {"resmlp": functools.partial(usernets.ResMLP, 1, 1, **args),
+                       "cnn": functools.partial(usernets.CNN, 10, **args),
+                       "batchnorm": functools.partial(usernets.BatchNormed, 1, 1, **args)}[which]
             record, final = reference(run, factory)
             mine = steps[steps.run_id == runs_t.run_id[r]]
             names = list(record[0])[1:]
@@ -241,3 +257,129 @@ def test_data_dims_are_passed_and_interpolated(nets):
     run = build_run_cfg(values)
     trace = train_group([run], progress=False)
     assert trace.in_dim == 64 and trace.out_dim == 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["resmlp", "cnn"])
+def test_a_sweep_of_a_users_module_from_the_command_line(tmp_path, which):
+    (tmp_path / "usernets.py").write_text(NETS)
+    sweep = tmp_path / "sweep"
+    arg, data = (("model.net.depth=1,3", "data=regression") if which == "resmlp" else
+                 ("model.net.channels=2,4", "data=digits"))
+    target = "usernets.ResMLP" if which == "resmlp" else "usernets.CNN"
+    run = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "model=custom", f"model.net._target_={target}", arg,
+                          data, "init=xavier,kaiming", "optim.lr=0.003,0.03", "train.steps=20", "quiet=true",
+                          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
+    assert run.returncode == 0, run.stderr[-3000:]
+    from gradsweep import load_sweep
+
+    runs, steps = load_sweep(sweep)
+    assert len(runs) == 8 and runs["final_loss"].notna().all()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import usernets
+
+        for _, row in runs.iterrows():
+            if which == "resmlp":
+                net = usernets.ResMLP(1, 1, depth=int(row["model.net.depth"]))
+            else:
+                net = usernets.CNN(10, channels=int(row["model.net.channels"]))
+            want = {n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm))}
+            assert set(steps[steps.run_id == row.run_id].layer_name) == want  # every layer, by name
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("usernets", None)
+    report = subprocess.run([sys.executable, "-m", "gradsweep.report", str(sweep)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=scaled(300))
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (sweep / "report" / "flow_maps.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "model=custom", f"model.net._target_={target}",
+                          "model.net.nope=1,2", data, f"hydra.sweep.dir={tmp_path / 'bad'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=scaled(300))
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"gradsweep: error: model.net.nope is not an argument of {target}")
+
+
+FUSE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    MIDDLE = {
+        "LayerNorm": lambda: nn.LayerNorm(16), "BatchNorm1d": lambda: nn.BatchNorm1d(16),
+        "GroupNorm": lambda: nn.GroupNorm(4, 16), "PReLU": nn.PReLU, "GELU": nn.GELU,
+        "ReLU(inplace)": lambda: nn.ReLU(inplace=True), "Dropout": lambda: nn.Dropout(0.1),
+    }
+
+
+    class Middle(nn.Module):
+        def __init__(self, in_dim, out_dim, kind):
+            super().__init__()
+            self.kind, self.a, self.b = kind, nn.Linear(in_dim, 16), nn.Linear(16, out_dim)
+            self.mid = MIDDLE[kind]() if kind in MIDDLE else nn.GRU(4, 4, batch_first=True) if kind == "GRU" else (
+                nn.MultiheadAttention(16, 2, batch_first=True) if kind == "MultiheadAttention" else nn.Identity())
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.kind == "MultiheadAttention":
+                s = h.unsqueeze(1)
+                h = self.mid(s, s, s, need_weights=False)[0].squeeze(1)
+            elif self.kind == "GRU":
+                h = self.mid(h.view(-1, 4, 4))[0].reshape(-1, 16)
+            elif self.kind == "branch" and h.mean() > 0:  # data-dependent control flow
+                h = 2 * h
+            else:
+                h = self.mid(h)
+            return self.b(torch.relu(h))
+
+
+    class Image(nn.Module):
+        def __init__(self, in_dim, out_dim, kind):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.mid = {"Conv2d": nn.Identity(), "BatchNorm2d": nn.BatchNorm2d(4), "MaxPool2d": nn.MaxPool2d(2),
+                        "AdaptiveAvgPool2d": nn.AdaptiveAvgPool2d(4)}[kind]
+            self.head = nn.Linear(4 * (64 if kind in ("Conv2d", "BatchNorm2d") else 16), out_dim)
+
+        def forward(self, x):
+            return self.head(self.mid(self.c(x.view(-1, 1, 8, 8))).flatten(1))
+''')
+
+
+@pytest.mark.parametrize("target, kind, fused", [
+    *[("Middle", k, True) for k in ("LayerNorm", "BatchNorm1d", "GroupNorm", "PReLU", "GELU", "ReLU(inplace)",
+                                    "MultiheadAttention")],
+    *[("Middle", k, False) for k in ("Dropout", "branch", "GRU")],
+    *[("Image", k, True) for k in ("Conv2d", "BatchNorm2d", "MaxPool2d", "AdaptiveAvgPool2d")],
+])
+def test_which_layers_fuse(tmp_path, monkeypatch, caplog, target, kind, fused):
+    """The table in docs/reference.md: what trains through vmap, and what run by run (with one log line)."""
+    (tmp_path / "fusenets.py").write_text(FUSE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fusenets", None)
+    data = "digits" if target == "Image" else "regression"
+    runs = [cfg({"_target_": f"fusenets.{target}", "kind": kind}, data, train={"seed": s, "steps": 2,
+                                                                             "dtype": "float32"}) for s in range(2)]
+    with caplog.at_level("INFO", logger="gradsweep.modules"):
+        trace = train_group(runs, progress=False)
+    alone = [r.message for r in caplog.records if "one by one" in r.message]
+    assert (not alone) == fused, alone
+    assert np.isfinite(trace.final_loss).all() and np.isfinite(trace.layer[..., LAYER_STATS.index("hgrad_norm")]).all()
+    sys.modules.pop("fusenets", None)
+
+
+def test_the_tuner_finds_a_stable_lr_for_a_users_module(nets, tmp_path):
+    import usernets
+
+    from gradsweep.tune import compose, tune_study
+
+    values, base, tune = compose(["model=custom", "model.net._target_=usernets.ResMLP", "model.net.depth=3",
+                                  "train.steps=60", "tune.n_trials=12", "tune.batch_size=12", "quiet=true",
+                                  f"tune.out_dir={tmp_path / 'tuned'}"])
+    best = tune_study(values, base, tune, quiet=True)
+    assert best["best"] is not None, best
+    lr = best["best"]["lr"]
+    # the module at that lr, trained by plain PyTorch in float32: stable, and it learned
+    run = build_run_cfg({**values, "optim": {**values["optim"], "lr": lr}})
+    record, final = reference(run, functools.partial(usernets.ResMLP, 1, 1, depth=3))
+    assert np.isfinite(final) and final < 0.5 * record[0]["loss"]
+    assert final == pytest.approx(best["best"]["loss"], rel=0.05)

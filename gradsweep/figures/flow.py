@@ -54,6 +54,11 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     seen: set[int] = set()
     for ax, run_id in zip(axes, ids):
         one = flow[flow.run_id == run_id]
+        names = _layer_names(one)
+        if names:  # a module's Linear/Conv rows, numbered among all its recorded layers: 1, 2, ... among themselves
+            rank = {layer: i + 1 for i, layer in enumerate(sorted(names))}
+            one = one.assign(layer=one["layer"].map(rank))
+            names = {rank[k]: v for k, v in names.items()}
         grid = one.pivot_table(index="layer", columns="step", values="log_h", aggfunc="first")
         raw = one.pivot_table(index="layer", columns="step", values="hgrad_norm", aggfunc="first").to_numpy()
         steps, layers_ = grid.columns.to_numpy(), grid.index.to_numpy()
@@ -82,12 +87,17 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
                     ha="right" if right else "left", clip_on=True)
         ax.set_title(_wrap_title(titles[run_id], 60), fontsize=9, loc="left")
         ax.set_xlabel("step", fontsize=9)
-        ax.set_ylabel("Linear layer (1 = input side)", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         profile_ax, bar_ax = side[id(ax)]
         _profile_inset(ax, one, row, layers_, profile_ax)
-        ax.set_yticks(layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)])
+        ticks = layers_ if len(layers_) <= 12 else layers_[:: max(1, len(layers_) // 10)]
+        ax.set_yticks(ticks)
+        if names:  # a module's layers: by their dotted names, input side at the bottom
+            ax.set_yticklabels([names.get(t, str(t)) for t in ticks], fontsize=7 if len(ticks) > 8 else 8)
+            ax.set_ylabel("layer (input side at the bottom)", fontsize=9)
+        else:
+            ax.set_ylabel("Linear layer (1 = input side)", fontsize=9)
         bar = fig.colorbar(mappable, cax=bar_ax, extend="min")
         bar.set_label("log10 |dL/dh|", fontsize=8)
         bar.ax.tick_params(labelsize=8)
@@ -101,6 +111,16 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     return fig
+
+
+def _layer_names(one: pd.DataFrame) -> dict[int, str]:
+    """Layer number -> name for a module-built run's rows (names other than the MLP's linear<k>); else {}."""
+    if "layer_name" not in one or one["layer_name"].isna().all():
+        return {}
+    names = one.drop_duplicates("layer").set_index("layer")["layer_name"]
+    if all(name == f"linear{k}" for k, name in names.items()):
+        return {}
+    return {int(k): str(v) for k, v in names.items()}
 
 
 def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.ndarray, inset: plt.Axes) -> None:
