@@ -77,6 +77,7 @@ class SweepComposer:
         self._parsed: dict[str, Any] = {}
         self._is_group: dict[str, bool] = {}
         self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}
+        self._open: dict[tuple[str, ...], set[str]] = {}  # per template: its dict nodes that take new keys
         self.n_fast = self.n_hydra = 0
 
     def _parse(self, line: str) -> Any:
@@ -100,6 +101,7 @@ class SweepComposer:
             if container is not None:
                 container.pop("hydra", None)
             self._templates[groups] = container
+            self._open[groups] = {path for k, node in task.items() for path in _open_paths(node, k)} if ok else set()
         return self._templates[groups]
 
     def compose(self, overrides: list[str], idx: int = 0) -> JobConfig:
@@ -137,12 +139,13 @@ class SweepComposer:
             if o.is_hydra_override() or o.package is not None or o.is_sweep_override():
                 raise _Fallback
             (groups if self._group(o) else values).append(o)
-        template = self._template(tuple(o.input_line for o in groups))
+        key = tuple(o.input_line for o in groups)
+        template = self._template(key)
         if template is None:
             raise _Fallback
         cfg = _copy(template)
         for o in values:
-            _apply(cfg, o)
+            _apply(cfg, o, self._open[key])
         return cfg
 
 
@@ -155,9 +158,19 @@ def _copy(node: Any) -> Any:
     return node
 
 
-def _apply(cfg: dict[str, Any], override: Any) -> None:
+def _open_paths(node: Any, path: str) -> list[str]:
+    """The dotted paths of the dict nodes at and below ``node`` that are not in struct mode (model=custom's
+    ``model.net``): a plain override may add a key there, as Hydra lets it."""
+    if not isinstance(node, DictConfig):
+        return []
+    here = [path] if OmegaConf.is_struct(node) is False else []
+    return here + [p for k in node.keys() for p in _open_paths(node._get_node(k), f"{path}.{k}")]  # private: see _plain
+
+
+def _apply(cfg: dict[str, Any], override: Any, open_paths: set[str] = frozenset()) -> None:
     """One value override on a plain config, as Hydra's ``_apply_overrides_to_config`` applies it to an
-    untyped struct config; anything else (and every case Hydra would reject) raises ``_Fallback``."""
+    untyped struct config (whose ``open_paths`` take new keys); anything else (and every case Hydra would reject)
+    raises ``_Fallback``."""
     value = override.value()
     if not isinstance(value, _PRIMITIVES):
         raise _Fallback
@@ -182,6 +195,6 @@ def _apply(cfg: dict[str, Any], override: Any) -> None:
     elif override.is_force_add():
         node[leaf] = value
     else:
-        if leaf not in node or isinstance(node[leaf], (dict, list)):  # struct mode: the key must exist
-            raise _Fallback
+        if isinstance(node.get(leaf), (dict, list)) or (leaf not in node and ".".join(parents) not in open_paths):
+            raise _Fallback  # struct mode: the key must exist
         node[leaf] = value

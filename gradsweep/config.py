@@ -82,6 +82,9 @@ class ModelCfg:
         choice("model.name", self.name, MODELS)
         if self.name == "custom":
             target = (self.net or {}).get("_target_")
+            if target in (None, "???"):
+                raise ConfigError("model.net._target_ is required with model=custom: the module to build, as "
+                                  "model.net._target_=<module>.<class or function>")
             check("model.net._target_", target, isinstance(target, str) and bool(target.strip()),
                   "the module to build, as model.net._target_=<module>.<class or function>")
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -64,11 +65,18 @@ def device_bytes_per_run(cfg: Any) -> int:
     batch x width per block), and the statistics of the steps held on the device between host copies.
     """
     n, in_dim, out_dim = data_shape(cfg.data)
-    dims = linear_dims(cfg.model, in_dim, out_dim)
-    n_params = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width
     batch = min(cfg.train.batch_size or n, n)
-    values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
-    values += HOST_COPY_EVERY * (len(layers(cfg.model)) * len(LAYER_STATS) + 3)
+    if cfg.model.name != "mlp":  # a module (gradsweep.nets): its parameters and its recorded layers' outputs, twice
+        from gradsweep.nets import describe
+
+        info = describe(cfg.model, in_dim, out_dim)
+        n_params, n_layers = info.n_params, len(info.layers)
+        values = 14 * n_params + 12 * batch * sum(math.prod(s) for s in info.out_shapes)
+    else:
+        dims = linear_dims(cfg.model, in_dim, out_dim)
+        n_params, n_layers = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width, len(layers(cfg.model))
+        values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
+    values += HOST_COPY_EVERY * (n_layers * len(LAYER_STATS) + 3)
     return values * (8 if cfg.train.dtype == "float64" else 4)
 
 

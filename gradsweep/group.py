@@ -83,7 +83,13 @@ def runs_per_group(cfg: RunCfg, memory_gb: float, cap: int | None, free_bytes: i
     from gradsweep.schema import LAYER_STATS
 
     logged = -(-cfg.train.steps // cfg.train.log_every) + 1
-    per_run = logged * len(layers(cfg.model)) * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
+    if cfg.model.name == "mlp":
+        n_layers = len(layers(cfg.model))
+    else:  # a module's recorded layers (gradsweep.nets)
+        from gradsweep.nets import describe
+
+        n_layers = len(describe(cfg.model, cfg.data.in_dim, cfg.data.out_dim).layers)
+    per_run = logged * n_layers * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
     fit = max(1, int(memory_gb * 2**30 // per_run)) if math.isfinite(memory_gb) else 2**62
     if free_bytes is not None:
         fit = min(fit, max(1, int(free_bytes * DEVICE_MEMORY_SHARE // device_bytes_per_run(cfg))))

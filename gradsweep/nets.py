@@ -193,6 +193,8 @@ class NetInfo:
     layers with a weight ('norm'); ``index`` 1, 2, ... in that order, ``path`` the module's dotted name."""
     out_shapes: tuple[tuple[int, ...], ...]
     """Per layer, its output's shape for one sample (its entries: what out_rms divides by)."""
+    n_params: int
+    """Parameters of one run's module."""
     mlp: ModelCfg | None
     """The built-in MLP the module computes, where it is an nn.Sequential of Linear layers and one plain
     activation (trained through the built-in engines); else None."""
@@ -257,7 +259,8 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
                           "measures the gradient that reaches those")
     layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
                          else "conv", paths[m]) for k, (m, _) in enumerate(calls))
-    return NetInfo(layers, tuple(shape[1:] for _, shape in calls), as_mlp(net, in_dim))
+    return NetInfo(layers, tuple(shape[1:] for _, shape in calls), sum(p.numel() for p in net.parameters()),
+                   as_mlp(net, in_dim))
 
 
 def _find(paths: dict[nn.Module, str], path: str) -> nn.Module:

@@ -36,6 +36,8 @@ SWEEPS = {
     "quoting and types": ["+name='x,y'", "model.residual=true,false", "train.seed=range(0,3)", "+f=1e-3"],
     "an article preset and its sweep": ["+experiment=clipping", "train.clip_norm=null,10", "train.seed=range(0,2)"],
     "values Hydra composes itself": ["+d={a:1}", "hydra.job.chdir=false", "model.depth=3"],
+    "a user's module and its arguments": ["model=custom", "model.net._target_=torch.nn.Linear", "model.net.bias=true,false",
+                                          "model.net.in_features=1,2", "+model.net.out_features=1"],
 }
 
 
@@ -63,8 +65,8 @@ def test_every_job_equals_hydras(loader, name):
         assert got.overrides == list(hydra_node["overrides"]["task"])
         assert got.override_dirname == hydra_node["job"]["override_dirname"]
     if name in ("groups and values", "optimiser preset and its fields", "additions and deletions", "quoting and types",
-                "an article preset and its sweep"):
-        assert composer.n_hydra == 0  # all from templates
+                "an article preset and its sweep", "a user's module and its arguments"):
+        assert composer.n_hydra == 0  # all from templates (model.net takes new keys, as Hydra lets it)
     else:
         assert composer.n_hydra > 0  # interpolations, dict values, hydra.* overrides: Hydra composed those jobs
 

@@ -33,6 +33,12 @@ def test_every_preset_is_valid(composed, group, tmp_path):
                 to_run_cfg(composed(["data=arrays"]))
             to_run_cfg(composed(["data=arrays", f"data.path={tmp_path / 'd.npz'}"]))
             continue
+        if (group, option) == ("model", "custom"):  # the user's module: model.net._target_ names it
+            with pytest.raises(ConfigError, match="model.net._target_ is required with model=custom"):
+                to_run_cfg(composed(["model=custom"]))
+            cfg = to_run_cfg(composed(["model=custom", "model.net._target_=torch.nn.Linear", "model.net.bias=false"]))
+            assert cfg.model.net == {"_target_": "torch.nn.Linear", "bias": False}
+            continue
         to_run_cfg(composed([f"{group}={option}"]))
 
 

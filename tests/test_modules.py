@@ -383,3 +383,27 @@ def test_the_tuner_finds_a_stable_lr_for_a_users_module(nets, tmp_path):
     record, final = reference(run, functools.partial(usernets.ResMLP, 1, 1, depth=3))
     assert np.isfinite(final) and final < 0.5 * record[0]["loss"]
     assert final == pytest.approx(best["best"]["loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm", "layernorm"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_builtin_cnn_and_resmlp(norm, residual):
+    from gradsweep.nets import ConvNet, ResMLP
+
+    cnn = build_run_cfg({"model": {"name": "cnn", "depth": 3, "width": 4, "norm": norm, "residual": residual},
+                         "data": {"name": "digits", "n_samples": 64}, "train": {"steps": 3}})
+    res = build_run_cfg({"model": {"name": "resmlp", "depth": 2, "width": 8, "norm": norm, "residual": residual},
+                         "train": {"steps": 3}})
+    for run, cls in ((cnn, ConvNet), (res, ResMLP)):
+        runs, steps = build_tables([run], train_group([run], progress=False))
+        names = set(steps.layer_name)
+        net = cls(run.data.in_dim, run.data.out_dim, depth=run.model.depth, width=run.model.width, norm=norm,
+                  residual=residual)
+        want = {n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))} | {
+            n for n, m in net.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d,
+                                                                nn.BatchNorm2d))}
+        assert names == want and np.isfinite(runs.final_loss[0])
+        assert runs.pred_note[0] == f"{run.model.name} model: no mean-field prediction"
+    assert {"convs.0", "convs.2", "head"} <= set(build_tables([cnn], train_group([cnn], progress=False))[1].layer_name)
+    with pytest.raises(ConfigError, match="model=cnn needs square one-channel images: data has 3 features"):
+        ConvNet(3, 1)
