@@ -13,6 +13,7 @@ python3 -c "import torch, hydra; print('torch', torch.__version__, 'cuda', torch
   | tee -a "$OUT/gpu.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_model.py tests/test_compiled.py 2>&1 \
   | tee "$OUT/tests.txt" | tail -5
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_modules.py -m "not slow" 2>&1 | tee "$OUT/modules.txt" | tail -3
 timeout 120 python3 -m gradsweep.bench --device cuda --group 1000 --steps 200 --sweep-steps 200 --basic-runs 10 \
   --out "$OUT/sweeps" 2>&1 | tee "$OUT/bench.txt"
 rm -rf "$OUT/sweeps"

@@ -102,3 +102,19 @@ def test_compiled_groups_sized_from_free_memory_fit():
     cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=256, dtype="float32", steps=80)]
     train_group(cfgs)  # compile
     assert _peak_bytes(cfgs) <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
+
+
+@pytest.mark.parametrize("model", [{"name": "cnn", "depth": 3, "width": 4, "norm": "batchnorm"},
+                                   {"name": "resmlp", "depth": 3, "width": 16}])
+def test_a_module_on_cuda_matches_cpu_in_float64(model):
+    """A module-built net (vmap over functional_call, hooks, BatchNorm's buffers) on the GPU and on the CPU."""
+    def cfgs(device):
+        return [make_cfg(model=model, data={"name": "digits", "n_samples": 128}, device=device,
+                         optim={"lr": 0.01 * (1 + r)}, train={"steps": 20, "seed": r, "dtype": "float64"})
+                for r in range(4)]
+
+    gpu, cpu = train_group(cfgs("cuda")), train_group(cfgs("cpu"))
+    assert gpu.device.startswith("cuda")
+    np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-9)
+    np.testing.assert_allclose(gpu.final_loss, cpu.final_loss, rtol=1e-9)
+    np.testing.assert_allclose(gpu.layer, cpu.layer, rtol=1e-7, atol=1e-12)
