@@ -267,10 +267,12 @@ def test_a_sweep_of_a_users_module_from_the_command_line(tmp_path, which):
     arg, data = (("model.net.depth=1,3", "data=regression") if which == "resmlp" else
                  ("model.net.channels=2,4", "data=digits"))
     target = "usernets.ResMLP" if which == "resmlp" else "usernets.CNN"
-    run = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "model=custom", f"model.net._target_={target}", arg,
-                          data, "init=xavier,kaiming", "optim.lr=0.003,0.03", "train.steps=20", "quiet=true",
-                          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
+    command = [sys.executable, "-m", "gradsweep", "-m", "model=custom", f"model.net._target_={target}", arg, data,
+               "init=xavier,kaiming", "optim.lr=0.003,0.03", "train.steps=20", "quiet=true", f"hydra.sweep.dir={sweep}"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
     assert run.returncode == 0, run.stderr[-3000:]
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
+    assert again.returncode == 0 and "8 of 8 runs already complete" in again.stdout + again.stderr  # resumed
     from gradsweep import load_sweep
 
     runs, steps = load_sweep(sweep)
