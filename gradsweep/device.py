@@ -71,7 +71,7 @@ def device_bytes_per_run(cfg: Any) -> int:
 
         info = describe(cfg.model, in_dim, out_dim)
         n_params, n_layers = info.n_params, len(info.layers)
-        values = 14 * n_params + 12 * batch * sum(math.prod(s) for s in info.out_shapes)
+        values = 14 * n_params + 12 * batch * sum(math.prod(s) for s in info.out_shapes if s is not None)
     else:
         dims = linear_dims(cfg.model, in_dim, out_dim)
         n_params, n_layers = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width, len(layers(cfg.model))

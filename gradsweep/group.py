@@ -147,6 +147,7 @@ def run_group(job: GroupJob) -> GroupResult:
     n = len(cfgs)
     arch = (f"depth {m.depth}, width {m.width}, {m.activation}" if m.name in ("mlp", "cnn", "resmlp") else
             ", ".join(f"{k}={v}" for k, v in m.net.items() if k != "_target_") or "no arguments")
+    arch += (", residual" if m.residual else "") + (f", {m.norm}" if m.norm != "none" else "") if m.name != "custom" else ""
     arch = arch if m.name == "mlp" else f"{m.net['_target_'] if m.name == 'custom' else m.name}: {arch}"
     line = (f"{n} run{'s' if n != 1 else ''} ({arch}), {trace.device}, "
             f"{trace.engine}, "

@@ -13,8 +13,9 @@ from gradsweep.config import ARRAYS_KEYS, MODULE_KEYS, SECTIONS, DataCfg, RunCfg
 
 
 def column_of(section: str, key: str) -> str:
-    """A config value's column name: its override key, and for the init and data presets' names the group alone."""
-    return section if (key == "name" and section in ("init", "data")) else f"{section}.{key}"
+    """A config value's column name: its override key, and for the model, init and data presets' names the group
+    alone."""
+    return section if (key == "name" and section in ("model", "init", "data")) else f"{section}.{key}"
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
@@ -49,11 +50,13 @@ def as_tuple(section: Any) -> tuple:
 
 
 def _dotted(prefix: str, node: dict[str, Any], out: dict[str, Any]) -> None:
+    """``node``'s values as columns ``prefix.key`` (nested nodes dotted further; a list as its JSON text, a value
+    a report can group by)."""
     for key, value in node.items():
         if isinstance(value, dict):
             _dotted(f"{prefix}.{key}", value, out)
         else:
-            out[f"{prefix}.{key}"] = value
+            out[f"{prefix}.{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
 
 
 def flatten(cfg: RunCfg) -> dict[str, Any]:

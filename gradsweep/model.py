@@ -36,7 +36,14 @@ class Layer:
     @property
     def name(self) -> str:
         """The layer's name: the steps table's layer_name (``linear3``; a module's layer: its dotted path)."""
-        return self.path if self.path is not None else f"{self.kind}{self.index}"
+        if self.path is not None:
+            return self.path or "(module)"  # the module itself (a bare nn.Linear as the whole net)
+        return f"{self.kind}{self.index}"
+
+    @property
+    def weight_name(self) -> str:
+        """Its weight's parameter name (in the stacked layout)."""
+        return "weight" if self.path == "" else f"{self.name}.weight"
 
 
 def layers(cfg: ModelCfg) -> list[Layer]:

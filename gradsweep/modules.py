@@ -12,6 +12,7 @@ signal; the output's norm is taken as it passes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -24,103 +25,134 @@ from gradsweep.losses import per_run_loss
 from gradsweep.model import Stack
 from gradsweep.nets import NetInfo, build_net, init_module
 from gradsweep.optim import clip, screen
-from gradsweep.stats import StatsPlan, out_norm
+from gradsweep.stats import StatsPlan
 
 log = logging.getLogger(__name__)
 
 
 def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int, out_dim: int, dtype: torch.dtype,
-                device: torch.device | str) -> tuple[Stack, dict[str, torch.Tensor], nn.Module]:
+                device: torch.device | str) -> tuple[Stack, dict[str, torch.Tensor], nn.Module, list[torch.Tensor]]:
     """The runs' modules drawn (``torch.manual_seed(train.seed)``, built, every Linear/Conv re-initialised by
-    ``init`` in module order; the global RNG restored), and their parameters stacked: (stack, the buffers stacked
-    (R, ...), run 0's module). A module the built-in MLP computes (``info.mlp``) gets the built-in parameter names
-    (``linear1.weight``, ...), for the built-in engines."""
-    nets = []
+    ``init`` in module order; the global RNG restored), and their parameters stacked: (stack, the buffers and
+    frozen parameters stacked (R, ...), run 0's module, each run's CPU RNG state after its draws). A module the
+    built-in MLP computes (``info.mlp``) gets the built-in parameter names (``linear1.weight``, ...), for the built-in
+    engines."""
+    nets, rng = [], []
     with torch.random.fork_rng(devices=[]):
         for c in cfgs:
             torch.default_generator.manual_seed(c.train.seed)
             net = build_net(model, in_dim, out_dim)
             init_module(net, c.init)
             nets.append(net)
-    per_run = [dict(net.named_parameters()) for net in nets]
+            rng.append(torch.get_rng_state())  # where the run's own stream goes on (dropout, run by run)
+    per_run = [{n: p for n, p in net.named_parameters() if p.requires_grad} for net in nets]
     if info.mlp is not None:  # nn.Sequential: Linear i is child 2(i - 1)
         per_run = [{f"linear{int(name.split('.')[0]) // 2 + 1}.{name.split('.')[1]}": t for name, t in p.items()}
                    for p in per_run]
     stack = Stack.of(per_run, dtype, device)
-    buffers = {}
-    for name, first in nets[0].named_buffers():
-        stacked = torch.stack([dict(net.named_buffers())[name] for net in nets])
+    buffers = {}  # and the frozen parameters (requires_grad=False): passed along, never trained
+    for name, first in [*nets[0].named_buffers(), *((n, p) for n, p in nets[0].named_parameters() if not p.requires_grad)]:
+        stacked = torch.stack([net.get_parameter(name) if isinstance(first, nn.Parameter) else net.get_buffer(name)
+                               for net in nets]).detach()
         buffers[name] = stacked.to(device=device, dtype=dtype if first.is_floating_point() else first.dtype)
-    return stack, buffers, nets[0]
+    return stack, buffers, nets[0], rng
 
 
 class ModuleStep:
     """One group's training state for a module-built net: call it once per step, as :class:`gradsweep.compiled.Step`
-    (the same arguments and results); :meth:`predict` for the evaluations after training."""
+    (the same arguments and results); :meth:`predict` for the evaluations after training.
+
+    A recorded layer's output norm is taken as it passes (an in-place operation after it may overwrite it). Its
+    backpropagated signal: through vmap, the gradient of a zero tap added to the output (a (R, B, ...) leaf, of the
+    shape the layer gave before training); run by run, a hook on the output tensor, so a layer only some runs call
+    (a branch) is recorded where it is called and NaN elsewhere."""
 
     def __init__(self, name: str, info: NetInfo, base: nn.Module, stack: Stack, buffers: dict[str, torch.Tensor],
-                 loss: str, opt: Any, max_norm: torch.Tensor, stats: bool, example: torch.Tensor):
-        """``base``: one run's module, whose own tensors every call replaces; ``example``: a (R, B, in) batch, for
-        the check that vmap takes the module."""
-        self.info, self.stack, self.buffers, self.loss = info, stack, buffers, loss
+                 rng: list[torch.Tensor], loss: str, opt: Any, max_norm: torch.Tensor, stats: bool,
+                 example: torch.Tensor):
+        """``base``: one run's module, whose own tensors every call replaces; ``rng``: each run's CPU RNG state (run
+        by run, each run's random operations draw from its own stream, as its script would, whatever its group);
+        ``example``: a (R, B, in) batch, for the check that vmap takes the module."""
+        self.info, self.stack, self.buffers, self.loss, self.rng = info, stack, buffers, loss, rng
         self.params, self.plist = stack.params, list(stack.params.values())
         self.opt, self.max_norm, self.steps = opt, max_norm, 0
         self.base = base.to(device=stack.flat.device, dtype=stack.flat.dtype)
         dtype, device = stack.flat.dtype, stack.flat.device
+        # out_rms is taken whole in the hooks: the plan's per-layer width is 1 and its batch 1
         self.plan = (StatsPlan(stack.layout, list(info.layers), "identity", dtype, device,
-                               widths=[_numel(s) for s in info.out_shapes]) if stats else None)
-        self._taps: tuple[torch.Tensor, ...] | None = None
-        self._outs: dict[int, torch.Tensor] | None = None
+                               widths=[1] * len(info.layers)) if stats else None)
+        self._taps: dict[int, torch.Tensor] | None = None
+        self._rms: dict[int, torch.Tensor] | None = None
+        self._hgrad: dict[int, torch.Tensor] | None = None
         modules = dict(self.base.named_modules())
         for k, layer in enumerate(info.layers):
             modules[layer.path].register_forward_hook(self._hook(k))
         self.vmapped = True
         try:  # one forward and backward pass of the real batch, on copies of the buffers (BatchNorm updates them)
             taps = self._new_taps(example.shape[0], example.shape[1]) if stats else None
-            out, _ = self._forward(example, taps, {k: v.clone() for k, v in buffers.items()}, stats)
-            torch.autograd.grad(out.sum(), self.plist + list(taps or ()), allow_unused=True)
+            out = self._forward(example, taps, {k: v.clone() for k, v in buffers.items()}, stats)[0]
+            torch.autograd.grad(out.sum(), self.plist + list((taps or {}).values()), allow_unused=True)
         except Exception as e:  # noqa: BLE001 - whatever vmap cannot take trains run by run, with the same numbers
             self.vmapped = False
             log.info("%s: its runs train one by one, not fused (torch.func.vmap: %s)", name, first_line(e))
 
     def _hook(self, k: int):
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            if self._taps is not None:
-                output = output + self._taps[k]
-            if self._outs is not None:
-                self._outs[k] = output
+            if self._rms is not None:
+                self._rms[k] = torch.linalg.vector_norm(output.detach()) / output.numel() ** 0.5
+            if self._taps is not None and k in self._taps:
+                return output + self._taps[k]
+            if self._hgrad is not None and output.requires_grad:  # run by run: dL/d(output) as autograd forms it
+                output.register_hook(functools.partial(self._record_hgrad, self._hgrad, k))
+                return output + 0  # what follows (an in-place op) works on a copy: the hook sees this output's own
             return output
         return hook
 
-    def _new_taps(self, R: int, B: int) -> tuple[torch.Tensor, ...]:
+    def _record_hgrad(self, into: dict[int, torch.Tensor], k: int, grad: torch.Tensor) -> None:
+        into[k] = self.plan.safe_norm(grad.reshape(1, -1))
+
+    def _new_taps(self, R: int, B: int) -> dict[int, torch.Tensor]:
+        """Zero taps for the layers whose output shape is known (the ones called before training)."""
         flat = self.stack.flat
-        return tuple(torch.zeros(R, B, *shape, dtype=flat.dtype, device=flat.device, requires_grad=True)
-                     for shape in self.info.out_shapes)
+        return {k: torch.zeros(R, *shape[:axis], B, *shape[axis:], dtype=flat.dtype, device=flat.device,
+                               requires_grad=True)
+                for k, (shape, axis) in enumerate(zip(self.info.out_shapes, self.info.batch_axes)) if shape is not None}
 
     def _one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-             taps: tuple[torch.Tensor, ...] | None, record: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        self._taps, self._outs = taps, ({} if record else None)
+             taps: dict[int, torch.Tensor] | None, record: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One run's output, and with ``record`` each layer's output RMS (NaN where this run did not call it)."""
+        self._taps, self._rms = taps, ({} if record else None)
         try:
             out = functional_call(self.base, (params, buffers), (x,))
-            outs = tuple(self._outs[k] for k in range(len(self.info.layers))) if record else ()
+            nan = out.new_full((), float("nan"))
+            rms = tuple(self._rms.get(k, nan) for k in range(len(self.info.layers))) if record else ()
         finally:
-            self._taps = self._outs = None
-        return out, outs
+            self._taps = self._rms = None
+        return out, rms
 
-    def _forward(self, x: torch.Tensor, taps: tuple[torch.Tensor, ...] | None, buffers: dict[str, torch.Tensor],
-                 record: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Every run's output (R, B, out) for inputs x (R, B, in), and with ``record`` each layer's output."""
+    def _forward(self, x: torch.Tensor, taps: dict[int, torch.Tensor] | None, buffers: dict[str, torch.Tensor],
+                 record: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], list[dict[int, torch.Tensor]]]:
+        """Every run's output (R, B, out) for inputs x (R, B, in); with ``record`` each layer's output RMS (R,) and,
+        run by run, per run the dict its layers' dL/d(output) norms fill during the backward pass."""
         if self.vmapped:
             fn = vmap(lambda p, b, xr, t: self._one(p, b, xr, t, record), in_dims=(0, 0, 0, None if taps is None else 0),
                       randomness="error")
-            return fn(self.params, buffers, x, taps)
-        outs, layer_outs = [], []
-        for r in range(x.shape[0]):
-            out, lay = self._one({n: p[r] for n, p in self.params.items()}, {n: b[r] for n, b in buffers.items()},
-                                 x[r], None if taps is None else tuple(t[r] for t in taps), record)
-            outs.append(out)
-            layer_outs.append(lay)
-        return torch.stack(outs), tuple(torch.stack(col) for col in zip(*layer_outs)) if record else ()
+            return (*fn(self.params, buffers, x, taps), [])
+        outs, rms, hgrads = [], [], []
+        with torch.random.fork_rng(devices=[]):
+            for r in range(x.shape[0]):
+                torch.set_rng_state(self.rng[r])
+                self._hgrad = {} if record else None
+                try:
+                    out, lay = self._one({n: p[r] for n, p in self.params.items()},
+                                         {n: b[r] for n, b in buffers.items()}, x[r], None, record)
+                finally:
+                    hgrads.append(self._hgrad)
+                    self._hgrad = None
+                self.rng[r] = torch.get_rng_state()
+                outs.append(out)
+                rms.append(lay)
+        return torch.stack(outs), tuple(torch.stack(col) for col in zip(*rms)) if record else (), hgrads
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,
                  reason: torch.Tensor, stats_now: bool = True) -> tuple[Any, ...]:
@@ -129,11 +161,12 @@ class ModuleStep:
         plan = self.plan if stats_now else None
         R, B = xb.shape[:2]
         self.base.train()
-        taps = self._new_taps(R, B) if plan is not None else None
-        out, outs = self._forward(xb, taps, self.buffers, plan is not None)
+        taps = self._new_taps(R, B) if plan is not None and self.vmapped else {}
+        out, rms, hgrads = self._forward(xb, taps or None, self.buffers, plan is not None)
         loss = per_run_loss(self.loss, out, yb)
-        grads = torch.autograd.grad(loss.sum(), self.plist + list(taps or ()), allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.plist + list(taps or ()), grads)]
+        leaves = self.plist + list(taps.values())
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
         grad, total, alive, diverged, reason = screen(grads[:len(self.plist)], loss, alive, diverged, reason,
                                                       self.steps)
         self.steps += 1
@@ -145,9 +178,16 @@ class ModuleStep:
             scalars = torch.stack([loss.detach(), total, clipped.to(loss.dtype)], dim=1)
             if plan is None:
                 return alive, diverged, reason, scalars, None
-            hgrad = torch.stack([plan.safe_norm(g.reshape(R, 1, -1)) for g in grads[len(self.plist):]], dim=1)
-            norms = torch.stack([out_norm(o.detach().reshape(R, 1, -1)) for o in outs], dim=1)
-            return alive, diverged, reason, scalars, plan.reduce(grad, update, alive, hgrad, norms, B)
+            rms = torch.stack(rms, dim=1)
+            nan = torch.full((R,), float("nan"), dtype=rms.dtype, device=rms.device)
+            if self.vmapped:
+                by_layer = dict(zip(taps, (plan.safe_norm(g.reshape(R, 1, -1)) for g in grads[len(self.plist):])))
+                hgrad = torch.stack([by_layer.get(k, nan) for k in range(len(self.info.layers))], dim=1)
+            else:
+                hgrad = torch.stack([torch.stack([h.get(k, nan[0]).reshape(()) for k in range(len(self.info.layers))])
+                                     for h in hgrads])
+            hgrad = torch.where(rms.isnan(), rms, hgrad)  # a layer the run did not call: no signal recorded
+            return alive, diverged, reason, scalars, plan.reduce(grad, update, alive, hgrad, rms, 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,10 +198,3 @@ class ModuleStep:
             return self._forward(x, None, self.buffers, False)[0]
         finally:
             self.base.train()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

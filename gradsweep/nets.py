@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from gradsweep.config import ACTIVATIONS, ConfigError, InitCfg, ModelCfg, first_line
 from gradsweep.init import apply_init
@@ -121,8 +122,9 @@ def _target(model: ModelCfg) -> Any:
             try:
                 obj = importlib.import_module(".".join(parts[:i]))
                 break
-            except ModuleNotFoundError as e:  # this prefix is not a module: a shorter one may be (a missing import
-                if i == 1 or e.name != ".".join(parts[:i]):  # inside the user's module is the user's error)
+            except ModuleNotFoundError as e:  # this prefix is not a module: a shorter one may be (a module missing
+                # elsewhere, imported by the user's module, is the user's error)
+                if i == 1 or e.name is None or not (".".join(parts[:i]) + ".").startswith(e.name + "."):
                     raise
         for attr in parts[i:]:
             obj = getattr(obj, attr)
@@ -169,10 +171,21 @@ def build_net(model: ModelCfg, in_dim: int, out_dim: int) -> nn.Module:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's constructor failed: one line naming it and why
+        why = " ".join(str(e).split())  # one line, with the cause a nested instantiate wraps
         raise ConfigError(f"model.net: {name}({', '.join(f'{k}={v!r}' for k, v in args.items())}) raised "
-                          f"{type(e).__name__}: {first_line(e)}") from None
+                          f"{type(e).__name__}: {why[:400]}") from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model.net._target_={name!r} returned a {type(net).__name__}, not a torch.nn.Module")
+    if any(is_lazy(p) for p in net.parameters()):  # lazy layers take their shapes from a first batch, as in a script
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(torch.zeros(2, in_dim))
+        except Exception as e:  # noqa: BLE001 - one line, as describe's
+            raise ConfigError(f"model.net: {name} fails on a batch of the data's inputs (2, {in_dim}): "
+                              f"{type(e).__name__}: {first_line(e)}") from None
+        finally:
+            net.train()
     return net
 
 
@@ -189,12 +202,15 @@ class NetInfo:
     """What gradsweep records of a module-built net, found by one forward pass of a throwaway copy."""
 
     layers: tuple[Layer, ...]
-    """The recorded layers in the order the forward pass calls them: Linear/Conv ('linear', 'conv') and norm
-    layers with a weight ('norm'); ``index`` 1, 2, ... in that order, ``path`` the module's dotted name."""
-    out_shapes: tuple[tuple[int, ...], ...]
-    """Per layer, its output's shape for one sample (its entries: what out_rms divides by)."""
+    """The recorded layers, those with a trainable weight: Linear/Conv ('linear', 'conv') and norm layers ('norm'),
+    in the order a forward pass of zeros calls them, then any it does not call in module order; ``index`` 1, 2, ...
+    in that order, ``path`` the module's dotted name."""
+    out_shapes: tuple[tuple[int, ...] | None, ...]
+    """Per layer, its output's shape for one sample; None for a layer the forward pass of zeros did not call."""
+    batch_axes: tuple[int, ...]
+    """Per layer, the axis of its output that is the batch (0 but for sequence-first layers)."""
     n_params: int
-    """Parameters of one run's module."""
+    """Trained parameters of one run's module."""
     mlp: ModelCfg | None
     """The built-in MLP the module computes, where it is an nn.Sequential of Linear layers and one plain
     activation (trained through the built-in engines); else None."""
@@ -222,16 +238,66 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
     with torch.random.fork_rng(devices=[]):
         net = build_net(model, in_dim, out_dim)
     paths = {m: p for p, m in net.named_modules()}
+    owners: dict[int, list[str]] = {}
+    for pname, p in net.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    shared = next((names for names in owners.values() if len(names) > 1), None)
+    if shared:
+        raise ConfigError(f"model.net: {name} shares one parameter between {shared[0]!r} and {shared[1]!r}; gradsweep "
+                          "trains and records each layer's own parameters: give each layer its own")
+    watched = []
+    for m in net.modules():
+        weight = getattr(m, "weight", None)
+        if not (isinstance(m, WEIGHT_LAYERS) or (isinstance(m, NORM_LAYERS) and weight is not None)):
+            continue
+        if not isinstance(weight, nn.Parameter):
+            raise ConfigError(f"model.net: {name}'s layer {paths[m] or type(m).__name__!r} has a computed weight (a "
+                              "parametrization such as weight_norm), not a parameter; gradsweep records a layer's "
+                              "weight parameter")
+        if weight.requires_grad:  # a frozen layer is not trained: nothing to record
+            watched.append(m)
+    calls = {}
+    for batch in (2, 3):  # two batch sizes: the dimension of each output that follows the batch is its batch axis
+        calls[batch] = _forward_calls(net, watched, batch, in_dim, out_dim, name)
+    seen: dict[nn.Module, int] = {}
+    for module, _ in calls[2]:
+        seen[module] = seen.get(module, 0) + 1
+    twice = [paths[m] for m, n in seen.items() if n > 1]
+    if twice:
+        raise ConfigError(f"model.net: {name} calls layer {twice[0]!r} {seen[_find(paths, twice[0])]} times in one "
+                          "forward pass; gradsweep records each layer once: give each use its own module")
+    if not any(isinstance(m, WEIGHT_LAYERS) for m, _ in calls[2]):
+        raise ConfigError(f"model.net: {name} has no trainable nn.Linear or nn.Conv layer in its forward pass; "
+                          "gradsweep measures the gradient that reaches those")
+    shapes: list[tuple[int, ...] | None] = []
+    axes = []
+    for (m, two), (_, three) in zip(calls[2], calls[3]):
+        moved = [i for i, (a, b) in enumerate(zip(two, three)) if a != b]
+        if len(two) != len(three) or len(moved) != 1 or (two[moved[0]], three[moved[0]]) != (2, 3):
+            raise ConfigError(f"model.net: {name}'s layer {paths[m]!r} gives {two} for a batch of 2 and {three} for 3: "
+                              "gradsweep needs one axis of each layer's output to be the batch")
+        axes.append(moved[0])
+        shapes.append(two[:moved[0]] + two[moved[0] + 1:])
+    # then the layers that pass did not call (a branch other runs may take), in module order, their shapes unknown
+    order = [m for m, _ in calls[2]] + [m for m in watched if m not in seen]
+    shapes += [None] * (len(order) - len(shapes))
+    axes += [0] * (len(order) - len(axes))
+    layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
+                         else "conv", paths[m]) for k, m in enumerate(order))
+    n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return NetInfo(layers, tuple(shapes), tuple(axes), n_params, as_mlp(net, in_dim))
+
+
+def _forward_calls(net: nn.Module, watched: list[nn.Module], batch: int, in_dim: int, out_dim: int,
+                   name: str) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """The watched layers the forward pass of a batch of zeros calls, in order, with their outputs' shapes."""
     calls: list[tuple[nn.Module, tuple[int, ...]]] = []
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
             calls.append((module, tuple(output.shape)))
 
-    watched = [m for m in net.modules() if isinstance(m, WEIGHT_LAYERS) or
-               (isinstance(m, NORM_LAYERS) and getattr(m, "weight", None) is not None)]
     handles = [m.register_forward_hook(record) for m in watched]
-    batch = 2
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             out = net(torch.zeros(batch, in_dim))
@@ -247,20 +313,7 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model.net: {name} returns {shape} for inputs ({batch}, {in_dim}); the data needs "
                           f"({batch}, {out_dim})")
-    seen: dict[nn.Module, int] = {}
-    for module, _ in calls:
-        seen[module] = seen.get(module, 0) + 1
-    twice = [paths[m] for m, n in seen.items() if n > 1]
-    if twice:
-        raise ConfigError(f"model.net: {name} calls layer {twice[0]!r} {seen[_find(paths, twice[0])]} times in one "
-                          "forward pass; gradsweep records each layer once: give each use its own module")
-    if not any(isinstance(m, WEIGHT_LAYERS) for m, _ in calls):
-        raise ConfigError(f"model.net: {name} has no nn.Linear or nn.Conv layer in its forward pass; gradsweep "
-                          "measures the gradient that reaches those")
-    layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
-                         else "conv", paths[m]) for k, (m, _) in enumerate(calls))
-    return NetInfo(layers, tuple(shape[1:] for _, shape in calls), sum(p.numel() for p in net.parameters()),
-                   as_mlp(net, in_dim))
+    return calls
 
 
 def _find(paths: dict[nn.Module, str], path: str) -> nn.Module:

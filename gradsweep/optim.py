@@ -36,7 +36,7 @@ def screen(grads: list[torch.Tensor] | tuple[torch.Tensor, ...], loss: torch.Ten
 
     Returns (grad, total norm, alive, diverged, reason); both engines call it.
     """
-    grad = torch.cat([g.flatten(1) for g in grads], dim=1)
+    grad = torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)  # (R,) too: a 0-d parameter, stacked
     total = torch.linalg.vector_norm(grad, dim=1)
     ok = torch.isfinite(loss) & torch.isfinite(total)
     bad = alive & ~ok

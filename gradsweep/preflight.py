@@ -83,14 +83,24 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
         if key.startswith("hydra") or o.package is not None:
             continue
         for value in _values(o):
+            if isinstance(value, str) and "${" in value:  # an interpolation: checked resolved, in the composed job
+                continue
             if "." in key and key.split(".", 1)[0] in SECTIONS:
                 section, field = key.split(".", 1)
                 checked = build_section(section, _with(base.get(section, {}), field, value))
-                if section == "model" and checked.name != "mlp" and base:  # the module built and run once
-                    data = build_section("data", base["data"])
-                    describe(checked, data.in_dim, data.out_dim)
+                if section in ("model", "data") and base:  # a module: built and run once on the data
+                    model = checked if section == "model" else build_section("model", base["model"])
+                    data = checked if section == "data" else build_section("data", base["data"])
+                    if model.name != "mlp":
+                        describe(model, data.in_dim, data.out_dim)
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
+            elif key in ("model", "data") and base and len(_values(o)) > 1:  # a module on each model or data preset
+                job = build_run_cfg(compose_values([line if other is not o else f"{key}={_format(value)}"
+                                                    for line, other in zip(_first_job(parsed), parsed)
+                                                    if line is not None or other is o]))
+                if job.model.name != "mlp":
+                    describe(job.model, job.data.in_dim, job.data.out_dim)
     if base:
         cfg = build_run_cfg(base)
         if cfg.model.name != "mlp":
@@ -129,18 +139,24 @@ def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 def _compose_first_job(parsed: list[Any]) -> dict[str, Any]:
     """Compose the sweep's first job with Hydra's compose API, as a plain dict (``hydra`` removed)."""
-    first = []
+    return compose_values([line for line in _first_job(parsed) if line is not None])
+
+
+def _first_job(parsed: list[Any]) -> list[str | None]:
+    """The sweep's first job's override for each of ``parsed`` (None: an interval sweep, which has no values)."""
+    first: list[str | None] = []
     for o in parsed:
         if o.is_sweep_override():
             values = _values(o)
             if not values:
+                first.append(None)
                 continue
             text = _format(values[0])
             prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(o.type.name, "")
             first.append(f"{prefix}{o.get_key_element()}={text}")
         else:
             first.append(o.input_line)
-    return compose_values(first)
+    return first
 
 
 def compose_values(overrides: list[str]) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
 
     what = STATISTICS[stat][1]
     label = "log10 ratio, first Linear over last\n<- vanishing      exploding ->"
-    if "model.name" in runs and (runs["model.name"].fillna("mlp") != "mlp").any():  # a module: Linear or Conv
+    if "model" in runs and (runs["model"].fillna("mlp") != "mlp").any():  # a module: Linear or Conv
         what, label = what.replace("Linear", "layer"), label.replace("Linear", "Linear/Conv layer")
     layout0, blind = layout.at_step0()
     pooled0 = "seeds" + (f" and {', '.join(blind)} (which cannot change a step-0 value)" if blind else "")

@@ -67,7 +67,7 @@ class StatsPlan:
                  device: torch.device | str, widths: list[int] | None = None):
         """``widths``: each layer's output entries per sample, where they are not its weight's first dimension (a
         Linear weight is (out, in), a norm gain (width,); a module's conv or norm layer: gradsweep.nets)."""
-        w_names = [f"{la.name}.weight" for la in layers]
+        w_names = [la.weight_name for la in layers]
         shapes = [layout.shapes[layout.names.index(n)] for n in w_names]
         spans = [(k, layout.offsets[layout.names.index(n)], math.prod(s)) for k, (n, s) in enumerate(zip(w_names, shapes))]
         self.offsets, self.numels = [o for _, o, _ in spans], [n for _, _, n in spans]

@@ -291,7 +291,8 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
             dirs = dirs * t.num_rows if len(dirs) == 1 and t.num_rows > 1 else dirs
             t = _with_added_keys(t).append_column("run_dir", pa.array(dirs, pa.string()))
             parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
-        table = pa.concat_tables(parts, promote_options="default")
+        # permissive: a column one group typed int64 and another double (a module argument swept over 0 and 0.5)
+        table = pa.concat_tables(parts, promote_options="permissive")
         order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
         table = versioned(table.take(pa.array(order, pa.int64())), version)
         if write_index and len(rel) > 1:

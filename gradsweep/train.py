@@ -155,7 +155,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
                              dtype, device)
         rows = layers(arch)
     else:
-        stack, buffers, base = build_stack(first.model, info, cfgs, x.shape[1], data.out_dim, dtype, device)
+        stack, buffers, base, rng = build_stack(first.model, info, cfgs, x.shape[1], data.out_dim, dtype, device)
         rows = list(info.layers)
     params, plist = stack.params, list(stack.params.values())
     opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
@@ -163,7 +163,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     program_step = plan = module_step = None
     if arch is None:
         name = first.model.net["_target_"] if first.model.name == "custom" else f"model={first.model.name}"
-        program_step = module_step = ModuleStep(name, info, base, stack, buffers, loss_name, opt, max_norm,
+        program_step = module_step = ModuleStep(name, info, base, stack, buffers, rng, loss_name, opt, max_norm,
                                                 collect_stats, x.expand(R, *x.shape)[:, :2])
     elif engine == "compiled" and fused_ok:
         program_step = fused.FusedStep(arch, loss_name, stack.layout, opt, max_norm, collect_stats)

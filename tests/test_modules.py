@@ -78,6 +78,15 @@ NETS = textwrap.dedent('''
         return nn.Sequential(*layers, nn.Linear(width, out_dim))
 
 
+    class Scaled(nn.Module):
+        def __init__(self, in_dim, out_dim, scale=1.0):
+            super().__init__()
+            self.fc, self.scale = nn.Linear(in_dim, out_dim), scale
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+
     class NoWeights(nn.Module):
         def forward(self, x):
             return x[:, :1] * 2
@@ -105,9 +114,15 @@ def cfg(net: dict, data: str = "regression", **sections) -> object:
 
 def reference(run, factory):
     """Plain PyTorch: the module built under the run's seed, each Linear/Conv re-initialised in module order, float64,
-    torch.optim.SGD; per step the loss and, per recorded layer (by dotted name), |dL/dh| and |dL/dW|."""
+    torch.optim.SGD; per step the loss and, per recorded layer (by dotted name), |dL/dh| and |dL/dW|. Random
+    operations (dropout) draw from the global stream the seed started."""
     torch.manual_seed(run.train.seed)
     net = factory()
+    if any(nn.parameter.is_lazy(p) for p in net.parameters()):  # materialised by a batch of zeros, in eval mode
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(2, run.data.in_dim))
+        net.train()
     for m in net.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             with torch.no_grad():
@@ -122,7 +137,7 @@ def reference(run, factory):
     y = data.y.double() if data.y.is_floating_point() else data.y
     opt = torch.optim.SGD(net.parameters(), lr=run.optim.lr)
     recorded = {name: m for name, m in net.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.BatchNorm1d))}
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.BatchNorm1d)) and m.weight.requires_grad}
     outs = {}
     def keep(name, output):
         if output.requires_grad:
@@ -234,7 +249,7 @@ def test_plain_sequential_mlp_trains_on_the_builtin_engine(nets):
     ({"_target_": "nosuchmodule.Net"}, "model.net._target_='nosuchmodule.Net' does not import: ModuleNotFoundError"),
     ({"_target_": "usernets.ResMLP", "depht": 3}, "model.net.depht is not an argument of usernets.ResMLP; valid "
                                                    "arguments: in_dim, out_dim, depth, width"),
-    ({"_target_": "usernets.NoWeights"}, "has no nn.Linear or nn.Conv layer"),
+    ({"_target_": "usernets.NoWeights"}, "has no trainable nn.Linear or nn.Conv layer"),
     ({"_target_": "usernets.CNN"}, "model.net: usernets.CNN fails on a batch of the data's inputs (2, 1)"),
     ({"_target_": "usernets.mlp", "out_dim": 3}, "model.net: usernets.mlp returns (2, 3) for inputs (2, 1); the data "
                                                   "needs (2, 1)"),
@@ -365,7 +380,10 @@ def test_which_layers_fuse(tmp_path, monkeypatch, caplog, target, kind, fused):
         trace = train_group(runs, progress=False)
     alone = [r.message for r in caplog.records if "one by one" in r.message]
     assert (not alone) == fused, alone
-    assert np.isfinite(trace.final_loss).all() and np.isfinite(trace.layer[..., LAYER_STATS.index("hgrad_norm")]).all()
+    called = [k for k, la in enumerate(trace.layers) if la.path != "mid.out_proj"]  # MHA uses its weight, not its call
+    assert np.isfinite(trace.final_loss).all()
+    assert np.isfinite(trace.layer[:, :, called, LAYER_STATS.index("hgrad_norm")]).all()
+    assert np.isfinite(trace.layer[..., LAYER_STATS.index("wgrad_norm")]).all()
     sys.modules.pop("fusenets", None)
 
 
@@ -409,3 +427,179 @@ def test_builtin_cnn_and_resmlp(norm, residual):
     assert {"convs.0", "convs.2", "head"} <= set(build_tables([cnn], train_group([cnn], progress=False))[1].layer_name)
     with pytest.raises(ConfigError, match="model=cnn needs square one-channel images: data has 3 features"):
         ConvNet(3, 1)
+
+
+ODD = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Dropper(nn.Module):
+        def __init__(self, in_dim, out_dim, p=0.3):
+            super().__init__()
+            self.a, self.drop, self.b = nn.Linear(in_dim, 16), nn.Dropout(p), nn.Linear(16, out_dim)
+
+        def forward(self, x):
+            return self.b(self.drop(torch.tanh(self.a(x))))
+
+
+    class Inplace(nn.Module):
+        def __init__(self, in_dim, out_dim, inplace=True):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(in_dim, 8), nn.ReLU(inplace=inplace), nn.Linear(8, out_dim)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+
+    class Frozen(Inplace):
+        def __init__(self, in_dim, out_dim):
+            super().__init__(in_dim, out_dim, inplace=False)
+            self.fc1.requires_grad_(False)
+
+
+    class Tied(nn.Module):
+        def __init__(self, in_dim, out_dim):
+            super().__init__()
+            self.a, self.mid1, self.mid2, self.b = (nn.Linear(in_dim, 8), nn.Linear(8, 8), nn.Linear(8, 8),
+                                                    nn.Linear(8, out_dim))
+            self.mid2.weight = self.mid1.weight
+
+        def forward(self, x):
+            return self.b(self.mid2(self.mid1(self.a(x))))
+
+
+    def normed(in_dim, out_dim):
+        return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(in_dim, 8)), nn.Tanh(),
+                             nn.Linear(8, out_dim))
+
+
+    class Lazy(nn.Module):
+        def __init__(self, out_dim):
+            super().__init__()
+            self.a, self.b = nn.LazyLinear(8), nn.Linear(8, out_dim)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+
+    class Branch(nn.Module):
+        """Takes layer a or b by the sign of a parameter: a different layer per seed, and no vmap."""
+        def __init__(self, in_dim, out_dim):
+            super().__init__()
+            self.gate = nn.Parameter(torch.randn(()))
+            self.a, self.b, self.head = nn.Linear(in_dim, 8), nn.Linear(in_dim, 8), nn.Linear(8, out_dim)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x) if self.gate > 0 else self.b(x)))
+
+
+    class SeqFirst(nn.Module):
+        """A layer whose output has the batch on its second axis (torch's sequence-first layout)."""
+        def __init__(self, in_dim, out_dim):
+            super().__init__()
+            self.a, self.mid, self.b = nn.Linear(in_dim, 8), nn.Linear(8, 8), nn.Linear(8, out_dim)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.mid(torch.tanh(self.a(x)).unsqueeze(0))[0]))
+
+
+    class Factory:
+        @classmethod
+        def small(cls, in_dim, out_dim, width=6):
+            return nn.Sequential(nn.Linear(in_dim, width), nn.Tanh(), nn.Linear(width, out_dim))
+''')
+
+
+@pytest.fixture
+def odd(tmp_path, monkeypatch):
+    (tmp_path / "oddnets.py").write_text(ODD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("oddnets", None)
+    yield __import__("oddnets")
+    sys.modules.pop("oddnets", None)
+
+
+def _equal_to_reference(runs, factory):
+    runs_t, steps = build_tables(runs, train_group(runs, progress=False))
+    for r, run in enumerate(runs):
+        record, final = reference(run, factory)
+        mine = steps[steps.run_id == runs_t.run_id[r]]
+        for t, rec in enumerate(record):
+            at = mine[mine.step == t].set_index("layer_name")
+            assert at.loss.iloc[0] == pytest.approx(rec["loss"], rel=1e-9), (r, t)
+            for name, (h, w) in list(rec.items())[1:]:
+                name = name or "(module)"  # the module itself
+                assert at.loc[name, "hgrad_norm"] == pytest.approx(h, rel=1e-9), (r, t, name)
+                assert at.loc[name, "wgrad_norm"] == pytest.approx(w, rel=1e-9), (r, t, name)
+        assert runs_t.final_loss[r] == pytest.approx(final, rel=1e-9)
+    return runs_t, steps
+
+
+def test_dropout_draws_each_runs_own_stream_as_its_script_would(odd):
+    runs = [cfg({"_target_": "oddnets.Dropper"}, train={"seed": s}) for s in range(3)]
+    _, steps = _equal_to_reference(runs, functools.partial(odd.Dropper, 1, 1))
+    alone = build_tables(runs[1:2], train_group(runs[1:2], progress=False))[1]  # whatever its group
+    mine = steps[steps.run_id == alone.run_id[0]].reset_index(drop=True)
+    np.testing.assert_array_equal(mine.hgrad_norm.to_numpy(), alone.hgrad_norm.to_numpy())
+
+
+def test_odd_modules_train_as_plain_pytorch(odd):
+    _equal_to_reference([cfg({"_target_": "oddnets.Frozen"}, train={"seed": s}) for s in range(2)],
+                        functools.partial(odd.Frozen, 1, 1))  # the frozen layer is neither trained nor recorded
+    _equal_to_reference([cfg({"_target_": "oddnets.Lazy"}, train={"seed": s}) for s in range(2)],
+                        functools.partial(odd.Lazy, 1))
+    _, steps = _equal_to_reference([cfg({"_target_": "oddnets.SeqFirst"}, train={"seed": s}) for s in range(2)],
+                                   functools.partial(odd.SeqFirst, 1, 1))
+    assert set(steps.layer_name) == {"a", "mid", "b"}
+    _equal_to_reference([cfg({"_target_": "oddnets.Factory.small"})], functools.partial(odd.Factory.small, 1, 1))
+    _, steps = _equal_to_reference([cfg({"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1})],
+                                   functools.partial(nn.Linear, 1, 1))
+    assert set(steps.layer_name) == {"(module)"}
+    inplace = [cfg({"_target_": "oddnets.Inplace", "inplace": v}) for v in (True, False)]
+    out_rms = [build_tables([r], train_group([r], progress=False))[1].out_rms.to_numpy() for r in inplace]
+    np.testing.assert_allclose(out_rms[0], out_rms[1], rtol=1e-12)  # taken before the in-place ReLU overwrites it
+
+
+def test_a_layer_a_run_does_not_call_is_not_recorded(odd):
+    runs = [cfg({"_target_": "oddnets.Branch"}, train={"seed": s}) for s in (0, 1, 4, 5)]  # gates +, +, -, -
+    runs_t, steps = build_tables(runs, train_group(runs, progress=False))
+    at0 = steps[steps.step == 0]
+    taken = {rid: set(g.layer_name[g.hgrad_norm.notna()]) for rid, g in at0.groupby("run_id")}
+    assert {frozenset(t) for t in taken.values()} == {frozenset({"a", "head"}), frozenset({"b", "head"})}
+    assert runs_t.final_loss.notna().all()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("oddnets.Tied", "model.net: oddnets.Tied shares one parameter between 'mid1.weight' and 'mid2.weight'"),
+    ("oddnets.normed", "model.net: oddnets.normed's layer '0' has a computed weight"),
+])
+def test_shared_or_computed_weights_are_one_line(odd, target, message):
+    from gradsweep.nets import describe
+
+    run = cfg({"_target_": target})
+    with pytest.raises(ConfigError) as e:
+        describe(run.model, run.data.in_dim, run.data.out_dim)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_preflight_checks_the_module_on_every_data_and_reads_interpolations(nets):
+    from gradsweep.preflight import check_overrides
+
+    check_overrides(["model=custom", "model.net._target_=usernets.mlp", "model.net.width=${data.out_dim}", "data=digits"])
+    with pytest.raises(ConfigError, match=r"usernets.CNN fails on a batch of the data's inputs \(2, 1\)"):
+        check_overrides(["model=custom", "model.net._target_=usernets.CNN", "data=digits,regression"])
+
+
+def test_argument_columns_a_report_can_read(nets, tmp_path):
+    """A list argument is a text column; an argument swept over 0 and 0.5 (int and float) reads as one float column."""
+    from gradsweep import load_sweep
+    from gradsweep.identity import flatten
+    from gradsweep.store import write_tables
+
+    assert flatten(cfg({"_target_": "usernets.ResMLP", "width": [8, 16]}))["model.net.width"] == "[8, 16]"
+    for i, scale in enumerate((0, 0.5)):  # each group's table types the column by its own value
+        run = cfg({"_target_": "usernets.Scaled", "scale": scale}, train={"steps": 1})
+        write_tables(tmp_path / str(i), *build_tables([run], train_group([run], progress=False)))
+    runs, _ = load_sweep(tmp_path)
+    assert runs["model.net.scale"].tolist() == [0.0, 0.5]

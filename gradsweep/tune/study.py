@@ -24,7 +24,11 @@ FAILED_ATTR = "gradsweep_failed"  # trial system attribute: why a worker failed 
 
 def default_study_name(base: RunCfg) -> str:
     m = base.model
-    return f"lr-{m.activation}-d{m.depth}-w{m.width}-{base.init.name}-{base.optim.name}-{config_hash(base)[:8]}"
+    if m.name == "custom":  # the module's name (its target's last part) in place of the MLP's keys
+        arch = m.net["_target_"].rsplit(".", 1)[-1]
+    else:
+        arch = f"{m.activation}-d{m.depth}-w{m.width}" if m.name == "mlp" else f"{m.name}-{m.activation}-d{m.depth}-w{m.width}"
+    return f"lr-{arch}-{base.init.name}-{base.optim.name}-{config_hash(base)[:8]}"
 
 
 def redact(url: str) -> str:
