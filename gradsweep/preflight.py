@@ -95,7 +95,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
                         describe(model, data.in_dim, data.out_dim)
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
-            elif key in ("model", "data") and base and len(_values(o)) > 1:  # a module on each model or data preset
+            elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
                 job = build_run_cfg(compose_values([line if other is not o else f"{key}={_format(value)}"
                                                     for line, other in zip(_first_job(parsed), parsed)
                                                     if line is not None or other is o]))

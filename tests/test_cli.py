@@ -136,13 +136,14 @@ def test_same_seed_same_parquet(tmp_path):
 @pytest.mark.slow
 def test_a_bad_job_inside_a_basic_sweep_fails_it_in_one_line(tmp_path):
     # data.n_features=4 is fine with data=scaled (the first job) and not with data=regression (the second).
-    # Hydra's basic launcher runs jobs one by one, so the first is written before the second fails; the
-    # fused default checks every job first (tests/test_launcher.py).
+    # Pre-flight composes the job of each model and data preset a sweep names, so even Hydra's basic launcher, which
+    # runs jobs one by one, writes nothing (the fused default checks every job first: tests/test_launcher.py).
     out = _run(["-m", "data=scaled,regression", "data.n_features=4", "train.steps=2", "quiet=true",
                 "hydra/launcher=basic", "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert out.returncode == 2
-    assert "gradsweep: error: data.n_features=4 is not valid" in out.stderr
-    assert (tmp_path / "sweep" / "0" / "runs.parquet").exists() and not (tmp_path / "sweep" / "1" / "runs.parquet").exists()
+    assert out.stderr.strip().splitlines() == [
+        "gradsweep: error: data.n_features=4 is not valid; it must be 1 for data=regression (the article's data)"]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_help_lists_every_runner_group_and_its_options():
