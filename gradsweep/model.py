@@ -60,6 +60,13 @@ def layers(cfg: ModelCfg) -> list[Layer]:
 def new_linear(fan_in: int, fan_out: int, init: InitCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias ``nn.Linear(fan_in, fan_out)`` draws (its ``reset_parameters``, the same calls on
     the same RNG), then re-initialised by ``init``: without building a module, which costs more than the draw."""
+    weight, bias = draw_linear(fan_in, fan_out)
+    apply_init(weight, bias, init)
+    return weight, bias
+
+
+def draw_linear(fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias ``nn.Linear(fan_in, fan_out)`` draws, as :func:`new_linear` takes them."""
     weight, bias = torch.empty(fan_out, fan_in), torch.empty(fan_out)
     # nn.init.kaiming_uniform_(weight, a=sqrt(5)) and nn.init.uniform_(bias, ...) as reset_parameters calls them,
     # their arithmetic spelled out: the same bounds, the same uniform_ calls (without their wrappers' ~50 us each,
@@ -68,7 +75,6 @@ def new_linear(fan_in: int, fan_out: int, init: InitCfg) -> tuple[torch.Tensor, 
     weight.uniform_(-math.sqrt(3.0) * (gain / math.sqrt(fan_in)), math.sqrt(3.0) * (gain / math.sqrt(fan_in)))
     bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
     bias.uniform_(-bound, bound)
-    apply_init(weight, bias, init)
     return weight, bias
 
 

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from gradsweep.config import ModelCfg, RunCfg, first_line
+from gradsweep.config import ModelCfg, RunCfg, first_line, linear_dims
+from gradsweep.init import apply_init
 from gradsweep.losses import per_run_loss
-from gradsweep.model import Stack
-from gradsweep.nets import NetInfo, build_net, init_module
+from gradsweep.model import Stack, draw_linear
+from gradsweep.nets import NetInfo, as_mlp, build_net, init_module
 from gradsweep.optim import clip, screen
 from gradsweep.stats import StatsPlan
 
@@ -45,10 +46,13 @@ def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int,
             init_module(net, c.init)
             nets.append(net)
             rng.append(torch.get_rng_state())  # where the run's own stream goes on (dropout, run by run)
+            if info.mlp is not None and _drawn_alike(nets[0], c, in_dim, out_dim):
+                break  # the built-in MLP: the other runs' draws without building their modules (below)
     per_run = [{n: p for n, p in net.named_parameters() if p.requires_grad} for net in nets]
     if info.mlp is not None:  # nn.Sequential: Linear i is child 2(i - 1)
         per_run = [{f"linear{int(name.split('.')[0]) // 2 + 1}.{name.split('.')[1]}": t for name, t in p.items()}
                    for p in per_run]
+        per_run += [_mlp_draws(info.mlp, c, in_dim, out_dim) for c in cfgs[len(per_run):]]
     stack = Stack.of(per_run, dtype, device)
     buffers = {}  # and the frozen parameters (requires_grad=False): passed along, never trained
     for name, first in [*nets[0].named_buffers(), *((n, p) for n, p in nets[0].named_parameters() if not p.requires_grad)]:
@@ -56,6 +60,27 @@ def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int,
                                for net in nets]).detach()
         buffers[name] = stacked.to(device=device, dtype=dtype if first.is_floating_point() else first.dtype)
     return stack, buffers, nets[0], rng
+
+
+def _mlp_draws(mlp: ModelCfg, cfg: RunCfg, in_dim: int, out_dim: int) -> dict[str, torch.Tensor]:
+    """What a module the built-in MLP computes draws (a run's seed, each nn.Linear's reset_parameters in order,
+    then the init in module order), by the built-in MLP's names, without building the module: a tenth of the cost."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg.train.seed)
+        drawn = [draw_linear(fan_in, fan_out) for fan_in, fan_out in linear_dims(mlp, in_dim, out_dim)]
+    out = {}
+    for i, (weight, bias) in enumerate(drawn, start=1):
+        apply_init(weight, bias, cfg.init)
+        out[f"linear{i}.weight"], out[f"linear{i}.bias"] = weight, bias
+    return out
+
+
+def _drawn_alike(net: nn.Module, cfg: RunCfg, in_dim: int, out_dim: int) -> bool:
+    """Whether :func:`_mlp_draws` gives the parameters the user's constructor gave ``net`` (the first run's, bit
+    for bit): the constructor draws nothing else."""
+    mine = _mlp_draws(as_mlp(net, in_dim), cfg, in_dim, out_dim)
+    theirs = [p.detach() for p in net.parameters()]
+    return len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine.values(), theirs))
 
 
 class ModuleStep:

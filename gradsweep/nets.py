@@ -321,12 +321,13 @@ def _find(paths: dict[nn.Module, str], path: str) -> nn.Module:
 
 
 def as_mlp(net: nn.Module, in_dim: int) -> ModelCfg | None:
-    """The built-in MLP that ``net`` computes, where it is an ``nn.Sequential`` of Linear layers (with bias) of one
-    hidden width, each but the last followed by one plain activation of one kind (nn defaults); else None."""
+    """The built-in MLP that ``net`` computes, where it is an ``nn.Sequential`` of Linear layers (with bias, trained)
+    of one hidden width, each but the last followed by one plain activation of one kind (nn defaults); else None."""
     if type(net) is not nn.Sequential or len(net) < 3 or len(net) % 2 == 0:
         return None
     linears, acts = list(net)[0::2], list(net)[1::2]
-    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears) or \
+            not all(p.requires_grad for p in net.parameters()):
         return None
     kinds = {type(a) for a in acts}
     if len(kinds) != 1 or (kind := kinds.pop()) not in _PLAIN_ACTS:

@@ -232,17 +232,19 @@ def test_fused_group_equals_runs_alone_and_run_by_run(nets, caplog):
 
 
 def test_plain_sequential_mlp_trains_on_the_builtin_engine(nets):
-    runs = [cfg({"_target_": "usernets.mlp"}, train={"seed": s}) for s in range(2)]
+    runs = [cfg({"_target_": "usernets.mlp"}, train={"seed": s}, init={"name": "xavier", "scheme": "xavier"})
+            for s in range(2)]
     trace = train_group(runs, progress=False)
     assert trace.engine in ("eager", "compiled")
     runs_t, steps = build_tables(runs, trace)
     assert list(steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[0])].layer_name) == ["0", "2", "4", "6"]
     import usernets
 
-    record, final = reference(runs[0], lambda: usernets.mlp(1, 1))
-    assert runs_t.final_loss[0] == pytest.approx(final, rel=1e-9)
-    at0 = steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[0])].set_index("layer_name")
-    assert at0.loc["0", "hgrad_norm"] == pytest.approx(record[0]["0"][0], rel=1e-9)
+    for r in range(2):  # run 0 from its module, run 1 drawn without building it: both as plain PyTorch
+        record, final = reference(runs[r], lambda: usernets.mlp(1, 1))
+        assert runs_t.final_loss[r] == pytest.approx(final, rel=1e-9)
+        at0 = steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[r])].set_index("layer_name")
+        assert at0.loc["0", "hgrad_norm"] == pytest.approx(record[0]["0"][0], rel=1e-9)
 
 
 @pytest.mark.parametrize("net, message", [
