@@ -70,7 +70,7 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
         for key, value in as_dict(getattr(cfg, section)).items():
             if isinstance(value, dict):  # model.net: a column per argument (model.net._target_, model.net.depth...)
                 _dotted(column_of(section, key), value, out)
-            elif value is not None or key not in MODULE_KEYS:
+            elif value is not None or section != "model" or key not in MODULE_KEYS:
                 out[column_of(section, key)] = value
     out["loss"] = cfg.loss
     out.update(cfg.extra)

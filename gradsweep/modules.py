@@ -46,7 +46,7 @@ def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int,
             init_module(net, c.init)
             nets.append(net)
             rng.append(torch.get_rng_state())  # where the run's own stream goes on (dropout, run by run)
-            if info.mlp is not None and _drawn_alike(nets[0], c, in_dim, out_dim):
+            if len(nets) == 1 and info.mlp is not None and _drawn_alike(net, c, in_dim, out_dim):
                 break  # the built-in MLP: the other runs' draws without building their modules (below)
     per_run = [{n: p for n, p in net.named_parameters() if p.requires_grad} for net in nets]
     if info.mlp is not None:  # nn.Sequential: Linear i is child 2(i - 1)
@@ -65,13 +65,13 @@ def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int,
 def _mlp_draws(mlp: ModelCfg, cfg: RunCfg, in_dim: int, out_dim: int) -> dict[str, torch.Tensor]:
     """What a module the built-in MLP computes draws (a run's seed, each nn.Linear's reset_parameters in order,
     then the init in module order), by the built-in MLP's names, without building the module: a tenth of the cost."""
-    with torch.random.fork_rng(devices=[]):
+    out = {}
+    with torch.random.fork_rng(devices=[]):  # the init's draws continue the run's stream, after every Linear's
         torch.default_generator.manual_seed(cfg.train.seed)
         drawn = [draw_linear(fan_in, fan_out) for fan_in, fan_out in linear_dims(mlp, in_dim, out_dim)]
-    out = {}
-    for i, (weight, bias) in enumerate(drawn, start=1):
-        apply_init(weight, bias, cfg.init)
-        out[f"linear{i}.weight"], out[f"linear{i}.bias"] = weight, bias
+        for i, (weight, bias) in enumerate(drawn, start=1):
+            apply_init(weight, bias, cfg.init)
+            out[f"linear{i}.weight"], out[f"linear{i}.bias"] = weight, bias
     return out
 
 
@@ -119,7 +119,7 @@ class ModuleStep:
             torch.autograd.grad(out.sum(), self.plist + list((taps or {}).values()), allow_unused=True)
         except Exception as e:  # noqa: BLE001 - whatever vmap cannot take trains run by run, with the same numbers
             self.vmapped = False
-            log.info("%s: its runs train one by one, not fused (torch.func.vmap: %s)", name, first_line(e))
+            log.warning("%s: its runs train one by one, not fused (torch.func.vmap: %s)", name, first_line(e))
 
     def _hook(self, k: int):
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:

@@ -67,15 +67,17 @@ class ConvNet(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x + fc2(act(fc1(norm(x)))): a pre-norm residual block."""
+    """x + fc2(act(fc1(norm(x)))): a pre-norm residual block (without ``residual``: the branch alone)."""
 
-    def __init__(self, width: int, activation: str, norm: str):
+    def __init__(self, width: int, activation: str, norm: str, residual: bool = True):
         super().__init__()
         self.norm = _norm(norm, width, image=False)
         self.fc1, self.act, self.fc2 = nn.Linear(width, width), ACT_MODULES[activation](), nn.Linear(width, width)
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+        branch = self.fc2(self.act(self.fc1(self.norm(x))))
+        return x + branch if self.residual else branch
 
 
 class ResMLP(nn.Module):
@@ -87,15 +89,14 @@ class ResMLP(nn.Module):
                  residual: bool = True, norm: str = "layernorm"):
         super().__init__()
         self.inp = nn.Linear(in_dim, width)
-        self.blocks = nn.ModuleList([ResBlock(width, activation, norm) for _ in range(depth)])
-        self.residual = residual
+        self.blocks = nn.ModuleList([ResBlock(width, activation, norm, residual) for _ in range(depth)])
         self.norm = _norm(norm, width, image=False)
         self.head = nn.Linear(width, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
         for block in self.blocks:
-            h = block(h) if self.residual else block(h) - h
+            h = block(h)
         return self.head(self.norm(h))
 
 
@@ -162,7 +163,7 @@ def build_net(model: ModelCfg, in_dim: int, out_dim: int) -> nn.Module:
     args = _arguments(model, fn, in_dim, out_dim)
     name = model.net["_target_"]
     try:
-        if any(isinstance(v, dict) and "_target_" in v for v in args.values()):
+        if _instantiated(args):  # Hydra's own keys (_args_, _recursive_, ...) or nested _target_ nodes
             from hydra.utils import instantiate
 
             net = instantiate({"_target_": name, **args})
@@ -189,11 +190,20 @@ def build_net(model: ModelCfg, in_dim: int, out_dim: int) -> nn.Module:
     return net
 
 
+def _instantiated(node: Any) -> bool:
+    """Whether building ``node`` needs ``hydra.utils.instantiate``: a key of Hydra's own or a ``_target_`` anywhere."""
+    if isinstance(node, dict):
+        return any(str(k).startswith("_") or _instantiated(v) for k, v in node.items())
+    if isinstance(node, (list, tuple)):
+        return any(_instantiated(v) for v in node)
+    return False
+
+
 def init_module(net: nn.Module, init: InitCfg) -> None:
-    """Re-initialise every Linear and Conv layer of ``net`` in module order by ``init`` (weight, and bias per
-    init.bias)."""
+    """Re-initialise every trained Linear and Conv layer of ``net`` in module order by ``init`` (weight, and bias per
+    init.bias); a frozen one (``requires_grad=False``) keeps what its constructor gave it."""
     for module in net.modules():
-        if isinstance(module, WEIGHT_LAYERS):
+        if isinstance(module, WEIGHT_LAYERS) and module.weight.requires_grad:
             apply_init(module.weight, module.bias, init)
 
 
@@ -203,8 +213,8 @@ class NetInfo:
 
     layers: tuple[Layer, ...]
     """The recorded layers, those with a trainable weight: Linear/Conv ('linear', 'conv') and norm layers ('norm'),
-    in the order a forward pass of zeros calls them, then any it does not call in module order; ``index`` 1, 2, ...
-    in that order, ``path`` the module's dotted name."""
+    in the order a forward pass of zeros calls them, any it does not call placed after the called layer before it in
+    module order; ``index`` 1, 2, ... in that order, ``path`` the module's dotted name."""
     out_shapes: tuple[tuple[int, ...] | None, ...]
     """Per layer, its output's shape for one sample; None for a layer the forward pass of zeros did not call."""
     batch_axes: tuple[int, ...]
@@ -278,10 +288,16 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
                               "gradsweep needs one axis of each layer's output to be the batch")
         axes.append(moved[0])
         shapes.append(two[:moved[0]] + two[moved[0] + 1:])
-    # then the layers that pass did not call (a branch other runs may take), in module order, their shapes unknown
-    order = [m for m, _ in calls[2]] + [m for m in watched if m not in seen]
-    shapes += [None] * (len(order) - len(shapes))
-    axes += [0] * (len(order) - len(axes))
+    # and the layers that pass did not call (a branch other runs may take), their shapes unknown: each right after
+    # the last called layer that comes before it in module order
+    order = [m for m, _ in calls[2]]
+    for i, m in enumerate(watched):
+        if m not in seen:
+            before = [order.index(p) for p in watched[:i] if p in order]
+            at = max(before) + 1 if before else 0
+            order.insert(at, m)
+            shapes.insert(at, None)
+            axes.insert(at, 0)
     layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
                          else "conv", paths[m]) for k, m in enumerate(order))
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)

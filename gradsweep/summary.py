@@ -47,6 +47,22 @@ def _prediction(cfg: RunCfg, trace: GroupTrace, seen: dict[tuple, Any]) -> dict[
             "pred_chi": list(p.chi), "pred_note": None}
 
 
+def _ends(trace: GroupTrace, lays: list, weights: list[int], out_rms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per run, the rows of the first and last Linear/Conv layer: for the MLP, linear1 and the readout; for a module,
+    the first and last its forward pass called at step 0 (out_rms recorded), which a branch may make differ per
+    run."""
+    R = trace.layer.shape[1]
+    first, last = np.full(R, weights[0]), np.full(R, weights[-1])
+    if lays[0].path is None:
+        return first, last
+    called = np.isfinite(trace.layer[0][:, weights, out_rms])  # (R, Lw)
+    some = called.any(axis=1)
+    cols = np.array(weights)
+    first = np.where(some, cols[called.argmax(axis=1)], first)
+    last = np.where(some, cols[len(weights) - 1 - called[:, ::-1].argmax(axis=1)], last)
+    return first, last
+
+
 def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any]] | None = None,
                  arrow: bool = False) -> tuple[pd.DataFrame, Any]:
     """The runs and steps tables of a trained group.
@@ -89,11 +105,12 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
     steps = pa.table({k: cols[k] for k in STEP_COLUMNS}, schema=STEPS_SCHEMA)
 
     weights = [k for k, la in enumerate(lays) if la.kind in ("linear", "conv")]
-    first, last = weights[0], weights[-1]  # linear1 and the readout; a module's first and last Linear/Conv layer
     h = trace.layer[:, :, :, S["hgrad_norm"]].astype(np.float64)  # (T, R, L); float32 where the group trained in it
     w = trace.layer[:, :, :, S["wgrad_norm"]].astype(np.float64)
-    ratio_t = _log10_ratio(h[:, :, first], h[:, :, last])  # (T, R)
-    wratio_t = _log10_ratio(w[:, :, first], w[:, :, last])
+    first, last = _ends(trace, lays, weights, S["out_rms"])  # (R,): linear1 and the readout, or a module's
+    runs_ = np.arange(R)
+    ratio_t = _log10_ratio(h[:, runs_, first], h[:, runs_, last])  # (T, R)
+    wratio_t = _log10_ratio(w[:, runs_, first], w[:, runs_, last])
     with warnings.catch_warnings():  # all-NaN columns (a run diverged at step 0) are legitimate NaN results
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(np.where(valid, ratio_t, np.nan), axis=0)
@@ -102,6 +119,9 @@ def build_tables(cfgs: list[RunCfg], trace: GroupTrace, meta: list[dict[str, Any
         final_ok = np.where(np.isfinite(trace.final_loss), trace.final_loss, np.nan)
         min_loss = np.nanmin(np.vstack([losses, final_ok[None, :]]), axis=0)
     diverged = div >= 0
+    if lays[0].path is not None:  # a module: the layers some run called (MHA's out_proj, used by weight, is not)
+        seen = np.isfinite(trace.layer[..., S["out_rms"]]).any(axis=(0, 1))
+        weights = [k for k in weights if seen[k]] or weights
     dead_step, dead_layer = dead_runs(h[:, :, weights], trace.steps, valid, np.array([lays[k].index for k in weights]),
                                       underflow_floor(cfgs[0].train.dtype))
     baseline = np.full(R, trace.baseline_loss)

@@ -124,7 +124,7 @@ def reference(run, factory):
             net(torch.zeros(2, run.data.in_dim))
         net.train()
     for m in net.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:  # a frozen layer keeps its weights
             with torch.no_grad():
                 if run.init.scheme == "xavier":
                     nn.init.xavier_uniform_(m.weight, gain=run.init.gain)
@@ -232,15 +232,17 @@ def test_fused_group_equals_runs_alone_and_run_by_run(nets, caplog):
 
 
 def test_plain_sequential_mlp_trains_on_the_builtin_engine(nets):
-    runs = [cfg({"_target_": "usernets.mlp"}, train={"seed": s}, init={"name": "xavier", "scheme": "xavier"})
-            for s in range(2)]
+    # run 0's init draws nothing: the others' draws (kaiming, xavier) are taken without building their modules
+    runs = [cfg({"_target_": "usernets.mlp"}, train={"seed": s}, init={"name": i, "scheme": i})
+            for s, i in enumerate(("default", "kaiming", "xavier"))]
     trace = train_group(runs, progress=False)
     assert trace.engine in ("eager", "compiled")
     runs_t, steps = build_tables(runs, trace)
     assert list(steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[0])].layer_name) == ["0", "2", "4", "6"]
     import usernets
 
-    for r in range(2):  # run 0 from its module, run 1 drawn without building it: both as plain PyTorch
+    torch.manual_seed(12345)  # the global RNG's state must not matter
+    for r in range(3):  # run 0 from its module, runs 1 and 2 drawn without building them: each as plain PyTorch
         record, final = reference(runs[r], lambda: usernets.mlp(1, 1))
         assert runs_t.final_loss[r] == pytest.approx(final, rel=1e-9)
         at0 = steps[(steps.step == 0) & (steps.run_id == runs_t.run_id[r])].set_index("layer_name")
@@ -383,6 +385,8 @@ def test_which_layers_fuse(tmp_path, monkeypatch, caplog, target, kind, fused):
     alone = [r.message for r in caplog.records if "one by one" in r.message]
     assert (not alone) == fused, alone
     called = [k for k, la in enumerate(trace.layers) if la.path != "mid.out_proj"]  # MHA uses its weight, not its call
+    summary = build_tables(runs, trace)[0]
+    assert np.isfinite(summary.grad_ratio_log10).all() and set(summary.verdict) <= {"healthy", "stalled"}
     assert np.isfinite(trace.final_loss).all()
     assert np.isfinite(trace.layer[:, :, called, LAYER_STATS.index("hgrad_norm")]).all()
     assert np.isfinite(trace.layer[..., LAYER_STATS.index("wgrad_norm")]).all()
@@ -570,6 +574,11 @@ def test_a_layer_a_run_does_not_call_is_not_recorded(odd):
     taken = {rid: set(g.layer_name[g.hgrad_norm.notna()]) for rid, g in at0.groupby("run_id")}
     assert {frozenset(t) for t in taken.values()} == {frozenset({"a", "head"}), frozenset({"b", "head"})}
     assert runs_t.final_loss.notna().all()
+    for rid, g in at0.groupby("run_id"):  # the ratio: the layer this run called over the readout
+        h = g.set_index("layer_name").hgrad_norm
+        called = "a" if np.isfinite(h["a"]) else "b"
+        ratio = runs_t.set_index("run_id").grad_ratio_log10[rid]
+        assert ratio == pytest.approx(np.log10(h[called] / h["head"]), rel=1e-12)
 
 
 @pytest.mark.parametrize("target, message", [
