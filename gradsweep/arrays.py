@@ -38,12 +38,13 @@ class ArrayFile:
 
 
 def resolve_arrays(cfg: Any) -> None:
-    """Check ``data=arrays``'s keys (a ``DataCfg``) against its file; set ``task``, ``digest`` and a null
-    ``n_samples`` from it."""
+    """Check ``data=arrays``'s keys (a ``DataCfg``) against its file; set ``task``, ``digest``, ``in_dim``,
+    ``out_dim`` and a null ``n_samples`` from it."""
     if cfg.path is None:
         raise ConfigError("data.path is required with data=arrays: a .npz, .csv or .parquet file")
     f = read_arrays(cfg.path, cfg.target, cfg.task)
     cfg.task, cfg.digest = f.task, f.digest
+    cfg.in_dim, cfg.out_dim = f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
     if f.x_test is not None:
         check("data.n_test", cfg.n_test, cfg.n_test == 0, f"0 for {cfg.path}, which holds its own x_test")
     free = len(f.x) - cfg.n_test

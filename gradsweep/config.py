@@ -251,24 +251,17 @@ class DataCfg:
                "a finite number >= data.scale_min")
         if self.name == "regression":
             check("data.n_features", self.n_features, self.n_features == 1, "1 for data=regression (the article's data)")
-        if self.name != "gaussian":  # the sizes of the data, for ${data.in_dim} (not part of run_id: derived)
-            self.in_dim, self.out_dim = _data_dims(self)
+        if self.name not in ("gaussian", "arrays"):  # the data's sizes, for ${data.in_dim} (arrays: from its file)
+            self.in_dim, self.out_dim = builtin_dims(self.name, self.n_features)
         if self.name == "digits":
             check("data.n_test", self.n_test, self.n_test < DIGITS_SIZE, f"< {DIGITS_SIZE} for data=digits")
             check("data.n_samples", self.n_samples, self.n_samples <= DIGITS_SIZE - self.n_test,
                    f"<= {DIGITS_SIZE - self.n_test} for data=digits with data.n_test={self.n_test}")
 
 
-def _data_dims(data: DataCfg) -> tuple[int, int]:
-    """(input features, outputs) of data other than gaussian."""
-    if data.name == "digits":
-        return 64, DIGITS_CLASSES
-    if data.name == "arrays":
-        from gradsweep.arrays import read_arrays
-
-        f = read_arrays(data.path, data.target, data.task)
-        return f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
-    return (1 if data.name == "regression" else data.n_features), 1
+def builtin_dims(name: str, n_features: int) -> tuple[int, int]:
+    """(input features, outputs) of the built-in data ``name`` (regression, scaled, digits) with ``n_features``."""
+    return (64, DIGITS_CLASSES) if name == "digits" else ((1 if name == "regression" else n_features), 1)
 
 
 def settle_data_dims(cfg: Any) -> None:

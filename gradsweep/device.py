@@ -15,7 +15,7 @@ import torch
 from gradsweep.config import linear_dims
 from gradsweep.data import data_shape
 from gradsweep.errors import ConfigError
-from gradsweep.model import layers
+from gradsweep.nets import describe, layer_count
 from gradsweep.schema import LAYER_STATS
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,13 @@ def device_bytes_per_run(cfg: Any) -> int:
     n, in_dim, out_dim = data_shape(cfg.data)
     batch = min(cfg.train.batch_size or n, n)
     if cfg.model.name != "mlp":  # a module (gradsweep.nets): its parameters and its recorded layers' outputs, twice
-        from gradsweep.nets import describe
-
         info = describe(cfg.model, in_dim, out_dim)
-        n_params, n_layers = info.n_params, len(info.layers)
-        values = 14 * n_params + 12 * batch * sum(math.prod(s) for s in info.out_shapes if s is not None)
+        values = 14 * info.n_params + 12 * batch * sum(math.prod(s) for s in info.out_shapes if s is not None)
     else:
         dims = linear_dims(cfg.model, in_dim, out_dim)
-        n_params, n_layers = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width, len(layers(cfg.model))
+        n_params = sum(i * o + o for i, o in dims) + 3 * cfg.model.depth * cfg.model.width
         values = 14 * n_params + 6 * batch * sum(o for _, o in dims) * (2 if cfg.model.norm != "none" else 1)
-    values += HOST_COPY_EVERY * (n_layers * len(LAYER_STATS) + 3)
+    values += HOST_COPY_EVERY * (layer_count(cfg.model, in_dim, out_dim) * len(LAYER_STATS) + 3)
     return values * (8 if cfg.train.dtype == "float64" else 4)
 
 

@@ -79,16 +79,11 @@ def runs_per_group(cfg: RunCfg, memory_gb: float, cap: int | None, free_bytes: i
     ``free_bytes`` (the device's free memory, on a GPU) holds while training, and ``cap``.
     """
     from gradsweep.device import DEVICE_MEMORY_SHARE, device_bytes_per_run
-    from gradsweep.model import layers
+    from gradsweep.nets import layer_count
     from gradsweep.schema import LAYER_STATS
 
     logged = -(-cfg.train.steps // cfg.train.log_every) + 1
-    if cfg.model.name == "mlp":
-        n_layers = len(layers(cfg.model))
-    else:  # a module's recorded layers (gradsweep.nets)
-        from gradsweep.nets import describe
-
-        n_layers = len(describe(cfg.model, cfg.data.in_dim, cfg.data.out_dim).layers)
+    n_layers = layer_count(cfg.model, cfg.data.in_dim, cfg.data.out_dim)
     per_run = logged * n_layers * (len(LAYER_STATS) + 7) * _BYTES_PER_VALUE
     fit = max(1, int(memory_gb * 2**30 // per_run)) if math.isfinite(memory_gb) else 2**62
     if free_bytes is not None:
@@ -145,11 +140,7 @@ def run_group(job: GroupJob) -> GroupResult:
         failures = [f or group_error for f in failures]
     m = cfgs[0].model
     n = len(cfgs)
-    arch = (f"depth {m.depth}, width {m.width}, {m.activation}" if m.name in ("mlp", "cnn", "resmlp") else
-            ", ".join(f"{k}={v}" for k, v in m.net.items() if k != "_target_") or "no arguments")
-    arch += (", residual" if m.residual else "") + (f", {m.norm}" if m.norm != "none" else "") if m.name != "custom" else ""
-    arch = arch if m.name == "mlp" else f"{m.net['_target_'] if m.name == 'custom' else m.name}: {arch}"
-    line = (f"{n} run{'s' if n != 1 else ''} ({arch}), {trace.device}, "
+    line = (f"{n} run{'s' if n != 1 else ''} ({_arch(m)}), {trace.device}, "
             f"{trace.engine}, "
             f"{n * cfgs[0].train.steps / trace.wall_s:,.0f} run-steps/s; "
             f"trained in {trace.wall_s:.1f} s, written in {time.perf_counter() - t_written:.1f} s")
@@ -174,3 +165,13 @@ def job_return(overrides: list[str], cwd: str, task_name: str, record: dict[str,
     else:
         ret.status, ret.return_value = JobStatus.FAILED, failure
     return ret
+
+
+def _arch(m: Any) -> str:
+    """A group's net for its log line: the MLP's or a built-in module's keys, or a custom module and its arguments."""
+    if m.name == "custom":
+        return f"{m.net['_target_']}: " + (", ".join(f"{k}={v}" for k, v in m.net.items() if k != "_target_")
+                                           or "no arguments")
+    keys = (f"depth {m.depth}, width {m.width}, {m.activation}" + (", residual" if m.residual else "")
+            + (f", {m.norm}" if m.norm != "none" else ""))
+    return keys if m.name == "mlp" else f"{m.name}: {keys}"

@@ -62,7 +62,8 @@ def _dotted(prefix: str, node: dict[str, Any], out: dict[str, Any]) -> None:
 def flatten(cfg: RunCfg) -> dict[str, Any]:
     """Every config value as a column named like its override key (``model.depth``, ``init``, ``optim.lr``...).
 
-    The ``init`` and ``data`` presets are named by their ``name`` field alone (``init``, ``data``).
+    The ``model``, ``init`` and ``data`` presets are named by their ``name`` field alone (``model``, ``init``,
+    ``data``); ``model.net``'s arguments get a column each (``model.net.depth``).
     ``quiet`` is a display option and not recorded; ``device`` is recorded as the device actually used.
     """
     out: dict[str, Any] = {}

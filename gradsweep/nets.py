@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import math
 import os
 import sys
@@ -23,8 +22,9 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from gradsweep.config import ACTIVATIONS, ConfigError, InitCfg, ModelCfg, first_line
+from gradsweep.identity import as_tuple
 from gradsweep.init import apply_init
-from gradsweep.model import Layer
+from gradsweep.model import Layer, layers
 
 ACT_MODULES: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU,
@@ -36,8 +36,7 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # re-initialised, 
 # sync forms and InstanceNorm1d/2d/3d; torch exports none public.
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 # The built-in activations a recognised nn.Sequential MLP may use (their nn defaults: what gradsweep.model computes).
-_PLAIN_ACTS = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.ELU: "elu", nn.SELU: "selu",
-               nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu", nn.Identity: "identity"}
+_PLAIN_ACTS = {cls: name for name, cls in ACT_MODULES.items() if name != "prelu"}  # PReLU: a parameter of its own
 
 
 class ConvNet(nn.Module):
@@ -209,7 +208,7 @@ def init_module(net: nn.Module, init: InitCfg) -> None:
 
 @dataclass(frozen=True)
 class NetInfo:
-    """What gradsweep records of a module-built net, found by one forward pass of a throwaway copy."""
+    """What gradsweep records of a module-built net, found by forward passes of a throwaway copy."""
 
     layers: tuple[Layer, ...]
     """The recorded layers, those with a trainable weight: Linear/Conv ('linear', 'conv') and norm layers ('norm'),
@@ -226,25 +225,30 @@ class NetInfo:
     activation (trained through the built-in engines); else None."""
 
 
-def _key(model: ModelCfg) -> str:
-    return json.dumps([model.name, model.depth, model.width, model.activation, model.residual, model.norm,
-                       model.net], sort_keys=True, default=str)
-
-
 def describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
     """:class:`NetInfo` of ``model``'s module; a one-line :class:`ConfigError` where it cannot be trained here (no
     Linear or Conv layer, an output of the wrong shape, a target that does not build)."""
-    key = (_key(model), in_dim, out_dim)
+    key = (as_tuple(model), in_dim, out_dim)
     if key not in _DESCRIBED:
         _DESCRIBED[key] = _describe(model, in_dim, out_dim)
     return _DESCRIBED[key]
 
 
-_DESCRIBED: dict[tuple[str, int, int], NetInfo] = {}
+_DESCRIBED: dict[tuple, NetInfo] = {}
+
+
+def net_name(model: ModelCfg) -> str:
+    """How messages name a module-built net: its target (custom), else ``model=<name>``."""
+    return model.net["_target_"] if model.name == "custom" else f"model={model.name}"
+
+
+def layer_count(model: ModelCfg, in_dim: int, out_dim: int) -> int:
+    """How many layers a run of ``model`` records (the MLP's, or a module's: :func:`describe`)."""
+    return len(layers(model)) if model.name == "mlp" else len(describe(model, in_dim, out_dim).layers)
 
 
 def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
-    name = model.net["_target_"] if model.name == "custom" else f"model={model.name}"
+    name = net_name(model)
     with torch.random.fork_rng(devices=[]):
         net = build_net(model, in_dim, out_dim)
     paths = {m: p for p, m in net.named_modules()}
@@ -272,10 +276,10 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
     seen: dict[nn.Module, int] = {}
     for module, _ in calls[2]:
         seen[module] = seen.get(module, 0) + 1
-    twice = [paths[m] for m, n in seen.items() if n > 1]
+    twice = [(paths[m], n) for m, n in seen.items() if n > 1]
     if twice:
-        raise ConfigError(f"model.net: {name} calls layer {twice[0]!r} {seen[_find(paths, twice[0])]} times in one "
-                          "forward pass; gradsweep records each layer once: give each use its own module")
+        raise ConfigError(f"model.net: {name} calls layer {twice[0][0]!r} {twice[0][1]} times in one forward pass; "
+                          "gradsweep records each layer once: give each use its own module")
     if not any(isinstance(m, WEIGHT_LAYERS) for m, _ in calls[2]):
         raise ConfigError(f"model.net: {name} has no trainable nn.Linear or nn.Conv layer in its forward pass; "
                           "gradsweep measures the gradient that reaches those")
@@ -330,10 +334,6 @@ def _forward_calls(net: nn.Module, watched: list[nn.Module], batch: int, in_dim:
         raise ConfigError(f"model.net: {name} returns {shape} for inputs ({batch}, {in_dim}); the data needs "
                           f"({batch}, {out_dim})")
     return calls
-
-
-def _find(paths: dict[nn.Module, str], path: str) -> nn.Module:
-    return next(m for m, p in paths.items() if p == path)
 
 
 def as_mlp(net: nn.Module, in_dim: int) -> ModelCfg | None:

@@ -91,20 +91,17 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
                 if section in ("model", "data") and base:  # a module: built and run once on the data
                     model = checked if section == "model" else build_section("model", base["model"])
                     data = checked if section == "data" else build_section("data", base["data"])
-                    if model.name != "mlp":
-                        describe(model, data.in_dim, data.out_dim)
+                    check_module(model, data.in_dim, data.out_dim)
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
             elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
                 job = build_run_cfg(compose_values([line if other is not o else f"{key}={_format(value)}"
                                                     for line, other in zip(_first_job(parsed), parsed)
                                                     if line is not None or other is o]))
-                if job.model.name != "mlp":
-                    describe(job.model, job.data.in_dim, job.data.out_dim)
+                check_module(job.model, job.data.in_dim, job.data.out_dim)
     if base:
         cfg = build_run_cfg(base)
-        if cfg.model.name != "mlp":
-            describe(cfg.model, cfg.data.in_dim, cfg.data.out_dim)
+        check_module(cfg.model, cfg.data.in_dim, cfg.data.out_dim)
         if cfg.device == "cuda":
             from gradsweep.device import resolve_device
 
@@ -118,11 +115,13 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
 
 
-def describe(model: Any, in_dim: int, out_dim: int) -> None:
-    """A module-built net (model=cnn, resmlp, custom) built and run once: gradsweep.nets.describe's one-line errors."""
-    from gradsweep.nets import describe as describe_net
+def check_module(model: Any, in_dim: int, out_dim: int) -> None:
+    """A module-built net (model=cnn, resmlp, custom) built and run on the data's sizes: gradsweep.nets.describe's
+    one-line errors (nothing to do for the MLP, whose keys the schema checks)."""
+    if model.name != "mlp":
+        from gradsweep.nets import describe
 
-    describe_net(model, in_dim, out_dim)
+        describe(model, in_dim, out_dim)
 
 
 def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from gradsweep.config import DIGITS_CLASSES
+from gradsweep.config import builtin_dims
 from gradsweep.identity import ADDED_KEYS, column_of
 from gradsweep.schema import (
     GROUPS_DIR,
@@ -251,8 +251,8 @@ def _data_sizes(table: pa.Table) -> pa.Table:
     if not {"data", "data.in_dim", "data.out_dim", "data.n_features"} <= set(table.column_names):
         return table
     rows = zip(*(table.column(c).to_pylist() for c in ("data", "data.in_dim", "data.out_dim", "data.n_features")))
-    sizes = {"regression": lambda nf: (1, 1), "scaled": lambda nf: (nf, 1), "digits": lambda nf: (64, DIGITS_CLASSES)}
-    fixed = [sizes[d](nf) if d in sizes and out == 16 else (i, out) for d, i, out, nf in rows]
+    fixed = [builtin_dims(d, nf) if d in ("regression", "scaled", "digits") and out == 16 else (i, out)
+             for d, i, out, nf in rows]
     for k, col in enumerate(("data.in_dim", "data.out_dim")):
         at = table.column_names.index(col)
         table = table.set_column(at, table.field(at), pa.array([f[k] for f in fixed], table.field(at).type))

@@ -24,7 +24,7 @@ from gradsweep.identity import as_tuple
 from gradsweep.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.model import Layer, build_params, forward, layers
 from gradsweep.modules import ModuleStep, build_stack
-from gradsweep.nets import describe
+from gradsweep.nets import describe, net_name
 from gradsweep.optim import StackedOptimizer, clip, clip_vector, screen
 from gradsweep.progress import bar as progress_bar
 from gradsweep.schema import LAYER_STATS
@@ -162,8 +162,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
     program_step = plan = module_step = None
     if arch is None:
-        name = first.model.net["_target_"] if first.model.name == "custom" else f"model={first.model.name}"
-        program_step = module_step = ModuleStep(name, info, base, stack, buffers, rng, loss_name, opt, max_norm,
+        program_step = module_step = ModuleStep(net_name(first.model), info, base, stack, buffers, rng, loss_name, opt, max_norm,
                                                 collect_stats, x.expand(R, *x.shape)[:, :2])
     elif engine == "compiled" and fused_ok:
         program_step = fused.FusedStep(arch, loss_name, stack.layout, opt, max_norm, collect_stats)
