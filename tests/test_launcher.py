@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import scaled
+from holding import GATED_MODEL, gated, gated_pids
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from gradsweep import load_sweep
@@ -181,30 +182,45 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
     """submitit's local jobs outlive the command that started them: SIGKILL it while they train, run it again,
     and it waits for them instead of training their groups a second time."""
     import re
+    import threading
     import time
 
-    # Long enough that the jobs still train when the rerun looks for them; statistics every 10th step, which the
-    # claim does not need at every step.
-    sweep = ["model.depth=2,3", "train.steps=6000", "train.log_every=10", "quiet=true"]
-    base = _sweep([*sweep, f"hydra.sweep.dir={tmp_path / 'base'}"], tmp_path)
+    env, gate = gated(tmp_path)
+    sweep = [*GATED_MODEL, "model.net.depth=2,3", "train.steps=200", "quiet=true"]  # two groups: two submitit jobs
+    base = subprocess.run([sys.executable, "-m", "gradsweep", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'base'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=scaled(600), env=env)
     assert base.returncode == 0, base.stderr[-2000:]
     d = tmp_path / "local"
     cmd = [sys.executable, "-m", "gradsweep", "-m", *sweep, "hydra/launcher=gradsweep_submitit_local",
            f"hydra.sweep.dir={d}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + scaled(120)
 
     def job_dirs() -> list[Path]:
         return [p for p in (d / ".submitit").glob("*") if p.name.isdigit()] if (d / ".submitit").is_dir() else []
 
-    while time.monotonic() < deadline and len([p for p in job_dirs() if any(p.glob("*_submitted.pkl"))]) < 2:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(300))
-    assert out.returncode == 0, out.stderr[-3000:]
-    waited = re.search(r"Waiting for (\d+) local submitit job\(s\) an earlier start submitted", out.stderr + out.stdout)
-    assert waited and int(waited[1]) >= 1, (out.stderr + out.stdout)[-3000:]
+    gate.touch()
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + scaled(120)
+        while time.monotonic() < deadline and proc.poll() is None and len(gated_pids(tmp_path)) < 2:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        assert len(gated_pids(tmp_path)) == 2, "both jobs should be training, held at the gate"
+        rerun = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=env)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(rerun.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + scaled(120)
+        while time.monotonic() < deadline and rerun.poll() is None and not any("Waiting for" in ln for ln in lines):
+            time.sleep(0.05)
+    finally:
+        gate.unlink()  # the held jobs go on
+    assert rerun.wait(timeout=scaled(300)) == 0
+    reader.join(timeout=10)
+    out = "".join(lines)
+    waited = re.search(r"Waiting for (\d+) local submitit job\(s\) an earlier start submitted", out)
+    assert waited and int(waited[1]) == 2, out[-3000:]
     assert len(job_dirs()) == 2  # no group submitted twice
     runs, steps = load_sweep(d)
     want_runs, want_steps = load_sweep(tmp_path / "base")

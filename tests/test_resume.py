@@ -3,18 +3,16 @@ results equal to an uninterrupted sweep's."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import scaled
+from holding import held
 
 from gradsweep import load_sweep
 from gradsweep.schema import GROUPS_DIR, RUNS_FILE
@@ -26,7 +24,6 @@ STEPS = 600
 SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.02,0.05", "train.seed=range(0,4)", f"train.steps={STEPS}",
          "hydra.launcher.max_group_runs=4"]  # 24 runs in 6 groups of 4, each training for about half a second
 VARIES = ["wall_s", "group_size"]  # how a run was trained alongside others, not what it computed
-BAR = re.compile(rf"train 4 runs:[^\r\n]*?(\d+)/{STEPS}")  # a group's progress bar on stderr
 
 
 def _cmd(sweep_dir: Path, *extra: str) -> list[str]:
@@ -51,30 +48,9 @@ def uninterrupted(tmp_path_factory):
     return _tables(d)
 
 
-class _Output:
-    """A child's output (stdout and stderr in one pipe), read as it comes: where each group's progress bar stands."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.text = ""
-        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
-        self._thread.start()
-
-    def _read(self, pipe) -> None:
-        for chunk in iter(lambda: os.read(pipe.fileno(), 65536), b""):
-            self.text += chunk.decode(errors="replace")
-
-    def training(self) -> tuple[int, int]:
-        """(groups whose training this process has started, steps the newest of them has reached)."""
-        counts = [int(n) for n in BAR.findall(self.text)]
-        return sum(1 for n in counts if n == 0), (counts[-1] if counts else 0)
-
-    def close(self) -> None:
-        self._thread.join(timeout=10)
-
-
 # Where the sweep is killed, in the order one sweep meets them (each start resumes the one killed before it):
-# before any group is complete; while training a group (its progress bar between a third and three quarters,
-# the groups before it complete and its tables not yet written); or once some groups are complete.
+# before any group is complete; while training a group (half its steps done, the groups before it complete and
+# its tables not yet written); or once some groups are complete, before the next one trains.
 KILL_POINTS = [("after", 0), ("training", 1), ("after", 2), ("training", 4), ("after", 5)]
 
 
@@ -84,29 +60,25 @@ def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted):
     equal the uninterrupted sweep's, every run once. (Five points in one chain, not five sweeps each killed once:
     the same resume path, a third of the processes.)"""
     d = tmp_path / "killed"
-    for kind, k in KILL_POINTS:
+    for i, (kind, k) in enumerate(KILL_POINTS):
         before = _groups_done(d) if d.exists() else 0
-        # Progress bars are off when stderr is not a terminal; this test reads them (and the log), so it asks for them.
-        proc = subprocess.Popen(_cmd(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GRADSWEEP_PROGRESS": "1"})
-        out = _Output(proc)
-        deadline = time.monotonic() + scaled(120)
-        while time.monotonic() < deadline and proc.poll() is None:
-            if kind == "after" and (d / "multirun.yaml").exists() and _groups_done(d) >= k:
-                break
-            started, step = out.training()
-            if kind == "training" and before + started == k and STEPS // 3 <= step <= 3 * STEPS // 4:
-                break
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        out.close()
+        # The group this start trains that is held: the (k+1)-th of the sweep before it trains, or the k-th halfway.
+        group, step = (k + 1 - before, 0) if kind == "after" else (k - before, STEPS // 2)
+        cmd, env, marker = held(tmp_path, "gradsweep", _cmd(d)[3:], group, step)
+        log = tmp_path / f"out{i}.txt"
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            deadline = time.monotonic() + scaled(120)
+            while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        text = log.read_text()
+        assert marker.exists(), f"the sweep did not reach its hold ({kind} {k}): {text[-2000:]}"
         done = _groups_done(d)
-        assert done < 6, f"the sweep finished before it could be killed ({kind} {k})"
-        if kind == "training":
-            assert done == k - 1, f"killed after {done} groups, not while training group {k}"
+        assert done == (k if kind == "after" else k - 1), f"killed after {done} groups ({kind} {k})"
         if before:
-            assert f"{4 * before} of 24 runs already complete" in out.text, out.text[-2000:]
+            assert f"{4 * before} of 24 runs already complete" in text, text[-2000:]
     rerun = subprocess.run(_cmd(d, "quiet=true"), capture_output=True, text=True, timeout=scaled(300))
     assert rerun.returncode == 0, rerun.stderr
     assert f"{4 * done} of 24 runs already complete" in rerun.stderr + rerun.stdout

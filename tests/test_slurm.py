@@ -14,22 +14,23 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import scaled
+from holding import GATED_MODEL, gated, gated_pids
 
 from gradsweep import load_sweep
 from gradsweep.schema import GROUPS_DIR, RUNS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIES = ["wall_s", "group_size"]
-STEPS = 2000
-SWEEP = ["model.depth=2,3", "optim.lr=0.01,0.05", "train.seed=0,1", "quiet=true", f"train.steps={STEPS}"]  # 8 runs
+# 8 runs of a module that waits while a gate file exists (tests/holding.py): jobs are killed at a point of theirs
+SWEEP = [*GATED_MODEL, "model.net.depth=2,3", "optim.lr=0.01,0.05", "train.seed=0,1", "quiet=true", "train.steps=200"]
 SLURM = ["hydra/launcher=gradsweep_submitit_slurm", "hydra.launcher.partition=test", "hydra.launcher.timeout_min=10"]
-BAR = re.compile(rf"train 4 runs:[^\r\n]*?(\d+)/{STEPS}")
 
 
 def _free_base_port() -> int:
@@ -97,19 +98,10 @@ def _final_states(env: dict, job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def _kill_job_process(job_id: str) -> int:
-    """SIGKILL the Python process a SLURM job runs (found by the SLURM_JOB_ID in its environment)."""
-    killed = 0
-    for proc in Path("/proc").iterdir():
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"SLURM_JOB_ID={job_id}".encode() in env and b"submitit.core._submit" in cmdline:
-            os.kill(int(proc.name), signal.SIGKILL)
-            killed += 1
-    return killed
+def _slurm_job(pid: int) -> str:
+    """The SLURM job a process belongs to (SLURM_JOB_ID in its environment)."""
+    env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+    return env[b"SLURM_JOB_ID"].decode()
 
 
 def _job_ids(sweep_dir: Path) -> list[str]:
@@ -120,9 +112,17 @@ def _job_ids(sweep_dir: Path) -> list[str]:
 def whole(slurm_env, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sweep through the default launcher, in this process's machine."""
     d = tmp_path_factory.mktemp("slurm") / "whole"
-    out = _sweep([*SWEEP, f"hydra.sweep.dir={d}"], d.parent, slurm_env)
+    env, _ = gated(d.parent, slurm_env)
+    out = _sweep([*SWEEP, f"hydra.sweep.dir={d}"], d.parent, env)
     assert out.returncode == 0, out.stderr[-3000:]
     return _tables(d)
+
+
+def _wait(until, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``until()`` is true, ``proc`` has ended, or ``seconds`` (scaled) have passed."""
+    deadline = time.monotonic() + scaled(seconds)
+    while time.monotonic() < deadline and proc.poll() is None and not until():
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -133,27 +133,30 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     d = tmp_path / "slurm"
     cmd = [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *SLURM, "hydra.launcher.max_group_runs=2",
            f"hydra.sweep.dir={d}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + scaled(120)
-    while time.monotonic() < deadline and proc.poll() is None:
-        ids = _job_ids(d) if (d / ".submitit").is_dir() else []  # this sweep's jobs, not a finishing earlier test's
-        queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%T"], env=slurm_env, capture_output=True,
-                                text=True).stdout.split() if len(ids) == 4 else []
-        if len(queued) == 4 and "RUNNING" in queued:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    assert len(_job_ids(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
-
-    out = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=scaled(600))
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = out.stderr + out.stdout
+    env, gate = gated(tmp_path, slurm_env)
+    gate.touch()  # the jobs that start training wait there: all four stay in SLURM until the rerun has seen them
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: gated_pids(tmp_path) and (d / ".submitit").is_dir() and len(_job_ids(d)) == 4, proc)
+        proc.kill()
+        proc.wait()
+        assert gated_pids(tmp_path), "no job seen training"
+        assert len(_job_ids(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
+        rerun = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(rerun.stdout), daemon=True)
+        reader.start()
+        _wait(lambda: any("Waiting for" in ln for ln in lines), rerun)
+    finally:
+        gate.unlink()
+    assert rerun.wait(timeout=scaled(600)) == 0
+    reader.join(timeout=10)
+    log = "".join(lines)
     waited = re.search(r"Waiting for (\d+) SLURM job\(s\) an earlier start submitted", log)
-    assert waited, log[-3000:]
-    submitted = re.search(r"Submitted (\d+) group\(s\)", log)
-    assert int(waited[1]) + (int(submitted[1]) if submitted else 0) <= 4
-    jobs = _job_ids(d)  # none submitted twice: the groups finished meanwhile were skipped, the others waited for
+    assert waited and int(waited[1]) == 4, log[-3000:]
+    assert "Submitted" not in log, log[-3000:]
+    jobs = _job_ids(d)  # none submitted twice
     assert len(jobs) == 4 and set(_final_states(slurm_env, jobs).values()) == {"COMPLETED"}
     assert len(list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))) == 4
     for got, want in zip(_tables(d), whole):
@@ -168,23 +171,18 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
     d = tmp_path / "slurm"
     cmd = [sys.executable, "-m", "gradsweep", "-m", *SWEEP, *SLURM, "hydra.launcher.max_group_runs=4",
            f"hydra.sweep.dir={d}"]
-    # Not quiet, and bars asked for although stderr is a file: each job's bar in its SLURM log says how far its group
-    # has trained.
-    proc = subprocess.Popen([*cmd, "quiet=false"], cwd=tmp_path, env={**slurm_env, "GRADSWEEP_PROGRESS": "1"},
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    killed = None
-    deadline = time.monotonic() + scaled(300)
-    while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        for log in (d / ".submitit").glob("*/*_0_log.err") if (d / ".submitit").is_dir() else []:
-            steps = [int(n) for n in BAR.findall(log.read_text(errors="replace"))]
-            if steps and STEPS // 3 <= steps[-1] <= 3 * STEPS // 4:  # its group a third to 3/4 trained
-                killed = log.parent.name
-                assert _kill_job_process(killed)
-                break
-        time.sleep(0.05)
+    env, gate = gated(tmp_path, slurm_env)
+    gate.touch()
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: gated_pids(tmp_path), proc)
+        assert gated_pids(tmp_path), "no job seen training"
+        pid = gated_pids(tmp_path)[0]  # the Python process of the first job to train, held in its training
+        killed = _slurm_job(pid)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        gate.unlink()  # the other group's job trains on
     stdout, stderr = proc.communicate(timeout=scaled(600))
-    assert killed is not None, "no job seen running"
     assert proc.returncode == 1, stderr[-3000:]
     err = [ln for ln in stderr.splitlines() if ln.startswith("gradsweep: error:")]
     assert len(err) == 1 and err[0].startswith("gradsweep: error: 4 of 8 runs failed"), stderr[-3000:]
@@ -193,7 +191,7 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
     assert f"submitit job {killed} ended FAILED without a result" in err[0]
     assert len(list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))) == 1
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=scaled(600))
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(600))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "4 of 8 runs already complete" in rerun.stderr + rerun.stdout
     assert "Submitted 1 group(s) to submitit (slurm)" in rerun.stderr + rerun.stdout

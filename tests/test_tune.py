@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,6 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import scaled
+from holding import held
 from optuna.trial import TrialState
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
@@ -237,9 +237,8 @@ def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
 # A worker that dies: its trials are failed, queued again with the same parameters, and nothing is lost
 
 
-KILL_STEPS = 1200  # long enough for the bar to be seen mid-training on a busy machine
+KILL_STEPS = 200
 KILL_CMD = ["model.depth=2", f"train.steps={KILL_STEPS}", "tune.n_trials=8", "tune.batch_size=4", "tune.sampler=random"]
-TRAIN_BAR = re.compile(rf"train 4 runs:[^\r\n]*?(\d+)/{KILL_STEPS}")
 
 
 def _study(out: Path) -> optuna.Study:
@@ -268,23 +267,18 @@ def _trials_and_tables_agree(out: Path, study: optuna.Study) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     cmd = [sys.executable, "-m", "gradsweep.tune", *KILL_CMD, f"tune.out_dir={tmp_path}"]
+    # Held halfway through its second batch's training (the second group it trains), then signalled.
+    held_cmd, env, marker = held(tmp_path, "gradsweep.tune", cmd[3:], 2, KILL_STEPS // 2)
     # Ctrl-C's default action in the child as in a terminal's foreground job, even where this test runs in a
     # background job of a non-interactive shell (which starts it, and so its children, with SIGINT ignored).
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "GRADSWEEP_PROGRESS": "1"},  # bars on a pipe: asked for
+    proc = subprocess.Popen(held_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    text = ""
     deadline = time.monotonic() + scaled(120)
-    while time.monotonic() < deadline and proc.poll() is None:  # until the second batch is seen training
-        text += os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
-        steps = [int(n) for n in TRAIN_BAR.findall(text)]
-        # Anywhere inside the second batch's training: a busy machine redraws the bar seldom, and a narrow window
-        # can pass between two redraws.
-        if steps.count(0) == 2 and 0 < steps[-1] < KILL_STEPS - 1:
-            break
-    assert proc.poll() is None, "the tuner finished before its second batch was seen training"
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.01)
+    assert proc.poll() is None and marker.exists(), "the tuner did not reach its second batch's training"
     proc.send_signal(sig)
-    text += proc.communicate(timeout=scaled(60))[1].decode(errors="replace")
+    text = proc.communicate(timeout=scaled(60))[1].decode(errors="replace")
     if sig == signal.SIGINT:  # Ctrl-C: one line, the conventional exit status
         assert proc.returncode == 130 and text.rstrip().splitlines()[-1].startswith("gradsweep.tune: interrupted;")
     study = _study(tmp_path)
