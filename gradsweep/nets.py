@@ -237,6 +237,26 @@ def describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
 _DESCRIBED: dict[tuple, NetInfo] = {}
 
 
+def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None) -> None:
+    """Where ``train.batch_size=1`` asks for it, ``model``'s module run once in training mode on one sample (describe
+    runs batches of 2 and 3; BatchNorm, for one, needs more than one sample): a one-line error naming the key."""
+    if batch_size != 1 or model.name == "mlp":  # the MLP's norm=batchnorm is the schema's to check
+        return
+    key = (as_tuple(model), in_dim, out_dim)
+    if key in _ONE_SAMPLE:
+        return
+    with torch.random.fork_rng(devices=[]):
+        net = build_net(model, in_dim, out_dim)
+    try:
+        _forward_calls(net, [], 1, in_dim, out_dim, net_name(model))
+    except ConfigError as e:
+        raise ConfigError(f"train.batch_size=1 is not valid with this model; it must be null or >= 2: {e}") from None
+    _ONE_SAMPLE.add(key)
+
+
+_ONE_SAMPLE: set[tuple] = set()  # the modules a batch of one sample was checked on
+
+
 def net_name(model: ModelCfg) -> str:
     """How messages name a module-built net: its target (custom), else ``model=<name>``."""
     return model.net["_target_"] if model.name == "custom" else f"model={model.name}"

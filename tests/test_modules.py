@@ -602,6 +602,22 @@ def test_preflight_checks_the_module_on_every_data_and_reads_interpolations(nets
         check_overrides(["model=custom", "model.net._target_=usernets.CNN", "data=digits,regression"])
 
 
+def test_a_batch_of_one_sample_is_checked_where_asked_for(nets):
+    """BatchNorm needs two samples a batch when training: train.batch_size=1 with it is one line before a run trains
+    (describe's batches of 2 and 3 cannot see it), for a swept value too; a module that takes one sample passes."""
+    from gradsweep.preflight import check_overrides
+
+    check_overrides(["model=custom", "model.net._target_=usernets.ResMLP", "train.batch_size=1"])
+    check_overrides(["model=custom", "model.net._target_=usernets.BatchNormed", "train.batch_size=2"])
+    for sweep in ("train.batch_size=1", "train.batch_size=4,1"):
+        with pytest.raises(ConfigError) as e:
+            check_overrides(["model=custom", "model.net._target_=usernets.BatchNormed", sweep])
+        assert str(e.value).startswith("train.batch_size=1 is not valid with this model; it must be null or >= 2: "
+                                       "model.net: usernets.BatchNormed fails on a batch of the data's inputs (1, 1): "
+                                       "ValueError: Expected more than 1 value per channel")
+        assert "\n" not in str(e.value)
+
+
 def test_argument_columns_a_report_can_read(nets, tmp_path):
     """A list argument is a text column; an argument swept over 0 and 0.5 (int and float) reads as one float column."""
     from gradsweep import load_sweep
