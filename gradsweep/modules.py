@@ -12,8 +12,10 @@ signal; the output's norm is taken as it passes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,20 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int, out_dim: int, dtype: torch.dtype,
-                device: torch.device | str) -> tuple[Stack, dict[str, torch.Tensor], nn.Module, list[torch.Tensor]]:
+                device: torch.device | str) -> tuple[Stack, dict[str, torch.Tensor], nn.Module, Streams]:
     """The runs' modules drawn (``torch.manual_seed(train.seed)``, built, every Linear/Conv re-initialised by
     ``init`` in module order; the global RNG restored), and their parameters stacked: (stack, the buffers and
-    frozen parameters stacked (R, ...), run 0's module, each run's CPU RNG state after its draws). A module the
+    frozen parameters stacked (R, ...), run 0's module, each run's random streams after its draws). A module the
     built-in MLP computes (``info.mlp``) gets the built-in parameter names (``linear1.weight``, ...), for the built-in
     engines."""
-    nets, rng = [], []
+    nets, cpu = [], []
     with torch.random.fork_rng(devices=[]):
         for c in cfgs:
             torch.default_generator.manual_seed(c.train.seed)
             net = build_net(model, in_dim, out_dim)
             init_module(net, c.init)
             nets.append(net)
-            rng.append(torch.get_rng_state())  # where the run's own stream goes on (dropout, run by run)
+            cpu.append(torch.get_rng_state())  # where the run's own stream goes on (dropout, run by run)
             if len(nets) == 1 and info.mlp is not None and _drawn_alike(net, c, in_dim, out_dim):
                 break  # the built-in MLP: the other runs' draws without building their modules (below)
     per_run = [{n: p for n, p in net.named_parameters() if p.requires_grad} for net in nets]
@@ -59,7 +61,38 @@ def build_stack(model: ModelCfg, info: NetInfo, cfgs: list[RunCfg], in_dim: int,
         stacked = torch.stack([net.get_parameter(name) if isinstance(first, nn.Parameter) else net.get_buffer(name)
                                for net in nets]).detach()
         buffers[name] = stacked.to(device=device, dtype=dtype if first.is_floating_point() else first.dtype)
-    return stack, buffers, nets[0], rng
+    return stack, buffers, nets[0], Streams(device, cpu, [c.train.seed for c in cfgs[:len(cpu)]])
+
+
+class Streams:
+    """Each run's random streams, run by run: the CPU generator's state after its draws and, on CUDA, the device
+    generator's, seeded with the run's seed as ``torch.manual_seed`` seeds it (the draws were on the CPU). Inside
+    :meth:`run`, run ``r``'s random operations (dropout) draw from its own streams, as its own script's would, whatever
+    its group; the global generators are left as they were."""
+
+    def __init__(self, device: torch.device | str, cpu: list[torch.Tensor], seeds: list[int]) -> None:
+        device = torch.device(device)
+        self.cpu = cpu
+        self.index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        self.cuda: list[torch.Tensor] = []
+        if self.index is not None:
+            with torch.random.fork_rng(devices=[self.index]), torch.cuda.device(self.index):
+                for seed in seeds:
+                    torch.cuda.manual_seed(seed)
+                    self.cuda.append(torch.cuda.get_rng_state(self.index))
+
+    @contextlib.contextmanager
+    def run(self, r: int) -> Iterator[None]:
+        """Run ``r``'s streams as the global generators' for the block."""
+        with torch.random.fork_rng(devices=[] if self.index is None else [self.index]):
+            torch.set_rng_state(self.cpu[r])
+            if self.index is not None:
+                torch.cuda.set_rng_state(self.cuda[r], self.index)
+            yield
+            self.cpu[r] = torch.get_rng_state()
+            if self.index is not None:
+                self.cuda[r] = torch.cuda.get_rng_state(self.index)
 
 
 def _mlp_draws(mlp: ModelCfg, cfg: RunCfg, in_dim: int, out_dim: int) -> dict[str, torch.Tensor]:
@@ -93,10 +126,10 @@ class ModuleStep:
     (a branch) is recorded where it is called and NaN elsewhere."""
 
     def __init__(self, name: str, info: NetInfo, base: nn.Module, stack: Stack, buffers: dict[str, torch.Tensor],
-                 rng: list[torch.Tensor], loss: str, opt: Any, max_norm: torch.Tensor, stats: bool,
+                 rng: Streams, loss: str, opt: Any, max_norm: torch.Tensor, stats: bool,
                  example: torch.Tensor):
-        """``base``: one run's module, whose own tensors every call replaces; ``rng``: each run's CPU RNG state (run
-        by run, each run's random operations draw from its own stream, as its script would, whatever its group);
+        """``base``: one run's module, whose own tensors every call replaces; ``rng``: each run's random streams (run
+        by run, each run's random operations draw from its own, as its script's would, whatever its group);
         ``example``: a (R, B, in) batch, for the check that vmap takes the module."""
         self.info, self.stack, self.buffers, self.loss, self.rng = info, stack, buffers, loss, rng
         self.params, self.plist = stack.params, list(stack.params.values())
@@ -164,19 +197,17 @@ class ModuleStep:
                       randomness="error")
             return (*fn(self.params, buffers, x, taps), [])
         outs, rms, hgrads = [], [], []
-        with torch.random.fork_rng(devices=[]):
-            for r in range(x.shape[0]):
-                torch.set_rng_state(self.rng[r])
-                self._hgrad = {} if record else None
-                try:
+        for r in range(x.shape[0]):
+            self._hgrad = {} if record else None
+            try:
+                with self.rng.run(r):
                     out, lay = self._one({n: p[r] for n, p in self.params.items()},
                                          {n: b[r] for n, b in buffers.items()}, x[r], None, record)
-                finally:
-                    hgrads.append(self._hgrad)
-                    self._hgrad = None
-                self.rng[r] = torch.get_rng_state()
-                outs.append(out)
-                rms.append(lay)
+            finally:
+                hgrads.append(self._hgrad)
+                self._hgrad = None
+            outs.append(out)
+            rms.append(lay)
         return torch.stack(outs), tuple(torch.stack(col) for col in zip(*rms)) if record else (), hgrads
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor, alive: torch.Tensor, diverged: torch.Tensor,

@@ -118,3 +118,59 @@ def test_a_module_on_cuda_matches_cpu_in_float64(model):
     np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-9)
     np.testing.assert_allclose(gpu.final_loss, cpu.final_loss, rtol=1e-9)
     np.testing.assert_allclose(gpu.layer, cpu.layer, rtol=1e-7, atol=1e-12)
+
+
+DROPPED = '''
+from torch import nn
+
+
+class Dropped(nn.Module):
+    def __init__(self, in_dim, out_dim, width=16, p=0.3):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(in_dim, width), nn.Dropout(p), nn.Linear(width, out_dim)
+
+    def forward(self, x):
+        return self.b(self.drop(self.a(x).relu()))
+'''
+
+
+def dropout_runs_are_their_own(device: str, tmp_path, monkeypatch) -> None:
+    """Dropout trains run by run (vmap refuses its randomness): each run's numbers equal plain PyTorch's on
+    ``device`` (the module built under its seed, float64, SGD, full batch) and so do not depend on its group."""
+    import torch.nn.functional as F
+
+    from gradsweep.data import load_data
+
+    (tmp_path / "droppednets.py").write_text(DROPPED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import droppednets
+
+    def cfg(seed: int):
+        return make_cfg(model={"name": "custom", "net": {"_target_": "droppednets.Dropped"}}, device=device,
+                        init={"name": "default", "scheme": "default"}, optim={"lr": 0.05},
+                        train={"steps": 12, "seed": seed, "dtype": "float64"})
+
+    group = train_group([cfg(0), cfg(1), cfg(2)], progress=False)
+    assert group.device.startswith(device)
+    for r in range(3):
+        alone = train_group([cfg(r)], progress=False)
+        np.testing.assert_allclose(group.loss[:, r], alone.loss[:, 0], rtol=1e-12)
+        run = cfg(r)
+        torch.manual_seed(r)
+        net = droppednets.Dropped(run.data.in_dim, run.data.out_dim).double().to(device)
+        data = load_data(run.data)
+        x, y = data.x.double().to(device), data.y.double().to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        losses = []
+        for _ in range(12):
+            opt.zero_grad()
+            loss = F.mse_loss(net(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+        np.testing.assert_allclose(group.loss[:, r], np.array(losses)[group.steps], rtol=1e-9)
+
+
+def test_dropout_run_by_run_on_cuda_draws_from_each_runs_own_stream(tmp_path, monkeypatch):
+    dropout_runs_are_their_own("cuda", tmp_path, monkeypatch)
