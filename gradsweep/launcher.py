@@ -75,6 +75,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     from gradsweep.config import build_run_cfg
     from gradsweep.device import resolve_device
     from gradsweep.identity import config_hash
+    from gradsweep.nets import check_batch
     from gradsweep.schema import GROUPS_DIR
     from gradsweep.store import completed_runs, write_job_files
     from gradsweep.submit import adopt, inflight_jobs, submit
@@ -87,6 +88,8 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     cfgs = [build_run_cfg(job.task) for job in jobs]
     for device in {c.device for c in cfgs}:
         resolve_device(device)
+    for c in cfgs:  # a module that cannot train on the one sample a step would give it
+        check_batch(c.model, c.data.in_dim, c.data.out_dim, c.train.batch_size, c.data.n_samples)
     compose_s = time.perf_counter() - t0
 
     returns: list[JobReturn | None] = [None] * len(jobs)

@@ -237,20 +237,26 @@ def describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
 _DESCRIBED: dict[tuple, NetInfo] = {}
 
 
-def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None) -> None:
-    """Where ``train.batch_size=1`` asks for it, ``model``'s module run once in training mode on one sample (describe
-    runs batches of 2 and 3; BatchNorm, for one, needs more than one sample): a one-line error naming the key."""
-    if batch_size != 1 or model.name == "mlp":  # the MLP's norm=batchnorm is the schema's to check
+def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None, n_samples: int) -> None:
+    """Where a training step sees one sample (``train.batch_size=1``, or null with ``data.n_samples=1``), ``model``'s
+    module run once in training mode on one sample (describe runs batches of 2 and 3; BatchNorm, for one, needs more
+    than one sample): a one-line error naming the key. Nothing to do for the MLP, whose norm the schema checks."""
+    if (batch_size or n_samples) != 1 or model.name == "mlp":
         return
     key = (as_tuple(model), in_dim, out_dim)
     if key in _ONE_SAMPLE:
         return
+    name = net_name(model)
     with torch.random.fork_rng(devices=[]):
-        net = build_net(model, in_dim, out_dim)
-    try:
-        _forward_calls(net, [], 1, in_dim, out_dim, net_name(model))
-    except ConfigError as e:
-        raise ConfigError(f"train.batch_size=1 is not valid with this model; it must be null or >= 2: {e}") from None
+        net = build_net(model, in_dim, out_dim).train()
+        try:
+            with torch.no_grad():
+                net(torch.zeros(1, in_dim))
+        except Exception as e:  # noqa: BLE001 - the user's module refused one sample: one line
+            setting, valid = (("train.batch_size", "null or >= 2") if batch_size else
+                              ("data.n_samples", "an integer >= 2"))
+            raise ConfigError(f"{setting}=1 is not valid with {name}, which fails on a batch of one sample "
+                              f"({type(e).__name__}: {first_line(e)}); it must be {valid}") from None
     _ONE_SAMPLE.add(key)
 
 

@@ -88,21 +88,21 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             if "." in key and key.split(".", 1)[0] in SECTIONS:
                 section, field = key.split(".", 1)
                 checked = build_section(section, _with(base.get(section, {}), field, value))
-                if section in ("model", "data", "train") and base:  # a module: built and run once on the data
+                if (section in ("model", "data") or key == "train.batch_size") and base:  # a module, run on the data
                     model = checked if section == "model" else build_section("model", base["model"])
                     data = checked if section == "data" else build_section("data", base["data"])
                     train = checked if section == "train" else build_section("train", base["train"])
-                    check_module(model, data.in_dim, data.out_dim, train.batch_size)
+                    check_module(model, data, train.batch_size)
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
             elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
                 job = build_run_cfg(compose_values([line if other is not o else f"{key}={_format(value)}"
                                                     for line, other in zip(_first_job(parsed), parsed)
                                                     if line is not None or other is o]))
-                check_module(job.model, job.data.in_dim, job.data.out_dim, job.train.batch_size)
+                check_module(job.model, job.data, job.train.batch_size)
     if base:
         cfg = build_run_cfg(base)
-        check_module(cfg.model, cfg.data.in_dim, cfg.data.out_dim, cfg.train.batch_size)
+        check_module(cfg.model, cfg.data, cfg.train.batch_size)
         if cfg.device == "cuda":
             from gradsweep.device import resolve_device
 
@@ -116,15 +116,14 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
 
 
-def check_module(model: Any, in_dim: int, out_dim: int, batch_size: int | None = None) -> None:
-    """A module-built net (model=cnn, resmlp, custom) built and run on the data's sizes, and on one sample where
-    ``train.batch_size=1``: gradsweep.nets' one-line errors (nothing to do for the MLP, whose keys the schema
-    checks)."""
+def check_module(model: Any, data: Any, batch_size: int | None) -> None:
+    """A module-built net (model=cnn, resmlp, custom) built and run on the data's sizes, and on one sample where a
+    step sees one: gradsweep.nets' one-line errors (nothing to do for the MLP, whose keys the schema checks)."""
     if model.name != "mlp":
         from gradsweep.nets import check_batch, describe
 
-        describe(model, in_dim, out_dim)
-        check_batch(model, in_dim, out_dim, batch_size)
+        describe(model, data.in_dim, data.out_dim)
+        check_batch(model, data.in_dim, data.out_dim, batch_size, data.n_samples)
 
 
 def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

@@ -602,9 +602,14 @@ def test_preflight_checks_the_module_on_every_data_and_reads_interpolations(nets
         check_overrides(["model=custom", "model.net._target_=usernets.CNN", "data=digits,regression"])
 
 
+ONE_SAMPLE = ("train.batch_size=1 is not valid with usernets.BatchNormed, which fails on a batch of one sample "
+              "(ValueError: Expected more than 1 value per channel when training")
+
+
 def test_a_batch_of_one_sample_is_checked_where_asked_for(nets):
     """BatchNorm needs two samples a batch when training: train.batch_size=1 with it is one line before a run trains
-    (describe's batches of 2 and 3 cannot see it), for a swept value too; a module that takes one sample passes."""
+    (describe's batches of 2 and 3 cannot see it), at pre-flight for a swept value too, and where a group trains;
+    a module that takes one sample passes."""
     from gradsweep.preflight import check_overrides
 
     check_overrides(["model=custom", "model.net._target_=usernets.ResMLP", "train.batch_size=1"])
@@ -612,10 +617,27 @@ def test_a_batch_of_one_sample_is_checked_where_asked_for(nets):
     for sweep in ("train.batch_size=1", "train.batch_size=4,1"):
         with pytest.raises(ConfigError) as e:
             check_overrides(["model=custom", "model.net._target_=usernets.BatchNormed", sweep])
-        assert str(e.value).startswith("train.batch_size=1 is not valid with this model; it must be null or >= 2: "
-                                       "model.net: usernets.BatchNormed fails on a batch of the data's inputs (1, 1): "
-                                       "ValueError: Expected more than 1 value per channel")
+        assert str(e.value).startswith(ONE_SAMPLE) and str(e.value).endswith("; it must be null or >= 2")
         assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^train.batch_size=1 is not valid with usernets.BatchNormed"):
+        train_group([cfg({"_target_": "usernets.BatchNormed"}, train={"batch_size": 1})], progress=False)
+    with pytest.raises(ConfigError, match=r"^data.n_samples=1 is not valid with usernets.BatchNormed.*an integer >= 2$"):
+        train_group([build_run_cfg({"model": {"name": "custom", "net": {"_target_": "usernets.BatchNormed"}},
+                                     "data": {"n_samples": 1}, "train": {"steps": 2}})], progress=False)
+
+
+@pytest.mark.slow
+def test_one_sample_in_any_job_of_a_sweep_is_one_line(tmp_path):
+    """Pre-flight checks each swept value with the first job's others; the one combination that fails (BatchNorm at
+    batch size 1, neither first) is caught where the fused launcher builds every job, before any trains."""
+    (tmp_path / "usernets.py").write_text(NETS)
+    bad = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "model=custom",
+                          "model.net._target_=usernets.ResMLP,usernets.BatchNormed", "train.batch_size=4,1",
+                          "train.steps=5", f"hydra.sweep.dir={tmp_path / 'bad'}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=scaled(300))
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"gradsweep: error: {ONE_SAMPLE}")
+    assert not list((tmp_path / "bad").rglob("*.parquet"))
 
 
 def test_argument_columns_a_report_can_read(nets, tmp_path):

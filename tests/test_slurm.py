@@ -108,6 +108,12 @@ def _job_ids(sweep_dir: Path) -> list[str]:
     return sorted((p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()), key=int)
 
 
+def _submitted(sweep_dir: Path) -> list[str]:
+    """The jobs whose submission is complete (submitit makes a job's folder first, then moves its pickle in)."""
+    folder = sweep_dir / ".submitit"
+    return [j for j in _job_ids(sweep_dir) if any((folder / j).glob("*_submitted.pkl"))] if folder.is_dir() else []
+
+
 @pytest.fixture(scope="module")
 def whole(slurm_env, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sweep through the default launcher, in this process's machine."""
@@ -137,11 +143,11 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     gate.touch()  # the jobs that start training wait there: all four stay in SLURM until the rerun has seen them
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: gated_pids(tmp_path) and (d / ".submitit").is_dir() and len(_job_ids(d)) == 4, proc)
+        _wait(lambda: gated_pids(tmp_path) and len(_submitted(d)) == 4, proc)
         proc.kill()
         proc.wait()
         assert gated_pids(tmp_path), "no job seen training"
-        assert len(_job_ids(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
+        assert len(_submitted(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
         rerun = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)
         lines: list[str] = []

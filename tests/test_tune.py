@@ -276,9 +276,14 @@ def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     deadline = time.monotonic() + scaled(120)
     while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.01)
-    assert proc.poll() is None and marker.exists(), "the tuner did not reach its second batch's training"
-    proc.send_signal(sig)
-    text = proc.communicate(timeout=scaled(60))[1].decode(errors="replace")
+    try:
+        assert proc.poll() is None and marker.exists(), "the tuner did not reach its second batch's training"
+        proc.send_signal(sig)
+        text = proc.communicate(timeout=scaled(60))[1].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if sig == signal.SIGINT:  # Ctrl-C: one line, the conventional exit status
         assert proc.returncode == 130 and text.rstrip().splitlines()[-1].startswith("gradsweep.tune: interrupted;")
     study = _study(tmp_path)
