@@ -223,6 +223,9 @@ class NetInfo:
     mlp: ModelCfg | None
     """The built-in MLP the module computes, where it is an nn.Sequential of Linear layers and one plain
     activation (trained through the built-in engines); else None."""
+    one_sample: str | None
+    """Why its forward pass in training mode fails on a batch of one sample (BatchNorm needs two), as one line;
+    None where it does not."""
 
 
 def describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
@@ -238,29 +241,16 @@ _DESCRIBED: dict[tuple, NetInfo] = {}
 
 
 def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None, n_samples: int) -> None:
-    """Where a training step sees one sample (``train.batch_size=1``, or null with ``data.n_samples=1``), ``model``'s
-    module run once in training mode on one sample (describe runs batches of 2 and 3; BatchNorm, for one, needs more
-    than one sample): a one-line error naming the key. Nothing to do for the MLP, whose norm the schema checks."""
+    """Where a training step sees one sample (``train.batch_size=1``, or null with ``data.n_samples=1``), a module
+    whose forward pass refuses one sample (:attr:`NetInfo.one_sample`) is a one-line error naming the key. Nothing to
+    do for the MLP, whose norm the schema checks."""
     if (batch_size or n_samples) != 1 or model.name == "mlp":
         return
-    key = (as_tuple(model), in_dim, out_dim)
-    if key in _ONE_SAMPLE:
-        return
-    name = net_name(model)
-    with torch.random.fork_rng(devices=[]):
-        net = build_net(model, in_dim, out_dim).train()
-        try:
-            with torch.no_grad():
-                net(torch.zeros(1, in_dim))
-        except Exception as e:  # noqa: BLE001 - the user's module refused one sample: one line
-            setting, valid = (("train.batch_size", "null or >= 2") if batch_size else
-                              ("data.n_samples", "an integer >= 2"))
-            raise ConfigError(f"{setting}=1 is not valid with {name}, which fails on a batch of one sample "
-                              f"({type(e).__name__}: {first_line(e)}); it must be {valid}") from None
-    _ONE_SAMPLE.add(key)
-
-
-_ONE_SAMPLE: set[tuple] = set()  # the modules a batch of one sample was checked on
+    refused = describe(model, in_dim, out_dim).one_sample
+    if refused:
+        setting, valid = ("train.batch_size", "null or >= 2") if batch_size else ("data.n_samples", "an integer >= 2")
+        raise ConfigError(f"{setting}=1 is not valid with {net_name(model)}, which fails on a batch of one sample "
+                          f"({refused}); it must be {valid}")
 
 
 def net_name(model: ModelCfg) -> str:
@@ -331,7 +321,13 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
     layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
                          else "conv", paths[m]) for k, m in enumerate(order))
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    return NetInfo(layers, tuple(shapes), tuple(axes), n_params, as_mlp(net, in_dim))
+    try:  # in training mode, as runs train: BatchNorm takes its statistics from the batch
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            net.train()(torch.zeros(1, in_dim))
+        one_sample = None
+    except Exception as e:  # noqa: BLE001 - kept as one line, for check_batch
+        one_sample = f"{type(e).__name__}: {first_line(e)}"
+    return NetInfo(layers, tuple(shapes), tuple(axes), n_params, as_mlp(net, in_dim), one_sample)
 
 
 def _forward_calls(net: nn.Module, watched: list[nn.Module], batch: int, in_dim: int, out_dim: int,
