@@ -7,13 +7,20 @@ that redraws a progress bar seldom, or a fast one that trains a group before it 
   its steps, writes a marker file and sleeps until it is killed (or interrupted).
 - :func:`gated` writes a user's module (``model=custom``) whose forward pass waits while a gate file exists: it
   reaches the processes a launcher starts itself (submitit's local jobs, SLURM's), which :func:`held` cannot.
+- :func:`wait` and :class:`Reading`: waiting, with a bound, for a hold, a file or a line a child writes.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from conftest import scaled
 
 HOLD = """\
 import os, runpy, sys, time
@@ -115,3 +122,30 @@ def gated(tmp_path: Path, env: dict | None = None) -> tuple[dict, Path]:
 def gated_pids(tmp_path: Path) -> list[int]:
     """The processes held at the gate in ``tmp_path`` (or once held there)."""
     return sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("gated-*"))
+
+
+def wait(until: Callable[[], object], proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``until()`` is true, ``proc`` has ended, or ``seconds`` (scaled to the machine) have passed."""
+    deadline = time.monotonic() + scaled(seconds)
+    while time.monotonic() < deadline and proc.poll() is None and not until():
+        time.sleep(0.01)
+
+
+class Reading:
+    """A child started with its stdout and stderr in one pipe, read by a thread as they come: a test can wait for a
+    line (:meth:`saw`) while the child runs."""
+
+    def __init__(self, cmd: list[str], **popen) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._thread.start()
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def finish(self, seconds: float) -> tuple[int, str]:
+        """(exit status, everything it wrote), once it has ended within ``seconds`` (scaled)."""
+        status = self.proc.wait(timeout=scaled(seconds))
+        self._thread.join(timeout=10)
+        return status, "".join(self.lines)

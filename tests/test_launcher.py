@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import scaled
-from holding import GATED_MODEL, gated, gated_pids
+from holding import GATED_MODEL, Reading, gated, gated_pids, wait
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from gradsweep import load_sweep
@@ -182,8 +182,6 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
     """submitit's local jobs outlive the command that started them: SIGKILL it while they train, run it again,
     and it waits for them instead of training their groups a second time."""
     import re
-    import threading
-    import time
 
     env, gate = gated(tmp_path)
     sweep = [*GATED_MODEL, "model.net.depth=2,3", "train.steps=200", "quiet=true"]  # two groups: two submitit jobs
@@ -200,25 +198,16 @@ def test_a_local_submitit_sweep_survives_its_command_being_killed(tmp_path):
     gate.touch()
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + scaled(120)
-        while time.monotonic() < deadline and proc.poll() is None and len(gated_pids(tmp_path)) < 2:
-            time.sleep(0.05)
+        wait(lambda: len(gated_pids(tmp_path)) == 2, proc)
         proc.kill()
         proc.wait()
         assert len(gated_pids(tmp_path)) == 2, "both jobs should be training, held at the gate"
-        rerun = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env=env)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(rerun.stdout), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + scaled(120)
-        while time.monotonic() < deadline and rerun.poll() is None and not any("Waiting for" in ln for ln in lines):
-            time.sleep(0.05)
+        rerun = Reading(cmd, cwd=tmp_path, env=env)
+        wait(lambda: rerun.saw("Waiting for"), rerun.proc)
     finally:
         gate.unlink()  # the held jobs go on
-    assert rerun.wait(timeout=scaled(300)) == 0
-    reader.join(timeout=10)
-    out = "".join(lines)
+    status, out = rerun.finish(300)
+    assert status == 0, out[-3000:]
     waited = re.search(r"Waiting for (\d+) local submitit job\(s\) an earlier start submitted", out)
     assert waited and int(waited[1]) == 2, out[-3000:]
     assert len(job_dirs()) == 2  # no group submitted twice

@@ -6,13 +6,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import scaled
-from holding import held
+from holding import held, wait
 
 from gradsweep import load_sweep
 from gradsweep.schema import GROUPS_DIR, RUNS_FILE
@@ -68,9 +67,7 @@ def test_sigkill_then_rerun_gives_every_run_once(tmp_path, uninterrupted):
         log = tmp_path / f"out{i}.txt"
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-            deadline = time.monotonic() + scaled(120)
-            while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-                time.sleep(0.01)
+            wait(marker.exists, proc)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         text = log.read_text()

@@ -14,14 +14,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import scaled
-from holding import GATED_MODEL, gated, gated_pids
+from holding import GATED_MODEL, Reading, gated, gated_pids, wait
 
 from gradsweep import load_sweep
 from gradsweep.schema import GROUPS_DIR, RUNS_FILE
@@ -124,13 +123,6 @@ def whole(slurm_env, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame]:
     return _tables(d)
 
 
-def _wait(until, proc: subprocess.Popen, seconds: float = 120) -> None:
-    """Until ``until()`` is true, ``proc`` has ended, or ``seconds`` (scaled) have passed."""
-    deadline = time.monotonic() + scaled(seconds)
-    while time.monotonic() < deadline and proc.poll() is None and not until():
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env, whole):
     """Submit 4 groups, SIGKILL the submitting command (a dropped login session) while its jobs are queued and
@@ -143,22 +135,17 @@ def test_a_sweep_on_slurm_survives_its_command_being_killed(tmp_path, slurm_env,
     gate.touch()  # the jobs that start training wait there: all four stay in SLURM until the rerun has seen them
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: gated_pids(tmp_path) and len(_submitted(d)) == 4, proc)
+        wait(lambda: gated_pids(tmp_path) and len(_submitted(d)) == 4, proc)
         proc.kill()
         proc.wait()
         assert gated_pids(tmp_path), "no job seen training"
         assert len(_submitted(d)) == 4 and not list((d / GROUPS_DIR).glob(f"*/{RUNS_FILE}"))
-        rerun = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(rerun.stdout), daemon=True)
-        reader.start()
-        _wait(lambda: any("Waiting for" in ln for ln in lines), rerun)
+        rerun = Reading(cmd, cwd=tmp_path, env=env)
+        wait(lambda: rerun.saw("Waiting for"), rerun.proc)
     finally:
         gate.unlink()
-    assert rerun.wait(timeout=scaled(600)) == 0
-    reader.join(timeout=10)
-    log = "".join(lines)
+    status, log = rerun.finish(600)
+    assert status == 0, log[-3000:]
     waited = re.search(r"Waiting for (\d+) SLURM job\(s\) an earlier start submitted", log)
     assert waited and int(waited[1]) == 4, log[-3000:]
     assert "Submitted" not in log, log[-3000:]
@@ -181,7 +168,7 @@ def test_a_killed_slurm_job_fails_its_runs_and_a_rerun_finishes_them(tmp_path, s
     gate.touch()
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait(lambda: gated_pids(tmp_path), proc)
+        wait(lambda: gated_pids(tmp_path), proc)
         assert gated_pids(tmp_path), "no job seen training"
         pid = gated_pids(tmp_path)[0]  # the Python process of the first job to train, held in its training
         killed = _slurm_job(pid)

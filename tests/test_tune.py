@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import scaled
-from holding import held
+from holding import held, wait
 from optuna.trial import TrialState
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
@@ -273,9 +273,7 @@ def test_a_worker_killed_while_training_loses_no_trial(tmp_path, sig):
     # background job of a non-interactive shell (which starts it, and so its children, with SIGINT ignored).
     proc = subprocess.Popen(held_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + scaled(120)
-    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.01)
+    wait(marker.exists, proc)
     try:
         assert proc.poll() is None and marker.exists(), "the tuner did not reach its second batch's training"
         proc.send_signal(sig)
