@@ -86,9 +86,19 @@ def _table(runs: pd.DataFrame, columns: list[str]) -> str:
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _sweeps_html(command: str, merged: list[tuple[str, str]]) -> str:
+    if len(merged) <= 1:
+        return f'<p>Sweep: <code>{html.escape(command or "(no Hydra record of the command)")}</code></p>'
+    items = "".join(f"<li><code>{html.escape(d)}</code>: <code>{html.escape(c or '(no Hydra record of the command)')}"
+                    "</code></li>" for d, c in merged)
+    return f"<p>This report merges {len(merged)} sweeps:</p><ul>{items}</ul>"
+
+
 def write_index(out: Path, runs: pd.DataFrame, shown: list[str], images: list[tuple[str, str, str]], command: str,
-                counts: dict[str, int], layout: Layout, sweep_dir: Path) -> Path:
-    """Write ``out/index.html`` and return its path."""
+                counts: dict[str, int], layout: Layout, sweep_dir: Path, merged: list[tuple[str, str]] = (),
+                notes: list[str] = ()) -> Path:
+    """Write ``out/index.html`` and return its path. ``merged``: (directory, command) of each sweep when the
+    report merges several (``command`` is then unused); ``notes``: paragraphs of plain text under the counts."""
     badges = "".join(f'<span style="background:{VERDICT_COLORS[v]}">{n} {v}</span>' for v, n in counts.items())
     figures = []
     for name, title, caption in images:
@@ -110,9 +120,10 @@ def write_index(out: Path, runs: pd.DataFrame, shown: list[str], images: list[tu
 <body>
 <h1>gradsweep report</h1>
 <p><code>{html.escape(str(sweep_dir))}</code></p>
-<p>Sweep: <code>{html.escape(command or "(no Hydra record of the command)")}</code></p>
+{_sweeps_html(command, merged)}
 <p class="badges">{badges}</p>
 <p>{len(runs)} runs; heatmap layout: {layout_text}; seeds (<code>train.seed</code>) aggregated by median.</p>
+{"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
 {"".join(figures)}
 <h2>Runs</h2>
 {note}

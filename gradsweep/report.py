@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +35,8 @@ from gradsweep.report_text import (
     tune_caption,
     verdict_reason,
 )
-from gradsweep.schema import SCHEMA_VERSION, TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE
-from gradsweep.store import load_runs, load_steps
+from gradsweep.schema import SCHEMA_VERSION, TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, schema_version
+from gradsweep.store import load_steps, runs_frame, runs_table, write_runs_index
 from gradsweep.verdicts import SEVERITY
 
 # What the report reads from every runs table; a sweep written before one of them existed cannot be reported.
@@ -43,6 +45,8 @@ REQUIRED_COLUMNS = ("run_id", "verdict", "init_verdict", "grad_ratio_log10", "gr
                     "verdict.vanish_below", "verdict.explode_above", "verdict.stall_margin")
 DPI = 110  # figures are drawn at this resolution; fonts >= 8 pt then read >= 12 px (CSS 9 pt) unscaled
 # Within a verdict, the run a flow map shows: the most telling one (column, ascending).
+FLOW_CAPTION = ("Backpropagated signal per layer and step for chosen runs (one per verdict, worst first): every "
+                "Linear and Conv layer, and the norm layers (LayerNorm, BatchNorm) between them, each by its name.")
 FLOW_PICK = {"diverged": ("diverged_step", True), "dead": ("dead_step", True), "stalled": ("_stall", False)}
 
 
@@ -83,6 +87,39 @@ def command_order(sweep_dir: Path) -> dict[str, list[str]]:
         if "," in values and "(" not in values and "[" not in values:  # a plain list, not range()/choice()/[...]
             order[key.lstrip("+~")] = [v.strip() for v in values.split(",")]
     return order
+
+
+def find_sweeps(root: Path) -> list[Path]:
+    """The sweeps under ``root``: ``root`` itself when it is one (or a run's, or a search's directory), else each
+    directory below it with Hydra's ``multirun.yaml`` (a date directory holding several), in natural order."""
+    if (root / "multirun.yaml").is_file():
+        return [root]
+    found = sorted((f.parent for f in root.rglob("multirun.yaml") if TUNE_DIR not in f.relative_to(root).parts),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())])
+    return found or [root]
+
+
+def command_keys(sweep_dir: Path) -> frozenset[str]:
+    """The config keys a sweep's command set (``model.depth=2,10`` and ``+model.x=1`` alike), from Hydra's record."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return frozenset()
+    return frozenset(str(item).partition("=")[0].lstrip("+~") for item in OmegaConf.load(path).hydra.overrides.task)
+
+
+def check_merge(root: Path, sweeps: list[Path], merge: bool) -> None:
+    """Several sweeps are reported together when their commands set the same keys (the same sweep run again, or
+    run on at other values), or when the user asked for it (``merge``); sweeps of different keys are not."""
+    keys = {s: command_keys(s) for s in sweeps}
+    if merge or len(set(keys.values())) <= 1:
+        return
+    listing = "; ".join(f"{s.relative_to(root).as_posix()}: {', '.join(sorted(k)) or '(no overrides)'}"
+                        for s, k in keys.items())
+    first = sweeps[0]
+    raise ReportError(f"{root} holds {len(sweeps)} sweeps whose commands set different keys ({listing}); report one "
+                      f"(python -m gradsweep.report {first}), or give --merge to report them together")
 
 
 def pick_flow_runs(runs: pd.DataFrame, n: int | None = None) -> list[str]:
@@ -132,50 +169,103 @@ def _loss_frames(runs: pd.DataFrame, loss: pd.DataFrame, layout: Layout) -> tupl
 
 def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | None = None, y: str | None = None,
                 facets: list[str] | None = None, stat: str = "grad_ratio",
-                flow_runs: list[str] | None = None, n_flow: int | None = None, quiet: bool = False) -> Path:
-    """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest)."""
-    from gradsweep import figures
-    from gradsweep.html import write_index
+                flow_runs: list[str] | None = None, n_flow: int | None = None, quiet: bool = False,
+                merge: bool = False) -> Path:
+    """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest).
 
+    A directory holding several sweeps (a date directory) gets one report that merges them, when their commands
+    set the same keys or ``merge`` asks for it. The report is written to a staging directory and moved into place
+    whole: a report that fails writes nothing.
+    """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir}: no such directory")
+    sweeps = find_sweeps(sweep_dir)
+    if len(sweeps) > 1:
+        check_merge(sweep_dir, sweeps, merge)
+    table, stale = _read_runs(sweep_dir)
+    runs = runs_frame(table)
+    runs["repeat_of"] = repeat_of(runs)
+    out = Path(out) if out else sweep_dir / "report"
+    replaced = (out / "index.html").is_file()
+    stage = _stage(out)
     try:
-        runs = load_runs(sweep_dir, write_index=True)
+        _write_report(stage, out, runs, sweep_dir, sweeps, x, y, facets, stat, flow_runs, n_flow, quiet, replaced)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if stale:
+        write_runs_index(sweep_dir, table)
+    return out / "index.html"
+
+
+def _read_runs(sweep_dir: Path) -> tuple[pa.Table, bool]:
+    """The sweep's runs table (and whether its index is stale), or the one-line reason it cannot be reported."""
+    try:
+        table, stale = runs_table(sweep_dir)
     except FileNotFoundError as e:
         raise ReportError(str(e)) from None
     except (pa.ArrowException, OSError) as e:  # a torn, truncated or foreign file where a runs table should be
         raise ReportError(f"{sweep_dir}: a runs table cannot be read ({first_line(e)})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in runs.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (no {', '.join(missing)} in its runs table); "
                           "rerun the sweep with this version")
-    version = runs.attrs.get("schema_version", 1)
+    version = schema_version(table)
     if version < SCHEMA_VERSION:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (tables schema {version}, this version reads "
                           f"{SCHEMA_VERSION}: its verdicts mean something else); rerun the sweep with this version")
-    out = Path(out) if out else sweep_dir / "report"
-    replaced = (out / "index.html").is_file()
+    return table, stale
+
+
+def repeat_of(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the run_dir of the first run of the same run_id (the same configuration run again: a sweep
+    repeated, or two sweeps that overlap); '' for the first of each."""
+    first = runs.drop_duplicates("run_id").set_index("run_id")["run_dir"]
+    return runs["run_id"].map(first).where(runs.duplicated("run_id"), "")
+
+
+def _stage(out: Path) -> Path:
+    """A fresh directory beside ``out`` (in its nearest existing ancestor, so nothing is created before the end)."""
+    parent = next(p for p in (out.parent, *out.parent.parents) if p.is_dir())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
         raise ReportError(f"cannot write the report to {out}: {e.strerror or e}; give another place with --out") from None
-    column = STATISTICS[stat][0]
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the staged report's files into ``out`` (each replaced whole)."""
     try:
-        layout = infer_layout(runs, x, y, facets, command_order(sweep_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in stage.iterdir():
+            os.replace(f, out / f.name)
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out}: {e.strerror or e}; give another place with --out") from None
+
+
+def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Path, sweeps: list[Path],
+                  x: str | None, y: str | None, facets: list[str] | None, stat: str, flow_runs: list[str] | None,
+                  n_flow: int | None, quiet: bool, replaced: bool) -> None:
+    """Every file of the report, into ``stage``; links and printed paths name ``out``."""
+    from gradsweep import figures
+    from gradsweep.html import write_index
+
+    runs = all_runs[all_runs["repeat_of"] == ""].reset_index(drop=True)  # the figures show each configuration once
+    order: dict[str, list[str]] = {}
+    for s in sweeps:
+        for k, values in command_order(s).items():
+            order.setdefault(k, []).extend(v for v in values if v not in order.get(k, []))
+    try:
+        layout = infer_layout(runs, x, y, facets, order)
     except ValueError as e:
         raise ReportError(str(e)) from None
-    vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
-    images: list[tuple[str, str, str]] = []  # (file, title, caption)
     bar = progress_bar(total=10, desc="report", unit="part", quiet=quiet, leave=False)
-
     sizes: dict[str, dict[str, float]] = {}
+    images: list[tuple[str, str, str]] = []  # (file, title, caption)
 
     def save(fig, name: str, title: str, caption: str) -> None:
-        fig.savefig(out / name, dpi=DPI)
+        fig.savefig(stage / name, dpi=DPI)
         # what the page's text-size check needs: the smallest font drawn and the image's width
         sizes[name] = {"min_font_pt": figures.smallest_text_pt(fig), "width_px": fig.get_figwidth() * DPI,
                        **getattr(fig, "gradsweep_info", {})}
@@ -183,6 +273,52 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         images.append((name, title, caption))
         bar.update(1)
 
+    _heatmaps(save, runs, layout, stat)
+    _flows(save, runs, layout, sweep_dir, flow_runs, n_flow)
+    _tune_figure(stage, images, sweep_dir)
+    summary = _summary_table(runs if len(runs) == len(all_runs) else all_runs, swept_keys(runs))
+    csv_safe(summary).to_csv(stage / "summary.csv", index=False)
+    notes = sweep_notes(sweep_dir, sweeps, all_runs)
+    # The page's table: what tells runs apart and why each got its verdict; every column is in summary.csv.
+    shown = [c for c in ["run_dir", *swept_keys(runs), "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
+                         "grad_ratio_log10_median", "final_loss", "test_accuracy", "diverged_step", "dead_step",
+                         "repeat_of"]
+             if c in summary.columns and (c not in ("train.seed", "repeat_of") or summary[c].nunique() > 1)
+             and (c != "test_accuracy" or summary[c].notna().any())]
+    merged = [(s.relative_to(sweep_dir).as_posix(), sweep_command(s)) for s in sweeps] if len(sweeps) > 1 else []
+    write_index(stage, runs=summary, shown=list(dict.fromkeys(shown)), images=images, command=sweep_command(sweep_dir),
+                counts=verdict_counts(runs), layout=layout, sweep_dir=sweep_dir, merged=merged, notes=notes)
+    bar.update(1)
+    bar.close()
+    (stage / "figures.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    summary_text = "\n".join([*notes, text_summary(runs, layout, out / "index.html")])
+    if replaced:
+        summary_text += "\n(replaced the report that was there; give --out to keep several)"
+    (stage / "summary.txt").write_text(summary_text + "\n")
+
+
+def sweep_notes(root: Path, sweeps: list[Path], runs: pd.DataFrame) -> list[str]:
+    """What the report must say before its counts: the sweeps it merges, and the runs that repeat another."""
+    notes = []
+    if len(sweeps) > 1:
+        notes.append(f"merges {len(sweeps)} sweeps: " + ", ".join(s.relative_to(root).as_posix() for s in sweeps))
+    repeats = runs[runs["repeat_of"] != ""]
+    if len(repeats):
+        first = runs.drop_duplicates("run_id").set_index("run_id")["verdict"]
+        differ = int((repeats["verdict"].to_numpy() != first.loc[repeats["run_id"]].to_numpy()).sum())
+        notes.append(f"{len(repeats)} of {len(runs)} runs repeat a configuration run before (the same run_id; "
+                     "repeat_of in summary.csv names the first): counted and drawn once, as the first"
+                     + (f"; {differ} of them ended with another verdict" if differ else
+                        "; every repeat ended with the same verdict"))
+    return notes
+
+
+def _heatmaps(save, runs: pd.DataFrame, layout: Layout, stat: str) -> None:
+    """The where-it-breaks heatmaps: ratio at step 0 and through training, theory's, loss, accuracy, verdict."""
+    from gradsweep import figures
+
+    column = STATISTICS[stat][0]
+    vanish, explode = float(runs["verdict.vanish_below"].iloc[0]), float(runs["verdict.explode_above"].iloc[0])
     what = STATISTICS[stat][1]
     label = "log10 ratio, first Linear over last\n<- vanishing      exploding ->"
     if "model" in runs and (runs["model"].fillna("mlp") != "mlp").any():  # a module: Linear or Conv
@@ -204,25 +340,10 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          f"Median over seeds of {column + AT['training']}: each run's median over its logged steps (before any "
          "divergence). A cell that is pale at step 0 and dark here lost its signal while training; -inf: no signal "
          "reached the first layer for most of training (dead units).")
-    predicted = runs["pred_grad_ratio_log10"].astype(float) if "pred_grad_ratio_log10" in runs else pd.Series([], dtype=float)
-    if np.isfinite(predicted).any():
-        pred_column = "pred_" + column if "pred_" + column in runs else "pred_grad_ratio_log10"
-        save(figures.heatmap(aggregate(runs, layout0, pred_column, step0=True), layout0, "ratio",
-                             "Predicted by mean-field theory, at initialisation",
-                             label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish,
-                             explode=explode, step0=True),
-             "heatmap_predicted.png", "Gradient ratio predicted by theory",
-             f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout and colours as the "
-             "measured heatmap; cells without a prediction (residual or normalised nets) are empty.")
-        no_signal = int((np.isfinite(predicted) & np.isneginf(runs["grad_ratio_log10"].astype(float))).sum())
-        save(figures.prediction_scatter(runs), "prediction_scatter.png", "Theory against measurement",
-             "One point per run: the measured ratio at step 0 against the mean-field prediction; the dashed line is "
-             "measured = predicted" + (f"; {no_signal} run{'s' if no_signal != 1 else ''} measured -inf (no signal "
-                                       "reached layer 1), drawn as triangles on the bottom edge." if no_signal else "."))
-    loss_cells = aggregate(runs, layout, "final_loss")
+    _theory_figures(save, runs, layout0, column, vanish, explode)
     trivial = baseline_words(runs)
-    save(figures.heatmap(loss_cells, layout, "loss", "Final loss (median over seeds)", label="final loss (log scale)",
-                         baseline_words=trivial),
+    save(figures.heatmap(aggregate(runs, layout, "final_loss"), layout, "loss", "Final loss (median over seeds)",
+                         label="final loss (log scale)", baseline_words=trivial),
          "heatmap_loss.png", "Final loss",
          "Loss on the whole data set after the last step; diverged runs left out. Cross-hatched: the cell's loss is "
          f"no better than the baseline ({trivial}), within verdict.stall_margin: those runs learned nothing.")
@@ -237,6 +358,35 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
          "first layer by the end of training; vanishing/exploding: the ratio beyond the thresholds at step 0 or as "
          "its median over training; stalled: the final loss no better than the baseline; healthy: none of these.")
 
+
+def _theory_figures(save, runs: pd.DataFrame, layout0: Layout, column: str, vanish: float, explode: float) -> None:
+    """Mean-field theory's heatmap and its scatter against the measurement, where the sweep has predictions."""
+    from gradsweep import figures
+
+    predicted = runs["pred_grad_ratio_log10"].astype(float) if "pred_grad_ratio_log10" in runs else pd.Series([], dtype=float)
+    if not np.isfinite(predicted).any():
+        return
+    pred_column = "pred_" + column if "pred_" + column in runs else "pred_grad_ratio_log10"
+    save(figures.heatmap(aggregate(runs, layout0, pred_column, step0=True), layout0, "ratio",
+                         "Predicted by mean-field theory, at initialisation",
+                         label="predicted log10 ratio\n<- vanishing      exploding ->", vanish=vanish,
+                         explode=explode, step0=True),
+         "heatmap_predicted.png", "Gradient ratio predicted by theory",
+         f"Mean-field prediction of {pred_column[5:]} (gradsweep.theory), on the same layout and colours as the "
+         "measured heatmap; cells without a prediction (residual or normalised nets) are empty.")
+    no_signal = int((np.isfinite(predicted) & np.isneginf(runs["grad_ratio_log10"].astype(float))).sum())
+    save(figures.prediction_scatter(runs), "prediction_scatter.png", "Theory against measurement",
+         "One point per run: the measured ratio at step 0 against the mean-field prediction; the dashed line is "
+         "measured = predicted" + (f"; {no_signal} run{'s' if no_signal != 1 else ''} measured -inf (no signal "
+                                   "reached layer 1), drawn as triangles on the bottom edge." if no_signal else "."))
+
+
+def _flows(save, runs: pd.DataFrame, layout: Layout, sweep_dir: Path, flow_runs: list[str] | None,
+           n_flow: int | None) -> None:
+    """Gradient-flow maps of the chosen runs, the article's figure where the sweep is one of its experiments, and
+    the loss curves. Steps of a repeated run_id are read once (the first run's)."""
+    from gradsweep import figures
+
     chosen = flow_runs or pick_flow_runs(runs, n_flow)
     by_id = runs.set_index("run_id")
     unknown = [rid for rid in chosen if rid not in by_id.index]
@@ -244,57 +394,47 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
         raise ReportError(f"--run {unknown[0]!r} is not a run of this sweep; run_ids are in summary.csv")
     run_ids = runs["run_id"].tolist()
     try:
-        flow = load_steps(sweep_dir, ["run_id", "step", "layer", "layer_name", "hgrad_norm"],
-                          pc.field("kind").isin(["linear", "conv"]) & pc.field("run_id").isin(chosen), run_ids=run_ids)
+        flow = load_steps(sweep_dir, ["run_id", "step", "layer", "layer_name", "kind", "hgrad_norm"],
+                          pc.field("run_id").isin(chosen), run_ids=run_ids)
+        loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
     except (pa.ArrowException, OSError) as e:
         raise ReportError(f"{sweep_dir}: a steps table cannot be read ({first_line(e)})") from None
+    flow = flow.drop_duplicates(["run_id", "step", "layer_name"])
+    loss = loss.drop_duplicates(["run_id", "step"])
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
-    save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow",
-         "Backpropagated signal per Linear (and Conv) layer and step for chosen runs (one per verdict, worst first).")
-
-    loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
+    save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow", FLOW_CAPTION)
     experiment = article_experiment(runs)
-    if experiment:
-        arm = next((k for k in swept_keys(runs) if k != ARTICLE_KEY), None)
-        if arm is not None:
-            save(figures.article_figure(loss, runs, arm, experiment), "article.png", f"The article's experiment: {experiment}",
-                 article_caption(runs, arm))
-            images.insert(0, images.pop())
+    arm = next((k for k in swept_keys(runs) if k != ARTICLE_KEY), None) if experiment else None
+    if arm is not None:
+        save(figures.article_figure(loss, runs, arm, experiment), "article.png", f"The article's experiment: {experiment}",
+             article_caption(runs, arm))
     curves, ends = _loss_frames(runs, loss, layout)
     save(figures.loss_curves(curves, ends, layout, baseline_line(runs)), "loss_curves.png", "Loss curves",
          "Small multiples: one panel per combination of the other swept keys, one line per "
          f"{layout.x or 'run'}, each the median over seeds only; a log axis when the losses span more than two "
          "decades; the dotted line is the baseline loss; diverged runs are marked at the top, where their record ends.")
 
-    # A learning-rate search stored in this sweep's directory (gradsweep.tune tune.out_dir=<sweep_dir>), or this
-    # directory being a search's own.
+
+def _tune_figure(stage: Path, images: list[tuple[str, str, str]], sweep_dir: Path) -> None:
+    """A learning-rate search stored in this sweep's directory (gradsweep.tune tune.out_dir=<sweep_dir>), or this
+    directory being a search's own; the article's figure, where there is one, goes first."""
+    names = [name for name, _, _ in images]
+    if "article.png" in names:
+        images.insert(0, images.pop(names.index("article.png")))
     for tune_dir in (sweep_dir / TUNE_DIR, sweep_dir):
         if (tune_dir / TUNE_FIGURE_FILE).is_file() and (tune_dir / TUNE_BEST_FILE).is_file():
-            shutil.copyfile(tune_dir / TUNE_FIGURE_FILE, out / "tune_stability.png")
+            shutil.copyfile(tune_dir / TUNE_FIGURE_FILE, stage / "tune_stability.png")
             images.append(("tune_stability.png", "Learning-rate search", tune_caption(tune_dir / TUNE_BEST_FILE)))
             break
 
-    swept = swept_keys(runs)
+
+def _summary_table(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """summary.csv: every run and column, the ones that tell runs apart and why each got its verdict first."""
     ordered = ["run_dir", "run_id", *swept, "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
                "grad_ratio_log10_median", "wgrad_ratio_log10", "wgrad_ratio_log10_median", "initial_loss", "final_loss",
-               "baseline_loss", "min_loss", "diverged_step", "dead_step", "dead_layer"]
+               "baseline_loss", "min_loss", "test_accuracy", "diverged_step", "dead_step", "dead_layer", "repeat_of"]
     ordered = list(dict.fromkeys(c for c in ordered if c in runs.columns))
-    summary = runs[ordered + [c for c in runs.columns if c not in ordered]]
-    csv_safe(summary).to_csv(out / "summary.csv", index=False)
-    # The page's table: what tells runs apart and why each got its verdict; every column is in summary.csv.
-    shown = [c for c in ["run_dir", *swept, "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
-                         "grad_ratio_log10_median", "final_loss", "diverged_step", "dead_step"]
-             if c in summary.columns and (c != "train.seed" or summary[c].nunique() > 1)]
-    index = write_index(out, runs=summary, shown=list(dict.fromkeys(shown)), images=images, command=sweep_command(sweep_dir),
-                        counts=verdict_counts(runs), layout=layout, sweep_dir=sweep_dir)
-    bar.update(1)
-    bar.close()
-    (out / "figures.json").write_text(json.dumps(sizes, indent=1) + "\n")
-    summary_text = text_summary(runs, layout, index)
-    if replaced:
-        summary_text += "\n(replaced the report that was there; give --out to keep several)"
-    (out / "summary.txt").write_text(summary_text + "\n")
-    return index
+    return runs[ordered + [c for c in runs.columns if c not in ordered]]
 
 
 def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -323,13 +463,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stat", choices=sorted(STATISTICS), default="grad_ratio", help="the heatmap's statistic")
     ap.add_argument("--run", action="append", dest="runs", help="run_id for a gradient-flow map (repeatable)")
     ap.add_argument("--flow-maps", type=int, help="how many gradient-flow maps (default: one per verdict present)")
+    ap.add_argument("--merge", action="store_true",
+                    help="report the sweeps under sweep_dir together even when their commands set different keys")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         sweep_dir = Path(args.sweep_dir) if args.sweep_dir else latest_sweep()
         index = make_report(sweep_dir, args.out, args.x, args.y, args.facet, args.stat, args.runs,
-                            args.flow_maps, args.quiet)
+                            args.flow_maps, args.quiet, args.merge)
     except ReportError as e:
         print(f"gradsweep.report: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -264,6 +264,15 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
 
     ``write_index``: (re)write the sweep's ``runs-index.parquet`` when it is missing or stale.
     """
+    table, stale = runs_table(path)
+    if write_index and stale:
+        write_runs_index(path, table)
+    return runs_frame(table)
+
+
+def runs_table(path: str | os.PathLike) -> tuple[pa.Table, bool]:
+    """The runs table of ``path`` as arrow (what :func:`load_runs` returns as pandas), and whether its
+    ``runs-index.parquet`` is missing or stale (:func:`write_runs_index` writes it)."""
     root = Path(path)
     files = _run_files(root)
     grouped = {f for f in files if f.parent.parent.name == GROUPS_DIR}
@@ -275,34 +284,39 @@ def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFram
     if not rel:
         raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
     index = root / RUNS_INDEX
-    table = None
     if index.exists() and index.stat().st_mtime_ns >= max(f.stat().st_mtime_ns for f in files):
         cached = pq.read_table(index)
         if cached.column("run_dir").to_pylist() == rel:
-            table = _with_added_keys(cached)  # an index written by an older version: as today's code reads it
-    if table is None:
-        with ThreadPoolExecutor(4) as pool:
-            tables = list(pool.map(lambda f: pq.read_table(f, use_threads=False), files))
-        version = min(schema_version(t) for t in tables)
-        parts = []
-        for t, dirs in zip(tables, per_file):
-            if "run_dir" in t.column_names:
-                t = t.drop_columns(["run_dir"])
-            dirs = dirs * t.num_rows if len(dirs) == 1 and t.num_rows > 1 else dirs
-            t = _with_added_keys(t).append_column("run_dir", pa.array(dirs, pa.string()))
-            parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
-        # permissive: a column one group typed int64 and another double (a module argument swept over 0 and 0.5)
-        table = pa.concat_tables(parts, promote_options="permissive")
-        order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
-        table = versioned(table.take(pa.array(order, pa.int64())), version)
-        if write_index and len(rel) > 1:
-            try:
-                _write_atomic(table, index)
-            except OSError:  # a read-only sweep is still readable
-                pass
-    # Nullable integers (job_num, diverged_step, train.batch_size) stay integers, with <NA> for null.
+            return _with_added_keys(cached), False  # an index written by an older version: as today's code reads it
+    with ThreadPoolExecutor(4) as pool:
+        tables = list(pool.map(lambda f: pq.read_table(f, use_threads=False), files))
+    version = min(schema_version(t) for t in tables)
+    parts = []
+    for t, dirs in zip(tables, per_file):
+        if "run_dir" in t.column_names:
+            t = t.drop_columns(["run_dir"])
+        dirs = dirs * t.num_rows if len(dirs) == 1 and t.num_rows > 1 else dirs
+        t = _with_added_keys(t).append_column("run_dir", pa.array(dirs, pa.string()))
+        parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
+    # permissive: a column one group typed int64 and another double (a module argument swept over 0 and 0.5)
+    table = pa.concat_tables(parts, promote_options="permissive")
+    order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
+    return versioned(table.take(pa.array(order, pa.int64())), version), len(rel) > 1
+
+
+def write_runs_index(path: str | os.PathLike, table: pa.Table) -> None:
+    """Write ``path``'s ``runs-index.parquet`` (the runs table in one file, read instead of every group's)."""
+    try:
+        _write_atomic(table, Path(path) / RUNS_INDEX)
+    except OSError:  # a read-only sweep is still readable
+        pass
+
+
+def runs_frame(table: pa.Table) -> pd.DataFrame:
+    """A runs table as pandas: nullable integers (job_num, diverged_step, train.batch_size) stay integers, with
+    <NA> for null; ``attrs["schema_version"]`` the oldest of its files'."""
     runs = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).reset_index(drop=True)
-    runs.attrs["schema_version"] = schema_version(table)  # the oldest of its files'
+    runs.attrs["schema_version"] = schema_version(table)
     return runs
 
 

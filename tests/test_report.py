@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,87 @@ def test_scatter_counts_runs_without_signal_and_overlapping_points():
     title = fig.axes[0].get_title()
     assert "5 runs with a prediction, 2 measured -inf" in title and "3 finite points, 2 distinct" in title
     figures.plt.close(fig)
+
+
+def _multirun(sweep: Path, task: list[str]) -> Path:
+    """Hydra's record of a multirun command in ``sweep`` (what find_sweeps and command_keys read)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": task}}}), sweep / "multirun.yaml")
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory):
+    """A date directory holding the same two-run sweep twice (every run_id twice) and one sweep of another key."""
+    day = tmp_path_factory.mktemp("day")
+    for name in ("14-18-20", "14-18-25"):
+        _multirun(write_sweep(day / name, grid(**{"model.depth": [2, 3]}), steps=5), ["model.depth=2,3"])
+    _multirun(write_sweep(day / "15-00-00" / "x", grid(**{"optim.lr": [0.01, 0.02]}), steps=5).parent,
+              ["optim.lr=0.01,0.02"])
+    return day
+
+
+def test_a_directory_of_same_key_sweeps_is_one_merged_report_with_repeats_named(two_sweeps, tmp_path):
+    day = tmp_path / "day"
+    shutil.copytree(two_sweeps, day, ignore=shutil.ignore_patterns("15-00-00"))
+    index = make_report(day, quiet=True)
+    text = (index.parent / "summary.txt").read_text()
+    assert "merges 2 sweeps: 14-18-20, 14-18-25" in text
+    assert "2 of 4 runs repeat a configuration run before" in text and "\n2 runs: " in text
+    summary = pd.read_csv(index.parent / "summary.csv", keep_default_na=False)
+    assert len(summary) == 4 and (summary.repeat_of != "").sum() == 2
+    first = summary.set_index("run_dir")
+    for _, row in summary[summary.repeat_of != ""].iterrows():  # each repeat names its first run, of the same id
+        assert first.loc[row.repeat_of, "run_id"] == row.run_id and row.run_dir.startswith("14-18-25/")
+    html = index.read_text()
+    assert "This report merges 2 sweeps" in html and "14-18-20" in html and "model.depth=2,3" in html
+
+
+def test_unrelated_sweeps_are_not_merged_and_nothing_is_written(two_sweeps, tmp_path, capsys):
+    day = tmp_path / "day"
+    shutil.copytree(two_sweeps, day)
+    before = sorted(p.relative_to(day) for p in day.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        main([str(day), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "holds 3 sweeps whose commands set different keys" in err and "15-00-00: optim.lr" in err
+    assert "--merge" in err
+    assert sorted(p.relative_to(day) for p in day.rglob("*")) == before  # no report/, no runs-index.parquet
+    index = make_report(day, quiet=True, merge=True)
+    assert "merges 3 sweeps" in (index.parent / "summary.txt").read_text()
+
+
+def test_a_report_that_fails_part_way_writes_nothing(two_sweeps, tmp_path, capsys):
+    sweep = tmp_path / "s"
+    shutil.copytree(two_sweeps / "14-18-20", sweep)
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    with pytest.raises(SystemExit):  # the heatmaps are drawn before the unknown --run is found
+        main([str(sweep), "--quiet", "--run", "nope"])
+    assert "'nope' is not a run of this sweep" in capsys.readouterr().err
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before
+    assert not list(tmp_path.glob(".report.tmp-*"))
+    make_report(sweep, quiet=True)  # and a report that succeeds writes its files and the runs index
+    assert (sweep / "report" / "index.html").is_file() and (sweep / "runs-index.parquet").is_file()
+
+
+def test_flow_maps_draw_norm_layers_in_order():
+    from gradsweep.figures.flow import _ordered_layers
+
+    # the built-in MLP numbers norm<k> with the linear<k> it follows; a module numbers every layer
+    mlp = pd.DataFrame({"layer": [1, 1, 2, 2, 3], "kind": ["linear", "norm"] * 2 + ["linear"],
+                        "layer_name": ["linear1", "norm1", "linear2", "norm2", "linear3"]})
+    rows, names = _ordered_layers(mlp)
+    assert rows.layer.tolist() == [1, 2, 3, 4, 5]
+    assert names == {1: "linear1", 2: "norm1", 3: "linear2", 4: "norm2", 5: "linear3"}
+    plain = mlp[mlp.kind == "linear"]
+    rows, names = _ordered_layers(plain)
+    assert rows.layer.tolist() == [1, 2, 3] and names == {}
+
+
+def test_norm_layers_are_in_the_flow_map(tmp_path):
+    write_sweep(tmp_path, grid(**{"model.depth": [2, 3]}), steps=5, model={"norm": "layernorm"})
+    index = make_report(tmp_path, quiet=True)
+    layers = json.loads((index.parent / "figures.json").read_text())["flow_maps.png"]["layers"]
+    assert [names[:3] for names in layers.values()] == [["linear1", "norm1", "linear2"]] * len(layers)

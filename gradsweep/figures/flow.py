@@ -23,7 +23,8 @@ from gradsweep.figures.style import (  # noqa: E402
 
 
 def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) -> plt.Figure:
-    """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear layers.
+    """Gradient-flow maps: for each run, layer (y) by step (x), colour log10 |dL/dh| of its Linear, Conv and norm
+    layers.
 
     A signal of exactly 0 gets its own colour by cause (gradsweep.verdicts.zero_causes): cut off, every unit below
     a layer dead (or saturated to its float bound), or a decaying signal that underflowed the run's dtype."""
@@ -52,13 +53,10 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
     flow = flow.assign(log_h=vals)
     by_id = runs.set_index("run_id")
     seen: set[int] = set()
+    drawn: dict[str, list[str]] = {}  # per map, its rows' layer names from the input side (figures.json)
     for ax, run_id in zip(axes, ids):
-        one = flow[flow.run_id == run_id]
-        names = _layer_names(one)
-        if names:  # a module's Linear/Conv rows, numbered among all its recorded layers: 1, 2, ... among themselves
-            rank = {layer: i + 1 for i, layer in enumerate(sorted(names))}
-            one = one.assign(layer=one["layer"].map(rank))
-            names = {rank[k]: v for k, v in names.items()}
+        one, names = _ordered_layers(flow[flow.run_id == run_id])
+        drawn[run_id] = [names.get(k, f"linear{k}") for k in sorted(set(one["layer"]))]
         grid = one.pivot_table(index="layer", columns="step", values="log_h", aggfunc="first")
         raw = one.pivot_table(index="layer", columns="step", values="hgrad_norm", aggfunc="first").to_numpy()
         steps, layers_ = grid.columns.to_numpy(), grid.index.to_numpy()
@@ -110,17 +108,24 @@ def flow_maps(flow: pd.DataFrame, runs: pd.DataFrame, titles: dict[str, str]) ->
         handles.append(Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="not recorded (after divergence)"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.gradsweep_info = {"layers": drawn}
     return fig
 
 
-def _layer_names(one: pd.DataFrame) -> dict[int, str]:
-    """Layer number -> name for a module-built run's rows (names other than the MLP's linear<k>); else {}."""
+def _ordered_layers(one: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, str]]:
+    """One run's rows with ``layer`` renumbered 1, 2, ... from the input side over every recorded layer (Linear,
+    Conv and norm: the built-in MLP numbers its norm<k> with its linear<k>, which it follows), and row number ->
+    layer name; {} for a plain MLP's rows, which are all linear<k> (numbered as they are)."""
+    kind = one["kind"] if "kind" in one else pd.Series("linear", index=one.index)
+    key = list(zip(one["layer"].astype(int), (kind == "norm").astype(int)))
+    rank = {k: i + 1 for i, k in enumerate(sorted(set(key)))}
+    one = one.assign(layer=[rank[k] for k in key])
     if "layer_name" not in one or one["layer_name"].isna().all():
-        return {}
+        return one, {}
     names = one.drop_duplicates("layer").set_index("layer")["layer_name"]
     if all(name == f"linear{k}" for k, name in names.items()):
-        return {}
-    return {int(k): str(v) for k, v in names.items()}
+        return one, {}
+    return one, {int(k): str(v) for k, v in names.items()}
 
 
 def _profile_inset(ax: plt.Axes, one: pd.DataFrame, row: pd.Series, layers_: np.ndarray, inset: plt.Axes) -> None:
