@@ -44,6 +44,7 @@ def resolve_arrays(cfg: Any) -> None:
         raise ConfigError("data.path is required with data=arrays: a .npz, .csv or .parquet file")
     f = read_arrays(cfg.path, cfg.target, cfg.task)
     cfg.task, cfg.digest = f.task, f.digest
+    cfg.scale_target = bool(cfg.scale_target) and f.task == "regression"
     cfg.in_dim, cfg.out_dim = f.x.shape[1], len(f.classes) if f.classes else f.y.shape[1]
     if f.x_test is not None:
         check("data.n_test", cfg.n_test, cfg.n_test == 0, f"0 for {cfg.path}, which holds its own x_test")

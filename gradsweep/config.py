@@ -26,7 +26,7 @@ DTYPES = ("float32", "float64")
 DATASETS = ("regression", "scaled", "digits", "gaussian", "arrays")
 TASKS = ("auto", "regression", "classification")
 # data=arrays' own keys with the values every other data keeps (and run_ids before they existed)
-ARRAYS_KEYS = {"path": None, "target": None, "task": "auto", "digest": ""}
+ARRAYS_KEYS = {"path": None, "target": None, "task": "auto", "digest": "", "scale_target": False}
 LOSSES = ("auto", "mse", "cross_entropy", "projection")
 CLASSIFICATION = ("digits",)  # built-in data whose targets are class indices (data=arrays: data.task decides)
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
@@ -227,6 +227,10 @@ class DataCfg:
     Stored resolved."""
     digest: str = ""
     """arrays: the first 16 hex digits of the file's sha256, set from the file (a run's run_id follows its data)."""
+    scale_target: bool = False
+    """arrays, regression: standardise the targets with the training rows' mean and std (data=arrays sets it true):
+    losses are then in units of the target's variance, and predicting the mean scores 1 (baseline_loss). false
+    keeps them as written. Stored false for classification, which has no target scale."""
 
     def __post_init__(self) -> None:
         choice("data.name", self.name, DATASETS)

@@ -67,7 +67,8 @@ def load_data(cfg: DataCfg) -> Data:
 def _arrays(cfg: DataCfg, rs: np.random.RandomState) -> Data:
     """A user's file: its own test split, or data.n_test rows held out. Rows in the file's order when every row
     trains; else shuffled by data.seed and split as digits is. Features standardised with the training rows' mean
-    and std (a constant feature stays 0); targets as written (regression) or class indices (classification)."""
+    and std (a constant feature stays 0); regression targets likewise with data.scale_target (else as written),
+    classification targets as class indices."""
     f = read_arrays(cfg.path, cfg.target, cfg.task)
     if f.x_test is not None:
         x, y, xt, yt = f.x[:cfg.n_samples], f.y[:cfg.n_samples], f.x_test, f.y_test
@@ -80,6 +81,10 @@ def _arrays(cfg: DataCfg, rs: np.random.RandomState) -> Data:
     mean, std = x.mean(axis=0), x.std(axis=0)
     std[std == 0] = 1.0
     x, xt = (x - mean) / std, (xt - mean) / std
+    if cfg.scale_target:  # resolve_arrays keeps it true for regression only
+        mean, std = y.mean(axis=0), y.std(axis=0)
+        std[std == 0] = 1.0
+        y, yt = (y - mean) / std, (yt - mean) / std
     if f.task == "classification":
         return Data(_f32(x), torch.from_numpy(y).long(), _f32(xt), torch.from_numpy(yt).long(), len(f.classes))
     return Data(_f32(x), _f32(y), _f32(xt), _f32(yt), y.shape[1])

@@ -83,6 +83,35 @@ def test_text_labels_classify_and_task_can_be_forced(tmp_path):
     assert forced.task == "regression" and load_data(forced).y.dtype == torch.float32
 
 
+def test_regression_targets_are_standardised_by_the_training_rows_when_scale_target_is_set(tmp_path):
+    frame = _regression_frame(50).assign(y=lambda f: 300 * f["y"] + 150)  # a target of variance ~1e5, like diabetes
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    cfg = DataCfg(name="arrays", path=str(tmp_path / "d.csv"), target="y", n_samples=None, n_test=10,
+                  scale_target=True)
+    d = load_data(cfg)
+    order = np.random.RandomState(0).permutation(50)
+    y = frame[["y"]].to_numpy()
+    np.testing.assert_allclose(d.y.numpy(), _standardised(y[order[10:]], y[order[10:]]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d.y_test.numpy(), _standardised(y[order[:10]], y[order[10:]]), rtol=1e-5, atol=1e-6)
+    from gradsweep.losses import baseline_loss
+
+    assert baseline_loss("mse", d.y) == pytest.approx(1.0, rel=1e-5)  # predicting the mean scores 1
+    labels = pd.DataFrame({"a": np.arange(20.0), "y": np.arange(20) % 3})  # classification has no target scale
+    labels.to_csv(tmp_path / "c.csv", index=False)
+    assert DataCfg(name="arrays", path=str(tmp_path / "c.csv"), target="y", n_samples=None,
+                   scale_target=True).scale_target is False
+
+
+def test_scale_target_enters_the_run_id_only_when_set(tmp_path):
+    (tmp_path / "d.csv").write_text("a,y\n0.5,1.5\n-1.0,2.0\n2.0,-0.5\n")
+    data = {"name": "arrays", "path": str(tmp_path / "d.csv"), "target": "y", "n_samples": None}
+    off = config_hash(build_run_cfg({"data": {**data, "scale_target": False}}))
+    assert off == "afa4d696251f520c"  # this file's runs' run_id before data.scale_target existed
+    assert config_hash(build_run_cfg({"data": {**data, "scale_target": True}})) != off
+    with pytest.raises(ConfigError, match="data.scale_target=True is not valid.*False unless data=arrays"):
+        DataCfg(scale_target=True)
+
+
 def test_the_run_id_follows_the_files_content(tmp_path):
     frame = _regression_frame()
     frame.to_csv(tmp_path / "d.csv", index=False)
@@ -163,6 +192,8 @@ def test_a_sweep_on_a_csv_from_the_command_line(tmp_path):
     runs, steps = load_sweep(sweep)
     assert len(runs) == 2 and set(runs["data"]) == {"arrays"} and set(runs["data.task"]) == {"regression"}
     assert set(runs["data.path"]) == {"mine.csv"} and runs["final_loss"].notna().all()
+    # data=arrays standardises regression targets by default: losses in units of their variance, the baseline 1
+    assert runs["data.scale_target"].all() and np.allclose(runs["baseline_loss"], 1.0, rtol=1e-5)
     assert steps["layer"].max() == 4
     bad = subprocess.run([sys.executable, "-m", "gradsweep", "-m", "data=arrays", "data.path=mine.csv",
                           "data.target=nope", f"hydra.sweep.dir={tmp_path / 'bad'}"], cwd=tmp_path, capture_output=True,
