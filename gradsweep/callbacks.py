@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -30,8 +31,32 @@ def count_jobs(overrides: list[str]) -> int | None:
         return None
 
 
+def overrides_of(dirname: str) -> dict[str, str]:
+    """A run's ``override_dirname`` (Hydra's ``k=v,k=v``) as key -> value, as the command spelled them; a comma
+    inside a value (a list) stays in it."""
+    return dict(item.split("=", 1) for item in re.split(r",(?=[^,=\[\]{}()'\"]+=)", dirname) if "=" in item)
+
+
+def run_table(runs) -> tuple[list[str], object]:
+    """What the end-of-sweep summary prints of ``runs``: the overrides every run shares (``key=value``, said once)
+    and a table with a column per override that varies, then the run's verdict and numbers (test_accuracy where
+    the data hold a test split of classes)."""
+    import pandas as pd
+
+    per_run = [overrides_of(d or "") for d in runs["override_dirname"].fillna("")]
+    keys = list(dict.fromkeys(k for o in per_run for k in o))
+    swept = [k for k in keys if len({o.get(k) for o in per_run}) > 1]
+    fixed = [f"{k}={per_run[0][k]}" for k in keys if k not in swept]
+    table = pd.DataFrame({k: [o.get(k, "") for o in per_run] for k in swept}, index=runs.index)
+    numbers = ["verdict", "grad_ratio_log10", "final_loss"]
+    if "test_accuracy" in runs and runs["test_accuracy"].notna().any():
+        numbers.append("test_accuracy")
+    return fixed, pd.concat([table, runs[[*numbers, "diverged_step"]]], axis=1)
+
+
 def summarize(sweep_dir: str) -> str:
-    """A short text summary of a sweep: runs per verdict, then (for small sweeps) one line per run."""
+    """A short text summary of a sweep: runs per verdict, then (for small sweeps) the overrides its runs share and
+    one line per run with the ones that tell it apart."""
     import pandas as pd
 
     from gradsweep.store import load_runs
@@ -42,10 +67,11 @@ def summarize(sweep_dir: str) -> str:
     n = len(runs)
     lines = [f"{n} run{'s' if n != 1 else ''} in {sweep_dir}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)]
     if len(runs) <= SUMMARY_ROWS:
-        table = runs[["override_dirname", "verdict", "grad_ratio_log10", "final_loss", "diverged_step"]].copy()
-        table["override_dirname"] = table.override_dirname.replace("", "(defaults)")
-        with pd.option_context("display.width", 160, "display.max_colwidth", 80, "display.float_format", "{:.3g}".format):
-            lines.append(table.rename(columns={"override_dirname": "run"}).to_string(index=False))
+        fixed, table = run_table(runs)
+        if fixed:
+            lines.append(f"every run: {' '.join(fixed)}")
+        with pd.option_context("display.width", 160, "display.max_colwidth", 60, "display.float_format", "{:.3g}".format):
+            lines.append(table.to_string(index=False))
     return "\n".join(lines)
 
 
