@@ -43,6 +43,22 @@ def _values(override: Any) -> list[Any]:
     return [override.value()]
 
 
+def _check_append(o) -> None:
+    """``+key=v`` appends a key the config lacks; for one it has (every config key and preset group but
+    experiment) Hydra refuses in six lines: here one, which says to drop the ``+``."""
+    from hydra.core.override_parser.types import OverrideType
+
+    if o.type is not OverrideType.ADD:
+        return
+    key = o.key_or_group
+    section, _, field = key.partition(".")
+    known = (key in GROUPS and key != "experiment") or (
+        section in SECTIONS and "." not in field and field in {f.name for f in dataclasses.fields(SECTIONS[section])})
+    if known:
+        raise ConfigError(f"+{key} appends a key the config lacks, and {key} is in it already: drop the + "
+                          f"({o.input_line.lstrip('+')})")
+
+
 def check_overrides(overrides: list[str], multirun: bool = True) -> None:
     """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings).
 
@@ -63,6 +79,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
         key = o.key_or_group
         if key.startswith("hydra") or o.package is not None:
             continue
+        _check_append(o)
         section, _, field = key.partition(".")
         if field and section in SECTIONS and "." not in field:
             known = [f.name for f in dataclasses.fields(SECTIONS[section])]

@@ -35,7 +35,7 @@ from gradsweep.report_text import (
     tune_caption,
     verdict_reason,
 )
-from gradsweep.schema import SCHEMA_VERSION, TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, schema_version
+from gradsweep.schema import RUNS_FILE, SCHEMA_VERSION, TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, schema_version
 from gradsweep.store import load_steps, runs_frame, runs_table, write_runs_index
 from gradsweep.verdicts import SEVERITY
 
@@ -87,6 +87,16 @@ def command_order(sweep_dir: Path) -> dict[str, list[str]]:
         if "," in values and "(" not in values and "[" not in values:  # a plain list, not range()/choice()/[...]
             order[key.lstrip("+~")] = [v.strip() for v in values.split(",")]
     return order
+
+
+def search_or_sweep(path: Path) -> Path:
+    """The directory whose runs the report reads: ``path``, or a learning-rate search's ``<tune.out_dir>/tune``
+    when ``path`` is the search's folder (its runs are all there)."""
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such directory")
+    if (path / TUNE_DIR).is_dir() and not any(f.relative_to(path).parts[0] != TUNE_DIR for f in path.rglob(RUNS_FILE)):
+        return path / TUNE_DIR
+    return path
 
 
 def find_sweeps(root: Path) -> list[Path]:
@@ -177,9 +187,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
     set the same keys or ``merge`` asks for it. The report is written to a staging directory and moved into place
     whole: a report that fails writes nothing.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise ReportError(f"{sweep_dir}: no such directory")
+    sweep_dir = search_or_sweep(Path(sweep_dir))
     sweeps = find_sweeps(sweep_dir)
     if len(sweeps) > 1:
         check_merge(sweep_dir, sweeps, merge)

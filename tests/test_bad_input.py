@@ -108,6 +108,9 @@ CASES = [
     (RUN, _fixed("loss=cross_entropy"), "loss='cross_entropy' is not valid with data=regression"),
     (RUN, _fixed("model.depth=2,10"), "model.depth=2,10 is a sweep, which needs -m: python -m gradsweep -m model.depth=2,10"),
     (RUN, _fixed("data=digits", "data.n_test=1797"), "data.n_test=1797 is not valid"),
+    (RUN, _fixed("-m", "+model.depth=3,4", "hydra.sweep.dir={tmp}/s"),
+     "+model.depth appends a key the config lacks, and model.depth is in it already: drop the + (model.depth=3,4)"),
+    (TUNE, _fixed("-m", "model.depth=10", "tune.out_dir={tmp}/t"), "-m: gradsweep.tune takes no -m or other flags"),
     (RUN, _fixed("-m", "+experiment=dropout", "hydra.sweep.dir={tmp}/s"), "experiment='dropout' is not valid"),
     (RUN, _fixed("-m", "optim.lr=0.1", "hydra.sweep.dir=/proc/gradsweep-test"),
      "hydra.sweep.dir='/proc/gradsweep-test' is not writable"),
@@ -115,7 +118,6 @@ CASES = [
     # the report: missing, empty, torn, truncated, older, bad options, unwritable output
     (REPORT, _fixed("{tmp}/nowhere"), "nowhere: no such directory"),
     (REPORT, _empty_dir, "no gradsweep runs found"),
-    (REPORT, _fixed("{good}/tuned"), "its runs are a learning-rate search's, under"),
     (REPORT, _corrupt_runs, "a runs table cannot be read"),
     (REPORT, _truncated_steps, "a steps table cannot be read"),
     (REPORT, _older_schema, "was written by an older gradsweep (no verdict, grad_ratio_log10"),

@@ -233,6 +233,15 @@ def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
     assert "Learning-rate search" in page and (index.parent / "tune_stability.png").is_file()
 
 
+def test_the_report_of_a_searchs_own_folder_reads_its_tune_dir(tmp_path):
+    from gradsweep.report import make_report
+
+    _tune(tmp_path / "out", "tune.n_trials=2")
+    index = make_report(tmp_path / "out", quiet=True)  # the folder the user named as tune.out_dir
+    assert index == tmp_path / "out" / "tune" / "report" / "index.html"
+    assert "2 runs:" in (index.parent / "summary.txt").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A worker that dies: its trials are failed, queued again with the same parameters, and nothing is lost
 
@@ -363,6 +372,28 @@ def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_
                          "largest_unstable_lr_below": 1e-4, "band_trials": 4}
     # The lowest loss at least 2x below the first unstable lr above (1.6e-3): 8e-4, not 1e-3 at the edge nor the island.
     assert s["best"]["lr"] == 8e-4 and s["isolated_better_trial"]["lr"] == 3e-3
+
+
+def test_the_printed_line_counts_every_trial_by_what_made_it_unstable():
+    from gradsweep.tune import summarize
+    from gradsweep.tune.config import TuneCfg
+    from gradsweep.tune.results import describe
+
+    study = optuna.create_study(study_name="s", direction="minimize")
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)}
+    trials = [("healthy", True), ("healthy", True), ("diverged", False), ("dead", False), ("dead", False),
+              ("stalled", False), ("healthy", False)]  # the last: healthy, but its loss rose
+    for k, (verdict, feasible) in enumerate(trials):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 10.0 ** (-4 + k / 2)}, distributions=dist, value=1.0 + k,
+            user_attrs={"feasible": feasible, "diverged": verdict == "diverged", "final_loss": 1.0, "run_id": f"r{k}",
+                        "baseline_loss": 9.76, "verdict": verdict}))
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.5}, distributions=dist, state=optuna.trial.TrialState.FAIL))
+    s = summarize(study, TuneCfg(), "memory", Path("out"))
+    assert s["counts"] == {"stable": 2, "diverged": 1, "dead": 2, "stalled": 1, "loss rose": 1, "fail": 1}
+    assert sum(s["counts"].values()) == s["trials"] == 8
+    assert describe(s).splitlines()[0] == ("study s (memory): 8 trials, 2 stable, 1 stalled, 2 dead, 1 diverged, "
+                                           "1 loss rose, 1 fail")
 
 
 def test_concurrent_workers_never_share_a_sampler_seed():

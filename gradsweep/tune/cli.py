@@ -79,6 +79,11 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
 
     from gradsweep.preflight import check_overrides, compose_values, one_line
 
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        rest = " ".join(a for a in overrides if not a.startswith("-"))
+        raise ConfigError(f"{flags[0]}: gradsweep.tune takes no -m or other flags: it is one search that sweeps its own "
+                          f"lr (tune.lr_min..tune.lr_max); give one value per key: python -m gradsweep.tune {rest}".rstrip())
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:

@@ -105,6 +105,7 @@ def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str,
         "edge_definition": EDGE_DEFINITION.replace("tune.safety", f"tune.safety ({tune.safety:g})"),
         "trials": int(len(frame)), "complete": int(len(done)), "feasible": int(len(feasible)),
         "diverged": int(done["diverged"].sum()) if len(done) else 0,
+        "counts": trial_counts(frame),
         "best": best, "edge": edge,
         # a lower loss than the best's, but outside the band: unstable trials at nearby learning rates on both sides
         "isolated_better_trial": isolated,
@@ -131,10 +132,29 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
+def trial_counts(frame: Any) -> dict[str, int]:
+    """Every trial of ``frame`` counted once, in words that add up to the number of trials: stable, else the
+    verdict that made a complete trial unstable (a healthy one whose loss rose: ``loss rose``), else its state
+    (failed, running, ...)."""
+    from gradsweep.verdicts import VERDICTS
+
+    if not len(frame):
+        return {}
+    complete = frame["state"] == "COMPLETE"
+    feasible = frame["feasible"].astype(bool)
+    verdict = frame["verdict"].fillna("")
+    label = verdict.where(verdict != "healthy", "loss rose").where(complete, frame["state"].str.lower())
+    label = label.where(~(complete & feasible), "stable")
+    order = ["stable", *(v for v in VERDICTS if v != "healthy"), "loss rose"]
+    counts = label.value_counts()
+    return {k: int(counts[k]) for k in [*order, *sorted(set(counts.index) - set(order))] if k in counts}
+
+
 def describe(summary: dict[str, Any]) -> str:
     best, edge = summary["best"], summary["edge"]
+    counts = summary.get("counts") or {"stable": summary["feasible"], "diverged": summary["diverged"]}
     lines = [f"study {summary['study_name']} ({summary['storage']}): {summary['trials']} trials, "
-             f"{summary['feasible']} stable, {summary['diverged']} diverged"]
+             + ", ".join(f"{n} {k}" for k, n in counts.items())]
     if best:
         lines.append(f"best stable lr = {best['lr']:.4g} (trial {best['trial']}, {summary['objective']} "
                      f"{best['loss']:.4g}; the lowest loss in the stable band, at least tune.safety below its edge)")
