@@ -22,7 +22,8 @@ LAYERS = [
     {"gradsweep.device", "gradsweep.train", "gradsweep.compiled"},
     {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},
     {"gradsweep.group", "gradsweep.compose", "gradsweep.preflight", "gradsweep.figures", "gradsweep.html"},
-    {"gradsweep.submit", "gradsweep.launcher", "gradsweep.callbacks", "gradsweep.report_text", "gradsweep.bench",
+    {"gradsweep.submit", "gradsweep.launcher", "gradsweep.callbacks", "gradsweep.report_text", "gradsweep.sweepdirs",
+     "gradsweep.bench",
      "gradsweep.tune.results"},
     {"gradsweep.cli", "gradsweep.report", "gradsweep.tune", "gradsweep.__main__", "hydra_plugins"},
 ]

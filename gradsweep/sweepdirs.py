@@ -1,0 +1,118 @@
+"""Which sweeps a report reads: the newest under outputs/multirun, a search's folder, the sweeps a date
+directory holds (merged when their commands set the same keys), Hydra's record of each command, and the runs
+that repeat another's configuration."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from gradsweep.errors import GradsweepError
+from gradsweep.schema import RUNS_FILE, TUNE_DIR
+
+
+class ReportError(GradsweepError):
+    """A report that cannot be made: one line for the user."""
+
+
+def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
+    """The newest sweep directory under ``root`` (outputs/multirun/<date>/<time>)."""
+    sweeps = [p for p in root.glob("*/*") if p.is_dir()]
+    if not sweeps:
+        raise ReportError(f"no sweep found under {root}; give the sweep directory: python -m gradsweep.report <sweep_dir>")
+    return max(sweeps, key=lambda p: p.stat().st_mtime)
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """The command that made the sweep, from Hydra's own record of it."""
+    from omegaconf import OmegaConf
+
+    for path, multirun in ((sweep_dir / "multirun.yaml", True), (sweep_dir / ".hydra" / "overrides.yaml", False)):
+        if path.exists():
+            node = OmegaConf.load(path)
+            task = list(node.hydra.overrides.task) if multirun else list(node)
+            return "python -m gradsweep " + ("-m " if multirun else "") + " ".join(task)
+    return ""
+
+
+def command_order(sweep_dir: Path) -> dict[str, list[str]]:
+    """Each swept key's values in the order the command gave them (``key=a,b,c``), from Hydra's record."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return {}
+    order: dict[str, list[str]] = {}
+    for item in OmegaConf.load(path).hydra.overrides.task:
+        key, _, values = str(item).partition("=")
+        if "," in values and "(" not in values and "[" not in values:  # a plain list, not range()/choice()/[...]
+            order[key.lstrip("+~")] = [v.strip() for v in values.split(",")]
+    return order
+
+
+def search_or_sweep(path: Path) -> Path:
+    """The directory whose runs the report reads: ``path``, or a learning-rate search's ``<tune.out_dir>/tune``
+    when ``path`` is the search's folder (its runs are all there)."""
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such directory")
+    if (path / TUNE_DIR).is_dir() and not any(f.relative_to(path).parts[0] != TUNE_DIR for f in path.rglob(RUNS_FILE)):
+        return path / TUNE_DIR
+    return path
+
+
+def find_sweeps(root: Path) -> list[Path]:
+    """The sweeps under ``root``: ``root`` itself when it is one (or a run's, or a search's directory), else each
+    directory below it with Hydra's ``multirun.yaml`` (a date directory holding several), in natural order."""
+    if (root / "multirun.yaml").is_file():
+        return [root]
+    found = sorted((f.parent for f in root.rglob("multirun.yaml") if TUNE_DIR not in f.relative_to(root).parts),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())])
+    return found or [root]
+
+
+def command_keys(sweep_dir: Path) -> frozenset[str]:
+    """The config keys a sweep's command set (``model.depth=2,10`` and ``+model.x=1`` alike), from Hydra's record."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return frozenset()
+    return frozenset(str(item).partition("=")[0].lstrip("+~") for item in OmegaConf.load(path).hydra.overrides.task)
+
+
+def check_merge(root: Path, sweeps: list[Path], merge: bool) -> None:
+    """Several sweeps are reported together when their commands set the same keys (the same sweep run again, or
+    run on at other values), or when the user asked for it (``merge``); sweeps of different keys are not."""
+    keys = {s: command_keys(s) for s in sweeps}
+    if merge or len(set(keys.values())) <= 1:
+        return
+    listing = "; ".join(f"{s.relative_to(root).as_posix()}: {', '.join(sorted(k)) or '(no overrides)'}"
+                        for s, k in keys.items())
+    first = sweeps[0]
+    raise ReportError(f"{root} holds {len(sweeps)} sweeps whose commands set different keys ({listing}); report one "
+                      f"(python -m gradsweep.report {first}), or give --merge to report them together")
+
+
+def repeat_of(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the run_dir of the first run of the same run_id (the same configuration run again: a sweep
+    repeated, or two sweeps that overlap); '' for the first of each."""
+    first = runs.drop_duplicates("run_id").set_index("run_id")["run_dir"]
+    return runs["run_id"].map(first).where(runs.duplicated("run_id"), "")
+
+
+def sweep_notes(root: Path, sweeps: list[Path], runs: pd.DataFrame) -> list[str]:
+    """What the report must say before its counts: the sweeps it merges, and the runs that repeat another."""
+    notes = []
+    if len(sweeps) > 1:
+        notes.append(f"merges {len(sweeps)} sweeps: " + ", ".join(s.relative_to(root).as_posix() for s in sweeps))
+    repeats = runs[runs["repeat_of"] != ""]
+    if len(repeats):
+        first = runs.drop_duplicates("run_id").set_index("run_id")["verdict"]
+        differ = int((repeats["verdict"].to_numpy() != first.loc[repeats["run_id"]].to_numpy()).sum())
+        notes.append(f"{len(repeats)} of {len(runs)} runs repeat a configuration run before (the same run_id; "
+                     "repeat_of in summary.csv names the first): counted and drawn once, as the first"
+                     + (f"; {differ} of them ended with another verdict" if differ else
+                        "; every repeat ended with the same verdict"))
+    return notes
