@@ -43,6 +43,11 @@ def _values(override: Any) -> list[Any]:
     return [override.value()]
 
 
+def _fields(section: str) -> list[str]:
+    """The keys of config section ``section`` (model: depth, width, ...)."""
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
 def _check_append(o) -> None:
     """``+key=v`` appends a key the config lacks; for one it has (every config key and preset group but
     experiment) Hydra refuses in six lines: here one, which says to drop the ``+``."""
@@ -53,7 +58,7 @@ def _check_append(o) -> None:
     key = o.key_or_group
     section, _, field = key.partition(".")
     known = (key in GROUPS and key != "experiment") or (
-        section in SECTIONS and "." not in field and field in {f.name for f in dataclasses.fields(SECTIONS[section])})
+        section in SECTIONS and "." not in field and field in _fields(section))
     if known:
         raise ConfigError(f"+{key} appends a key the config lacks, and {key} is in it already: drop the + "
                           f"({o.input_line.lstrip('+')})")
@@ -82,7 +87,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
         _check_append(o)
         section, _, field = key.partition(".")
         if field and section in SECTIONS and "." not in field:
-            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            known = _fields(section)
             if field not in known:
                 raise ConfigError(f"{key} is not a known key; valid keys: {', '.join(section + '.' + k for k in known)}")
         elif key in GROUPS:

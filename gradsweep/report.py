@@ -203,9 +203,9 @@ def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Pat
         bar.update(1)
 
     _heatmaps(save, runs, layout, stat)
-    _flows(save, runs, layout, sweep_dir, flow_runs, n_flow)
+    _flows(save, runs, layout, sweep_dir, flow_runs, n_flow, repeats=len(runs) < len(all_runs))
     _tune_figure(stage, images, sweep_dir)
-    summary = _summary_table(runs if len(runs) == len(all_runs) else all_runs, swept_keys(runs))
+    summary = _summary_table(all_runs, swept_keys(runs))
     csv_safe(summary).to_csv(stage / "summary.csv", index=False)
     notes = sweep_notes(sweep_dir, sweeps, all_runs)
     # The page's table: what tells runs apart and why each got its verdict; every column is in summary.csv.
@@ -295,9 +295,9 @@ def _theory_figures(save, runs: pd.DataFrame, layout0: Layout, column: str, vani
 
 
 def _flows(save, runs: pd.DataFrame, layout: Layout, sweep_dir: Path, flow_runs: list[str] | None,
-           n_flow: int | None) -> None:
+           n_flow: int | None, repeats: bool) -> None:
     """Gradient-flow maps of the chosen runs, the article's figure where the sweep is one of its experiments, and
-    the loss curves. Steps of a repeated run_id are read once (the first run's)."""
+    the loss curves. With ``repeats`` (a run_id stored twice), each run_id's steps are kept once."""
     from gradsweep import figures
 
     chosen = flow_runs or pick_flow_runs(runs, n_flow)
@@ -312,8 +312,8 @@ def _flows(save, runs: pd.DataFrame, layout: Layout, sweep_dir: Path, flow_runs:
         loss = load_steps(sweep_dir, ["run_id", "step", "loss"], pc.field("layer") == 1, run_ids=run_ids)
     except (pa.ArrowException, OSError) as e:
         raise ReportError(f"{sweep_dir}: a steps table cannot be read ({first_line(e)})") from None
-    flow = flow.drop_duplicates(["run_id", "step", "layer_name"])
-    loss = loss.drop_duplicates(["run_id", "step"])
+    if repeats:
+        flow, loss = flow.drop_duplicates(["run_id", "step", "layer_name"]), loss.drop_duplicates(["run_id", "step"])
     titles = {rid: _title(rid, by_id.loc[rid], layout.keys) for rid in chosen}
     save(figures.flow_maps(flow, runs, titles), "flow_maps.png", "Gradient flow", FLOW_CAPTION)
     experiment = article_experiment(runs)

@@ -195,7 +195,7 @@ def completed_runs(sweep_dir: Path, busy: frozenset[Path] = frozenset()) -> dict
     return RunIndex(sweep_dir).refresh().by_dir
 
 
-def _natural_key(path: Path) -> list:
+def natural_key(path: Path) -> list:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path.as_posix())]
 
 
@@ -204,9 +204,9 @@ def _run_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
     # A learning-rate search stored in the sweep's directory (<sweep>/tune/) is its own study, not runs of the sweep.
-    files = sorted((f for f in root.rglob(RUNS_FILE) if f.relative_to(root).parts[0] != TUNE_DIR), key=_natural_key)
+    files = sorted((f for f in root.rglob(RUNS_FILE) if f.relative_to(root).parts[0] != TUNE_DIR), key=natural_key)
     if not files:  # a run directory of a fused sweep: its rows are in its group's files beside it
-        files = sorted((root.parent / GROUPS_DIR).glob(f"*/{RUNS_FILE}"), key=_natural_key)
+        files = sorted((root.parent / GROUPS_DIR).glob(f"*/{RUNS_FILE}"), key=natural_key)
     if not files and (root / TUNE_DIR).is_dir() and any((root / TUNE_DIR).rglob(RUNS_FILE)):
         raise FileNotFoundError(f"{root}: its runs are a learning-rate search's, under {root / TUNE_DIR}; read that "
                                 "directory (python -m gradsweep.report " + str(root / TUNE_DIR) + ")")
@@ -280,7 +280,7 @@ def runs_table(path: str | os.PathLike) -> tuple[pa.Table, bool]:
         stored = dict(zip(grouped, pool.map(lambda f: pq.read_table(f, columns=["run_dir"]).column(0).to_pylist(),
                                             grouped)))
     per_file = [_run_dirs(root, f, stored.get(f)) for f in files]
-    rel = sorted((d for dirs in per_file for d in dirs if _inside(d)), key=lambda d: _natural_key(Path(d)))
+    rel = sorted((d for dirs in per_file for d in dirs if _inside(d)), key=lambda d: natural_key(Path(d)))
     if not rel:
         raise FileNotFoundError(f"{root}: no gradsweep runs found (no {RUNS_FILE} under it)")
     index = root / RUNS_INDEX
@@ -300,7 +300,7 @@ def runs_table(path: str | os.PathLike) -> tuple[pa.Table, bool]:
         parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
     # permissive: a column one group typed int64 and another double (a module argument swept over 0 and 0.5)
     table = pa.concat_tables(parts, promote_options="permissive")
-    order = sorted(range(table.num_rows), key=lambda i: _natural_key(Path(table.column("run_dir")[i].as_py())))
+    order = sorted(range(table.num_rows), key=lambda i: natural_key(Path(table.column("run_dir")[i].as_py())))
     return versioned(table.take(pa.array(order, pa.int64())), version), len(rel) > 1
 
 

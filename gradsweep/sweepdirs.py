@@ -4,13 +4,13 @@ that repeat another's configuration."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from gradsweep.errors import GradsweepError
 from gradsweep.schema import RUNS_FILE, TUNE_DIR
+from gradsweep.store import natural_key
 
 
 class ReportError(GradsweepError):
@@ -25,28 +25,31 @@ def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
     return max(sweeps, key=lambda p: p.stat().st_mtime)
 
 
+def _task(sweep_dir: Path) -> list[str] | None:
+    """The overrides of the multirun command that made ``sweep_dir`` (Hydra's ``multirun.yaml``), or None."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    return [str(item) for item in OmegaConf.load(path).hydra.overrides.task] if path.is_file() else None
+
+
 def sweep_command(sweep_dir: Path) -> str:
     """The command that made the sweep, from Hydra's own record of it."""
     from omegaconf import OmegaConf
 
-    for path, multirun in ((sweep_dir / "multirun.yaml", True), (sweep_dir / ".hydra" / "overrides.yaml", False)):
-        if path.exists():
-            node = OmegaConf.load(path)
-            task = list(node.hydra.overrides.task) if multirun else list(node)
-            return "python -m gradsweep " + ("-m " if multirun else "") + " ".join(task)
+    task = _task(sweep_dir)
+    if task is not None:
+        return "python -m gradsweep -m " + " ".join(task)
+    if (sweep_dir / ".hydra" / "overrides.yaml").exists():
+        return "python -m gradsweep " + " ".join(map(str, OmegaConf.load(sweep_dir / ".hydra" / "overrides.yaml")))
     return ""
 
 
 def command_order(sweep_dir: Path) -> dict[str, list[str]]:
     """Each swept key's values in the order the command gave them (``key=a,b,c``), from Hydra's record."""
-    from omegaconf import OmegaConf
-
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return {}
     order: dict[str, list[str]] = {}
-    for item in OmegaConf.load(path).hydra.overrides.task:
-        key, _, values = str(item).partition("=")
+    for item in _task(sweep_dir) or []:
+        key, _, values = item.partition("=")
         if "," in values and "(" not in values and "[" not in values:  # a plain list, not range()/choice()/[...]
             order[key.lstrip("+~")] = [v.strip() for v in values.split(",")]
     return order
@@ -68,18 +71,13 @@ def find_sweeps(root: Path) -> list[Path]:
     if (root / "multirun.yaml").is_file():
         return [root]
     found = sorted((f.parent for f in root.rglob("multirun.yaml") if TUNE_DIR not in f.relative_to(root).parts),
-                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())])
+                   key=natural_key)
     return found or [root]
 
 
 def command_keys(sweep_dir: Path) -> frozenset[str]:
     """The config keys a sweep's command set (``model.depth=2,10`` and ``+model.x=1`` alike), from Hydra's record."""
-    from omegaconf import OmegaConf
-
-    path = sweep_dir / "multirun.yaml"
-    if not path.exists():
-        return frozenset()
-    return frozenset(str(item).partition("=")[0].lstrip("+~") for item in OmegaConf.load(path).hydra.overrides.task)
+    return frozenset(item.partition("=")[0].lstrip("+~") for item in _task(sweep_dir) or [])
 
 
 def check_merge(root: Path, sweeps: list[Path], merge: bool) -> None:
