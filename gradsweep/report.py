@@ -42,10 +42,10 @@ from gradsweep.sweepdirs import (
     command_order,
     find_sweeps,
     latest_sweep,
+    repeat_notes,
     repeat_of,
     search_or_sweep,
     sweep_command,
-    sweep_notes,
 )
 from gradsweep.verdicts import SEVERITY
 
@@ -207,7 +207,7 @@ def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Pat
     _tune_figure(stage, images, sweep_dir)
     summary = _summary_table(all_runs, swept_keys(runs))
     csv_safe(summary).to_csv(stage / "summary.csv", index=False)
-    notes = sweep_notes(sweep_dir, sweeps, all_runs)
+    notes = repeat_notes(all_runs)
     # The page's table: what tells runs apart and why each got its verdict; every column is in summary.csv.
     shown = [c for c in ["run_dir", *swept_keys(runs), "train.seed", "verdict", "init_verdict", "grad_ratio_log10",
                          "grad_ratio_log10_median", "final_loss", "test_accuracy", "diverged_step", "dead_step",
@@ -220,7 +220,8 @@ def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Pat
     bar.update(1)
     bar.close()
     (stage / "figures.json").write_text(json.dumps(sizes, indent=1) + "\n")
-    summary_text = "\n".join([*notes, text_summary(runs, layout, out / "index.html")])
+    merges = [f"merges {len(merged)} sweeps: " + ", ".join(d for d, _ in merged)] if merged else []
+    summary_text = "\n".join([*merges, *notes, text_summary(runs, layout, out / "index.html")])
     if replaced:
         summary_text += "\n(replaced the report that was there; give --out to keep several)"
     (stage / "summary.txt").write_text(summary_text + "\n")

@@ -100,17 +100,13 @@ def repeat_of(runs: pd.DataFrame) -> pd.Series:
     return runs["run_id"].map(first).where(runs.duplicated("run_id"), "")
 
 
-def sweep_notes(root: Path, sweeps: list[Path], runs: pd.DataFrame) -> list[str]:
-    """What the report must say before its counts: the sweeps it merges, and the runs that repeat another."""
-    notes = []
-    if len(sweeps) > 1:
-        notes.append(f"merges {len(sweeps)} sweeps: " + ", ".join(s.relative_to(root).as_posix() for s in sweeps))
+def repeat_notes(runs: pd.DataFrame) -> list[str]:
+    """What the report says of the runs that repeat another's configuration (none: nothing)."""
     repeats = runs[runs["repeat_of"] != ""]
-    if len(repeats):
-        first = runs.drop_duplicates("run_id").set_index("run_id")["verdict"]
-        differ = int((repeats["verdict"].to_numpy() != first.loc[repeats["run_id"]].to_numpy()).sum())
-        notes.append(f"{len(repeats)} of {len(runs)} runs repeat a configuration run before (the same run_id; "
-                     "repeat_of in summary.csv names the first): counted and drawn once, as the first"
-                     + (f"; {differ} of them ended with another verdict" if differ else
-                        "; every repeat ended with the same verdict"))
-    return notes
+    if not len(repeats):
+        return []
+    verdict = runs.set_index("run_dir")["verdict"]
+    differ = int((repeats["verdict"].to_numpy() != verdict.loc[repeats["repeat_of"]].to_numpy()).sum())
+    return [f"{len(repeats)} of {len(runs)} runs repeat a configuration run before (the same run_id; repeat_of in "
+            "summary.csv names the first): counted and drawn once, as the first"
+            + (f"; {differ} of them ended with another verdict" if differ else "; every repeat ended with the same verdict")]
