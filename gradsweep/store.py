@@ -6,6 +6,7 @@ Layouts and names are ``gradsweep.schema``'s. Nothing here imports torch.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -375,14 +376,28 @@ def select(runs: pd.DataFrame, **equal: Any) -> pd.DataFrame:
     """The rows of ``runs`` whose columns equal the given values (a list or tuple: any of them).
 
     Config columns are named like override keys, with dots, which ``DataFrame.query`` needs in backticks
-    (``runs.query("`model.depth` == 30")``); here the first underscore stands for the dot:
-    ``select(runs, model_depth=30, init="kaiming", optim_lr=[0.01, 0.1])``.
+    (``runs.query("`model.depth` == 30")``); here any underscore may stand for a dot:
+    ``select(runs, model_net_depth=30, init="kaiming", optim_lr=[0.01, 0.1])``.
     """
     mask = pd.Series(True, index=runs.index)
     for name, value in equal.items():
-        col = name if name in runs.columns else name.replace("_", ".", 1)
-        if col not in runs.columns:
-            raise KeyError(f"{name!r} names no column; columns: {', '.join(map(str, runs.columns))}")
+        col = _column(runs, name)
         values = list(value) if isinstance(value, (list, tuple, set)) else [value]
         mask &= runs[col].isin(values)
     return runs[mask]
+
+
+def _column(runs: pd.DataFrame, name: str) -> str:
+    """The column ``name`` means: itself, or the one column whose dots read as ``name``'s underscores."""
+    if name in runs.columns:
+        return name
+    flat = name.replace(".", "_")
+    matches = [str(c) for c in runs.columns if str(c).replace(".", "_") == flat]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise KeyError(f"{name!r} could name any of {', '.join(matches)}: pass the column's own name")
+    close = difflib.get_close_matches(flat, [str(c).replace(".", "_") for c in runs.columns], n=5, cutoff=0.5)
+    named = [str(c) for c in runs.columns if str(c).replace(".", "_") in close]
+    hint = f"; closest: {', '.join(named)}" if named else f"; {len(runs.columns)} columns, see runs.columns"
+    raise KeyError(f"{name!r} names no column{hint}")

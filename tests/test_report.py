@@ -235,3 +235,47 @@ def test_norm_layers_are_in_the_flow_map(tmp_path):
     index = make_report(tmp_path, quiet=True)
     layers = json.loads((index.parent / "figures.json").read_text())["flow_maps.png"]["layers"]
     assert [names[:3] for names in layers.values()] == [["linear1", "norm1", "linear2"]] * len(layers)
+
+
+def _boxes_apart(fig, a, b) -> bool:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return not a.get_window_extent(renderer).overlaps(b.get_window_extent(renderer))
+
+
+def test_a_narrow_sweeps_verdict_title_is_wrapped_inside_its_figure():
+    """One depth, one init: the figure is ~3.5 in wide; its title wraps rather than running off both sides."""
+    from gradsweep import figures
+    from gradsweep.layout import aggregate, infer_layout
+
+    runs = pd.DataFrame({"model.depth": [2, 2], "seed": [0, 1], "verdict": ["healthy", "healthy"],
+                         "grad_ratio_log10": [0.1, 0.2], "final_loss": [0.5, 0.4], "baseline_loss": [1.0, 1.0]})
+    layout = infer_layout(runs)
+    fig = figures.heatmap(aggregate(runs, layout, "grad_ratio_log10"), layout, "verdict",
+                          "Verdict over the whole run (most common over seeds)")
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert "\n" in fig._suptitle.get_text()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width, (title, fig.bbox)
+    figures.plt.close(fig)
+
+
+def test_the_stability_plots_footnote_sits_below_its_x_label():
+    from gradsweep import figures
+    from gradsweep.tune.results import EDGE_DEFINITION, trial_counts
+
+    trials = pd.DataFrame({"number": range(6), "state": ["COMPLETE"] * 5 + ["FAIL"],
+                           "lr": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3.0], "value": [0.5, 0.3, 0.2, 0.9, np.inf, np.nan],
+                           "feasible": [True, True, True, False, False, False],
+                           "verdict": ["healthy", "healthy", "healthy", "exploding", "diverged", None],
+                           "diverged": [False] * 4 + [True, False]})
+    summary = {"study_name": "s", "trials": 6, "feasible": 3, "diverged": 1, "counts": trial_counts(trials),
+               "objective": "final_loss", "best": {"lr": 1e-2, "loss": 0.2},
+               "edge": {"smallest_stable_lr": 1e-4, "largest_stable_lr": 1e-2, "smallest_unstable_lr_above": 0.1,
+                        "largest_unstable_lr_below": None}, "edge_definition": EDGE_DEFINITION}
+    fig = figures.stability_plot(trials, summary)
+    footnote = next(t for t in fig.texts if t.get_text().startswith(EDGE_DEFINITION.split()[0]))
+    assert _boxes_apart(fig, footnote, fig.axes[0].xaxis.label)
+    title = fig.axes[0].get_title()
+    assert all(f"{n} {k}" in title for k, n in summary["counts"].items()), title  # every trial counted, as printed
+    figures.plt.close(fig)

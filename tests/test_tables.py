@@ -192,6 +192,25 @@ def test_select_by_keyword_stands_for_the_dotted_columns():
         select(runs, model_colour="red")
 
 
+def test_select_matches_every_underscore_against_the_real_columns_and_names_the_closest():
+    """``model_net_depth`` is ``model.net.depth`` (not ``model.net_depth``); a typo names the near columns only."""
+    from gradsweep import select
+
+    many = {f"train.key{i}": [0, 0] for i in range(70)}
+    runs = pd.DataFrame({"model.net.depth": [4, 16], "model.net._target_": ["m.A", "m.A"], "final_loss": [0.1, 0.2],
+                         "data.n_samples": [8, 8], **many})
+    assert select(runs, model_net_depth=16).final_loss.tolist() == [0.2]
+    assert len(select(runs, model_net__target_="m.A", data_n_samples=8)) == 2
+    assert len(select(runs, final_loss=0.1)) == 1
+    with pytest.raises(KeyError) as err:
+        select(runs, model_net_dept=16)
+    message = str(err.value)
+    assert "closest: model.net.depth" in message and "train.key5" not in message, message
+    runs["model.net_depth"] = [1, 2]
+    with pytest.raises(KeyError, match="could name any of model.net.depth, model.net_depth"):
+        select(runs, model_net_depth=16)
+
+
 def test_a_trial_whose_group_another_trial_cleaned_loses_its_job_dir_too(tmp_path):
     """Two trials of one interrupted group: cleaning the first removes the group; cleaning the second still removes
     its job directory (the group being gone already means it never completed)."""

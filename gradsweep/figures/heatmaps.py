@@ -21,6 +21,7 @@ from gradsweep.figures.style import (  # noqa: E402
     _grid,
     _ink,
     _panels,
+    _wrap,
 )
 from gradsweep.layout import Layout  # noqa: E402
 from gradsweep.verdicts import VERDICTS  # noqa: E402
@@ -142,7 +143,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         ax.set_xlim(0, nx)
         ax.set_ylim(ny, 0)
         ax.set_title(facet, fontsize=10)
-    fig.suptitle(title, fontsize=11)
+    # a narrow sweep's figure is narrower than its title: wrap it to the figure (11 pt, ~0.55 em per character)
+    fig.suptitle(_wrap(title, max(30, int(fig.get_figwidth() * 72 / (11 * 0.55)))), fontsize=11)
     # what the report records of this figure (figures.json), for checks a script can make
     fig.gradsweep_info = {"kind": kind, "x": layout.x, "y": layout.y, "facets": list(layout.facets),
                           "colour": [float(e) for e in ratio_edges] if kind == "ratio" else
