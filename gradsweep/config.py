@@ -28,6 +28,7 @@ TASKS = ("auto", "regression", "classification")
 # data=arrays' own keys with the values every other data keeps (and run_ids before they existed)
 ARRAYS_KEYS = {"path": None, "target": None, "task": "auto", "digest": "", "scale_target": False}
 LOSSES = ("auto", "mse", "cross_entropy", "projection")
+NO_IMAGES = ("regression", "scaled", "gaussian")  # built-in data of plain features: no conv net on them
 CLASSIFICATION = ("digits",)  # built-in data whose targets are class indices (data=arrays: data.task decides)
 DIGITS_SIZE = 1797  # scikit-learn's bundled 8x8 digits
 DIGITS_CLASSES = 10
@@ -243,8 +244,8 @@ class DataCfg:
             for key, default in ARRAYS_KEYS.items():
                 check(f"data.{key}", getattr(self, key), getattr(self, key) == default,
                       f"{default!r} unless data=arrays".replace("None", "null"))
-        check("data.n_samples", self.n_samples, self.n_samples is not None and self.n_samples >= 1,
-               "an integer >= 1 (null only for data=arrays)")
+        check("data.n_samples", self.n_samples, self.n_samples is not None and self.n_samples >= 2,
+               "an integer >= 2 (null only for data=arrays); one sample has no baseline loss to beat")
         check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
         check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
         check("data.in_dim", self.in_dim, self.in_dim >= 1, "an integer >= 1")
@@ -336,6 +337,9 @@ class RunCfg:
         if classes != (self.loss == "cross_entropy"):
             valid = "cross_entropy" if classes else "mse, projection"
             raise ConfigError(f"loss={self.loss!r} is not valid with data={self.data.name}; valid values: auto, {valid}")
+        if self.model.name == "cnn" and self.data.name in NO_IMAGES:
+            raise ConfigError(f"model=cnn is not valid with data={self.data.name}: its {self.data.in_dim} feature(s) "
+                              "have no image shape; valid data: digits (8x8), arrays with square images")
         if self.model.norm == "batchnorm":
             bs = self.train.batch_size or self.data.n_samples
             check("train.batch_size", self.train.batch_size, bs >= 2,

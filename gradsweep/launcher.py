@@ -89,7 +89,7 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     for device in {c.device for c in cfgs}:
         resolve_device(device)
     for c in cfgs:  # a module that cannot train on the one sample a step would give it
-        check_batch(c.model, c.data.in_dim, c.data.out_dim, c.train.batch_size, c.data.n_samples)
+        check_batch(c.model, c.data.in_dim, c.data.out_dim, c.train.batch_size)
     compose_s = time.perf_counter() - t0
 
     returns: list[JobReturn | None] = [None] * len(jobs)

@@ -48,9 +48,9 @@ class ConvNet(nn.Module):
                  residual: bool = False, norm: str = "none"):
         super().__init__()
         side = math.isqrt(in_dim)
-        if side * side != in_dim:
-            raise ConfigError(f"model=cnn needs square one-channel images: data has {in_dim} features, not a square "
-                              "number (data=digits: 64, 8x8)")
+        if side * side != in_dim or side < 3:
+            raise ConfigError(f"model=cnn needs square one-channel images of at least 3x3 (its 3x3 kernels): data has "
+                              f"{in_dim} features, not such a square number (data=digits: 64, 8x8)")
         self.side, self.residual = side, residual
         self.convs = nn.ModuleList([nn.Conv2d(1 if i == 0 else width, width, 3, padding=1) for i in range(depth)])
         self.norms = nn.ModuleList([_norm(norm, width, image=True) for _ in range(depth)])
@@ -240,17 +240,16 @@ def describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
 _DESCRIBED: dict[tuple, NetInfo] = {}
 
 
-def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None, n_samples: int) -> None:
-    """Where a training step sees one sample (``train.batch_size=1``, or null with ``data.n_samples=1``), a module
+def check_batch(model: ModelCfg, in_dim: int, out_dim: int, batch_size: int | None) -> None:
+    """Where a training step sees one sample (``train.batch_size=1``; ``data.n_samples`` is at least 2), a module
     whose forward pass refuses one sample (:attr:`NetInfo.one_sample`) is a one-line error naming the key. Nothing to
     do for the MLP, whose norm the schema checks."""
-    if (batch_size or n_samples) != 1 or model.name == "mlp":
+    if batch_size != 1 or model.name == "mlp":
         return
     refused = describe(model, in_dim, out_dim).one_sample
     if refused:
-        setting, valid = ("train.batch_size", "null or >= 2") if batch_size else ("data.n_samples", "an integer >= 2")
-        raise ConfigError(f"{setting}=1 is not valid with {net_name(model)}, which fails on a batch of one sample "
-                          f"({refused}); it must be {valid}")
+        raise ConfigError(f"train.batch_size=1 is not valid with {net_name(model)}, which fails on a batch of one "
+                          f"sample ({refused}); it must be null or >= 2")
 
 
 def net_name(model: ModelCfg) -> str:

@@ -145,7 +145,7 @@ def check_module(model: Any, data: Any, batch_size: int | None) -> None:
         from gradsweep.nets import check_batch, describe
 
         describe(model, data.in_dim, data.out_dim)
-        check_batch(model, data.in_dim, data.out_dim, batch_size, data.n_samples)
+        check_batch(model, data.in_dim, data.out_dim, batch_size)
 
 
 def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -220,5 +220,10 @@ def one_line(e: Exception) -> str:
         if group in GROUPS:
             name = text.rsplit("'", 2)[-2].split("/", 1)[1]
             return f"{group}={name!r} is not valid; valid values: {', '.join(group_options(group))}"
+    if text.startswith("Could not override '") and "not in struct" in str(e.__cause__):  # another preset's key
+        key = text.split("'")[1]
+        group = key.partition(".")[0]
+        return (f"{key} is not a key of the chosen {group} preset; its keys: python -m gradsweep {group}=<preset> "
+                "--help")
     return text
 

@@ -389,15 +389,12 @@ def select(runs: pd.DataFrame, **equal: Any) -> pd.DataFrame:
 
 def _column(runs: pd.DataFrame, name: str) -> str:
     """The column ``name`` means: itself, or the one column whose dots read as ``name``'s underscores."""
-    if name in runs.columns:
-        return name
-    flat = name.replace(".", "_")
-    matches = [str(c) for c in runs.columns if str(c).replace(".", "_") == flat]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
+    flat = {str(c): str(c).replace(".", "_") for c in runs.columns}
+    matches = [name] if name in flat else [c for c, f in flat.items() if f == name.replace(".", "_")]
+    if len(matches) > 1:
         raise KeyError(f"{name!r} could name any of {', '.join(matches)}: pass the column's own name")
-    close = difflib.get_close_matches(flat, [str(c).replace(".", "_") for c in runs.columns], n=5, cutoff=0.5)
-    named = [str(c) for c in runs.columns if str(c).replace(".", "_") in close]
-    hint = f"; closest: {', '.join(named)}" if named else f"; {len(runs.columns)} columns, see runs.columns"
-    raise KeyError(f"{name!r} names no column{hint}")
+    if not matches:
+        close = set(difflib.get_close_matches(name.replace(".", "_"), flat.values(), n=5, cutoff=0.5))
+        hint = ", ".join(c for c, f in flat.items() if f in close) or f"none of its {len(flat)}; see runs.columns"
+        raise KeyError(f"{name!r} names no column; closest: {hint}")
+    return matches[0]

@@ -128,8 +128,8 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     # A module-built net (model.name: cnn, resmlp, custom) trains through gradsweep.modules, or through the built-in
     # engines where it is the built-in MLP (info.mlp); arch is the built-in MLP the engines compute.
     info = describe(first.model, first.data.in_dim, first.data.out_dim) if first.model.name != "mlp" else None
-    for batch_size, n_samples in {(c.train.batch_size, c.data.n_samples) for c in cfgs}:  # one sample: one line
-        check_batch(first.model, first.data.in_dim, first.data.out_dim, batch_size, n_samples)
+    for batch_size in {c.train.batch_size for c in cfgs}:  # one sample a step: one line
+        check_batch(first.model, first.data.in_dim, first.data.out_dim, batch_size)
     arch = first.model if info is None else info.mlp
     fused_ok = arch is not None and fused.applies(arch, first.loss, dtype, compiled.linear_form(device))
     engine = (resolve_engine(first.engine, n_runs, first.train.steps, first.train.dtype, device, fused_ok)

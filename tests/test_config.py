@@ -39,6 +39,11 @@ def test_every_preset_is_valid(composed, group, tmp_path):
             cfg = to_run_cfg(composed(["model=custom", "model.net._target_=torch.nn.Linear", "model.net.bias=false"]))
             assert cfg.model.net == {"_target_": "torch.nn.Linear", "bias": False}
             continue
+        if (group, option) == ("model", "cnn"):  # a conv net needs images: refused on the default regression data
+            with pytest.raises(ConfigError, match="model=cnn is not valid with data=regression"):
+                to_run_cfg(composed(["model=cnn"]))
+            to_run_cfg(composed(["model=cnn", "data=digits"]))
+            continue
         to_run_cfg(composed([f"{group}={option}"]))
 
 
