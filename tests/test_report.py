@@ -256,6 +256,9 @@ def test_a_narrow_sweeps_verdict_title_is_wrapped_inside_its_figure():
     fig.canvas.draw()
     title = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert "\n" in fig._suptitle.get_text()
+    fig2 = figures.heatmap(aggregate(runs, layout, "grad_ratio_log10"), layout, "ratio", "Where it breaks\nlog10 ratio")
+    assert fig2._suptitle.get_text() == "Where it breaks\nlog10 ratio"  # its own line breaks are kept
+    figures.plt.close(fig2)
     assert title.x0 >= 0 and title.x1 <= fig.bbox.width, (title, fig.bbox)
     figures.plt.close(fig)
 

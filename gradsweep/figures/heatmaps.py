@@ -144,7 +144,8 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         ax.set_ylim(ny, 0)
         ax.set_title(facet, fontsize=10)
     # a narrow sweep's figure is narrower than its title: wrap it to the figure (11 pt, ~0.55 em per character)
-    fig.suptitle(_wrap(title, max(30, int(fig.get_figwidth() * 72 / (11 * 0.55)))), fontsize=11)
+    width = max(30, int(fig.get_figwidth() * 72 / (11 * 0.55)))
+    fig.suptitle("\n".join(_wrap(line, width) for line in title.split("\n")), fontsize=11)
     # what the report records of this figure (figures.json), for checks a script can make
     fig.gradsweep_info = {"kind": kind, "x": layout.x, "y": layout.y, "facets": list(layout.facets),
                           "colour": [float(e) for e in ratio_edges] if kind == "ratio" else
