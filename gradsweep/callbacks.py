@@ -19,14 +19,11 @@ SUMMARY_ROWS = 40  # runs listed one by one in the end-of-sweep summary; more ar
 
 def count_jobs(overrides: list[str]) -> int | None:
     """How many jobs the basic sweeper makes of these command-line overrides (None if it cannot tell)."""
-    # Private: Hydra's basic sweeper (only in hydra._internal) is what expands the overrides into jobs; its own
-    # split_arguments counts them exactly as the sweep will run them.
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    # Hydra's basic sweeper expands the overrides into jobs: its own split_arguments counts them as the sweep runs them
+    from gradsweep.hydra_shim import basic_sweeper, parse_overrides
 
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+        return sum(len(batch) for batch in basic_sweeper().split_arguments(parse_overrides(overrides), None))
     except Exception:  # e.g. interval() sweeps, which only a sampling sweeper expands
         return None
 

@@ -73,11 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     """Check the overrides, then hand over to Hydra."""
     import hydra
 
-    # Private: Hydra's command-line parser, so that the checks here read argv exactly as hydra.main will.
-    from hydra._internal.utils import get_args_parser
+    from gradsweep.hydra_shim import args_parser
 
     argv = sys.argv[1:] if argv is None else argv
-    args = get_args_parser().parse_args(argv)
+    args = args_parser().parse_args(argv)
     own_config = args.config_name is None and args.config_dir is None and args.config_path is None
     if own_config and not any(getattr(args, flag) for flag in _INFO_FLAGS):
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import AnyNode, DictConfig, OmegaConf, open_dict
 
 from gradsweep.config import settle_data_dims
+from gradsweep.hydra_shim import child_node, override_dirname, overrides_parser, schema_type
 
 _PRIMITIVES = (bool, int, float, str, type(None))
 
@@ -44,14 +45,12 @@ class _Fallback(Exception):
 
 def _plain(node: Any) -> bool:
     """True when every node below is an untyped DictConfig/ListConfig or AnyNode (no structured schema)."""
-    # Private OmegaConf: a node's schema type (_metadata.object_type) and the node itself rather than its value
-    # (_get_node) have no public accessor; OmegaConf.get_type() resolves values, which is what is checked here.
     if isinstance(node, DictConfig):
-        if node._metadata.object_type not in (None, dict):
+        if schema_type(node) not in (None, dict):
             return False
-        return all(_plain(node._get_node(k)) for k in node.keys())  # private, as above
+        return all(_plain(child_node(node, k)) for k in node.keys())
     if OmegaConf.is_list(node):
-        return all(_plain(node._get_node(i)) for i in range(len(node)))  # private, as above
+        return all(_plain(child_node(node, i)) for i in range(len(node)))
     return isinstance(node, AnyNode)
 
 
@@ -67,11 +66,9 @@ class SweepComposer:
     """Compose the jobs of one sweep (``master``: the sweep's config, ``loader``: Hydra's config loader)."""
 
     def __init__(self, loader: Any, master: DictConfig):
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         self.loader = loader
         self.master = master
-        self.parser = OverridesParser.create()
+        self.parser = overrides_parser()
         dirname_cfg = master.hydra.job.config.override_dirname
         self.dirname_args = (list(dirname_cfg.exclude_keys), dirname_cfg.item_sep, dirname_cfg.kv_sep)
         self._parsed: dict[str, Any] = {}
@@ -95,7 +92,7 @@ class SweepComposer:
         """The task config composed by Hydra with these group overrides only; None if it is not plain."""
         if groups not in self._templates:
             cfg = self.loader.load_sweep_config(self.master, list(groups))
-            task = {k: cfg._get_node(k) for k in cfg.keys() if k != "hydra"}  # private: the nodes, see _plain
+            task = {k: child_node(cfg, k) for k in cfg.keys() if k != "hydra"}  # the nodes: see _plain
             ok = all(_plain(node) for node in task.values())
             container = OmegaConf.to_container(cfg, resolve=False) if ok else None
             if container is not None:
@@ -106,13 +103,9 @@ class SweepComposer:
 
     def compose(self, overrides: list[str], idx: int = 0) -> JobConfig:
         """Job ``idx`` of the sweep (Hydra's hydra.job.num, which interpolations may read)."""
-        # Private: Hydra computes hydra.job.override_dirname with this function and exports it nowhere public;
-        # calling it is what keeps a fast-composed job's directory name identical to Hydra's own.
-        from hydra._internal.config_loader_impl import get_overrides_dirname
-
         parsed = [self._parse(line) for line in overrides]
         task_overrides = [o for o in parsed if not o.is_hydra_override()]
-        dirname = get_overrides_dirname(task_overrides, *self.dirname_args)
+        dirname = override_dirname(task_overrides, *self.dirname_args)
         lines = [o.input_line for o in task_overrides]
         try:
             unresolved = self._fast(parsed)
@@ -164,7 +157,7 @@ def _open_paths(node: Any, path: str) -> list[str]:
     if not isinstance(node, DictConfig):
         return []
     here = [path] if OmegaConf.is_struct(node) is False else []
-    return here + [p for k in node.keys() for p in _open_paths(node._get_node(k), f"{path}.{k}")]  # private: see _plain
+    return here + [p for k in node.keys() for p in _open_paths(child_node(node, k), f"{path}.{k}")]
 
 
 def _apply(cfg: dict[str, Any], override: Any, open_paths: set[str] = frozenset()) -> None:

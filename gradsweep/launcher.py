@@ -28,12 +28,9 @@ log = logging.getLogger("gradsweep.launcher")
 
 def run_one_by_one(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """Hydra's own basic launcher, for task functions that are not gradsweep's."""
-    # Private: Hydra exposes no public constructor for its basic launcher; this is the class
-    # hydra/launcher=basic instantiates, set up the way Hydra sets up any launcher.
-    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from gradsweep.hydra_shim import basic_launcher
 
-    basic = BasicLauncher()
-    basic.setup(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=launcher.config)
+    basic = basic_launcher(launcher.hydra_context, launcher.task_function, launcher.config)
     return basic.launch(job_overrides, initial_job_idx)
 
 

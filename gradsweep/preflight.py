@@ -21,6 +21,7 @@ from gradsweep.config import (
     first_line,
     settle_data_dims,
 )
+from gradsweep.hydra_shim import value_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so that a wheel carries it
 GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
@@ -70,11 +71,12 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
     Without ``multirun`` (no ``-m``) a sweep (``key=a,b``) is an error, which Hydra reports in six lines on
     'Ambiguous value': here one line that says to add ``-m``.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from gradsweep.hydra_shim import parse_overrides
+
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(first_line(e)) from None
     for o in parsed if not multirun else []:
@@ -118,7 +120,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             elif key in TOP_LEVEL:
                 build_run_cfg({**base, key: value})
             elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
-                job = build_run_cfg(compose_values([line if other is not o else f"{key}={_format(value)}"
+                job = build_run_cfg(compose_values([line if other is not o else f"{key}={value_text(value)}"
                                                     for line, other in zip(_first_job(parsed), parsed)
                                                     if line is not None or other is o]))
                 check_module(job.model, job.data, job.train.batch_size)
@@ -174,7 +176,7 @@ def _first_job(parsed: list[Any]) -> list[str | None]:
             if not values:
                 first.append(None)
                 continue
-            text = _format(values[0])
+            text = value_text(values[0])
             prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(o.type.name, "")
             first.append(f"{prefix}{o.get_key_element()}={text}")
         else:
@@ -203,13 +205,6 @@ def compose_values(overrides: list[str]) -> dict[str, Any]:
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("hydra", None)
     return values
-
-
-def _format(value: Any) -> str:
-    from hydra.core.override_parser.types import Override
-
-    # Private: how Hydra prints an override value back (quoting, lists, intervals); no public function does it.
-    return Override._get_value_element_as_str(value)
 
 
 def one_line(e: Exception) -> str:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from gradsweep.compose import SweepComposer
 from gradsweep.config import settle_data_dims
+from gradsweep.hydra_shim import basic_sweeper, parse_overrides
 from gradsweep.preflight import CONF_DIR
 
 
@@ -24,8 +23,8 @@ def loader():
 
 
 def _jobs(sweep: list[str]) -> list[list[str]]:
-    parsed = OverridesParser.create().parse_overrides(sweep)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    parsed = parse_overrides(sweep)
+    return [job for batch in basic_sweeper().split_arguments(parsed, None) for job in batch]
 
 
 SWEEPS = {

@@ -14,7 +14,8 @@ MAX_LINES = 400
 
 # Lowest first. A module may import only from its own layer or a lower one.
 LAYERS = [
-    {"gradsweep", "gradsweep.errors", "gradsweep.checks", "gradsweep.progress", "gradsweep.shutdown"},
+    {"gradsweep", "gradsweep.errors", "gradsweep.checks", "gradsweep.progress", "gradsweep.shutdown",
+     "gradsweep.hydra_shim"},
     {"gradsweep.config", "gradsweep.arrays", "gradsweep.tune.config"},
     {"gradsweep.identity", "gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
      "gradsweep.optim", "gradsweep.kernels", "gradsweep.stacked", "gradsweep.programs"},

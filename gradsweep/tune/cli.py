@@ -74,9 +74,9 @@ def _search_dims(value: Any) -> list[SearchDim]:
 
 def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
     """Compose ``gradsweep/conf/`` plus the ``tune`` group; return the plain config, the base run and the tune settings."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from gradsweep.hydra_shim import parse_overrides
     from gradsweep.preflight import check_overrides, compose_values, one_line
 
     flags = [a for a in overrides if a.startswith("-")]
@@ -85,7 +85,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
         raise ConfigError(f"{flags[0]}: gradsweep.tune takes no -m or other flags: it is one search that sweeps its own "
                           f"lr (tune.lr_min..tune.lr_max); give one value per key: python -m gradsweep.tune {rest}".rstrip())
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(one_line(e)) from None
     for o in parsed:

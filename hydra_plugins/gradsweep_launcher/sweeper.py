@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Private: Hydra ships its basic sweeper only in hydra._internal (no public module exports it); subclassing it is
-# how this sweeper keeps Hydra's own override parsing, batching and multirun.yaml exactly.
+# Private, and the one use outside gradsweep.hydra_shim: Hydra ships its basic sweeper only in hydra._internal, and
+# this class must subclass it where Hydra's plugin scan imports this module, which must not import gradsweep.
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -18,7 +17,7 @@ from hydra_plugins.gradsweep_launcher import config as _config  # noqa: F401  (r
 from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher
 
 
-class GradsweepSweeper(BasicSweeper):
+class GradsweepSweeper(BasicSweeper):  # Hydra's own override parsing, batching and multirun.yaml, kept exactly
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         # BasicSweeper composes every job (~100 ms each) only to fail early on a bad one. The fused
         # launcher composes and checks every job of a batch before it trains any, so that is done
@@ -35,7 +34,9 @@ class GradsweepSweeper(BasicSweeper):
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         params_conf = self._parse_config()
         params_conf.extend(arguments)
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        from gradsweep.hydra_shim import overrides_parser
+
+        parser = overrides_parser(self.hydra_context.config_loader)
         self.overrides = self.split_arguments(parser.parse_overrides(params_conf), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -59,11 +60,10 @@ class GradsweepSweeper(BasicSweeper):
             # complete runs), then the failure on a line of its own.
             self.hydra_context.callbacks.on_multirun_end(config=self.config)
             from gradsweep.errors import first_line
+            from gradsweep.hydra_shim import job_exception
 
             first = failed[0]
-            # Private: JobReturn.return_value raises a failed job's exception only after logging "Error executing
-            # job" for it; the attribute behind it is the one way to read the exception without that second line.
-            error = first._return_value
+            error = job_exception(first)  # without the second "Error executing job" line
             print(f"gradsweep: error: {len(failed)} of {initial_job_idx} runs failed (the first, "
                   f"{' '.join(first.overrides) or 'defaults'}: {type(error).__name__}: "
                   f"{first_line(error) if str(error).strip() else ''})"
