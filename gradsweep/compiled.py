@@ -28,7 +28,8 @@ divergence state are tensors, so one compiled program serves every step, and on 
 Compilation is per *shape*: the model config, loss, optimiser kind, dtype, device, batch and the number of runs,
 which is rounded up to a bucket (:func:`bucket`) so that groups of nearby sizes share one program. Inductor's
 on-disk caches (FX graph, AOTAutograd, autotuning) make a second process with the same shape skip compilation;
-they live in ``TORCHINDUCTOR_CACHE_DIR`` (default here: ``~/.cache/gradsweep/inductor``).
+they live in ``TORCHINDUCTOR_CACHE_DIR`` (default here: ``$GRADSWEEP_CACHE_DIR/inductor``, ``~/.cache/gradsweep/inductor``
+without it).
 
 The numbers equal the eager engine's up to rounding order (float64: rtol 1e-9, tests/test_compiled.py), not bit
 for bit, so ``engine`` is not part of a run's identity: a sweep resumed with another engine keeps its runs.
@@ -40,13 +41,13 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradsweep.config import ModelCfg
 from gradsweep.errors import ConfigError
+from gradsweep.kernels import cache_root
 from gradsweep.losses import per_run_loss
 from gradsweep.model import RELU_FAMILY, ParamLayout, forward, layers
 from gradsweep.optim import StackedOptimizer, adam_update, clip, screen, sgd_update
@@ -54,12 +55,12 @@ from gradsweep.programs import Program
 from gradsweep.stats import GradNorm, StatsPlan, block_terms, out_norm, pick_norm
 
 # engine=auto on the CPU. Where the fused kernel applies (gradsweep.fused: the kernels built, no norm layers) auto is
-# compiled: nothing is compiled per shape, and it gave 3.5x eager at 1,000 runs with every statistic and 4-10x at
-# 1-64 runs (BENCHMARKS.md, 2026-11-28). Else, where gradsweep's kernels are built (norm layers), both engines run the
-# same programs through them, eager op by op, and torch.compile does not reliably pay (compiled 1.15x eager in one
-# bench_peers run, 0.84x in the next, after a compile of 10-28 s): auto stays eager there (None). Without the kernels
-# (GRADSWEEP_KERNELS=0, or no C++ compiler: then eager only) eager is the baddbmm loop, ~2.3x slower than compiled:
-# auto compiles float32 groups from this many run-steps (runs x steps; break-even ~200,000 cold).
+# compiled: nothing is compiled per shape, and it beats eager at every run count (BENCHMARKS.md, the CPU engines).
+# Else, where gradsweep's kernels are built (norm layers), both engines run the same programs through them, eager op
+# by op, and torch.compile's gain there is within run-to-run noise after a compile of tens of seconds: auto stays
+# eager (None). Without the kernels (GRADSWEEP_KERNELS=0, or no C++ compiler: then eager only) eager is the baddbmm
+# loop, which compiling beats once a group is big enough to repay the compile: auto compiles float32 groups from this
+# many run-steps (runs x steps), above the cold break-even that scripts/bench_peers.py measures.
 AUTO_MIN_RUN_STEPS_CPU: int | None = None
 AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL = 300_000
 # On CUDA, auto stays eager until scripts/gpu_check.sh has shown the compiled step (CUDA graphs) right on a GPU:
@@ -125,7 +126,7 @@ def _how(device: torch.device, dtype: torch.dtype, form: str) -> dict[str, Any]:
 
 
 def _prepare_inductor() -> None:
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "gradsweep" / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     import torch._dynamo
 
     # Private module, documented setting (torch.compile's troubleshooting guide): no public API raises the number of
@@ -274,7 +275,7 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
 def runs_programs(engine: str, device: torch.device) -> bool:
     """Whether a group on ``engine`` trains through the step programs (:class:`Step`): always when compiled; eager
     on the CPU wherever gradsweep's kernel is built (the programs run op by op: the kernel's Linear and its
-    in-kernel statistics give 2.1-2.6x the ``baddbmm`` loop's rate at 1,000 runs, BENCHMARKS.md). Eager on CUDA,
+    in-kernel statistics beat the ``baddbmm`` loop, BENCHMARKS.md). Eager on CUDA,
     or on a CPU without a C++ compiler, is the loop of :mod:`gradsweep.train` (``baddbmm``, statistics through a
     probe and hooks)."""
     return engine == "compiled" or (device.type == "cpu" and linear_form(device) == "kernel")

@@ -84,7 +84,8 @@ def free_device_bytes(device: str) -> int | None:
 
 
 # Threads. torch starts one thread per core; on a machine whose cores other processes keep busy, its threads wait
-# for each other at every one of a step's ~100 small ops (seen: a 500-step loop 27 s with 2 threads, 0.93 s with 1).
+# for each other at every one of a step's ~100 small ops, which can make a step far slower than on one thread
+# (scripts/bench_threads.py measures it).
 MAX_THREADS_ENV = "GRADSWEEP_MAX_THREADS"  # a cap: a submitted job's CPUs (gradsweep.submit), or the user's
 THREADS_ENV = "GRADSWEEP_THREADS"  # an exact count, overriding the choice (e.g. to compare with torch's default)
 BUSY_SAMPLE_S = 0.05  # how long the other processes' CPU use is watched before a group starts
@@ -119,8 +120,8 @@ def choose_threads() -> int:
     """torch's threads for the next group: the cores this process may use (its CPU affinity, capped by
     ``GRADSWEEP_MAX_THREADS``) less those other processes keep busy right now, and at least 1.
 
-    On an idle machine a group takes every core (2 threads train the article's net 1.3-1.5x faster than 1 here, at
-    2 or 1,000 runs); next to busy processes it takes only what is free, so its threads never wait for a core.
+    On an idle machine a group takes every core (more threads train faster there, at any run count); next to busy
+    processes it takes only what is free, so its threads never wait for a core.
     """
     import os
 

@@ -44,7 +44,7 @@ def compiler() -> str | None:
     return None
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
     """What -march=native depends on: the architecture, and the CPU's model and features (x86's "model name" and
     "flags", ARM's "CPU implementer", "CPU part" and "Features")."""
     try:
@@ -77,15 +77,15 @@ class KernelBuildError(RuntimeError):
 @functools.cache
 def library(suffix: str = "f32") -> ctypes.CDLL:
     """The kernels for one dtype (``f32`` or ``f64``), loaded; built first if this machine's cache lacks them (each
-    dtype its own library, built on its first use: float32's takes ~4 s, float64's ~13 s, at -O3, which is 1.1-1.6x
-    -O2's speed here). Processes that need one at the same time build it once (a file lock). Raises
+    dtype its own library, built on its first use, at -O3, which runs faster than -O2 for its longer build).
+    Processes that need one at the same time build it once (a file lock). Raises
     KernelBuildError."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler ($CXX, c++, g++ or clang++) on PATH")
     src = source()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([src, cxx.encode(), version.encode(), _cpu_id().encode(),
+    key = hashlib.sha256(b"\0".join([src, cxx.encode(), version.encode(), cpu_id().encode(),
                                      " ".join(FLAGS).encode(), suffix.encode()])).hexdigest()[:20]
     path = cache_dir() / f"stacked-{suffix}-{key}.so"
     if not path.exists():
@@ -137,11 +137,21 @@ def _build(cxx: str, src: bytes, suffix: str, path: Path) -> None:
             done = subprocess.run([cxx, *FLAGS, *extra, only, "-o", str(out), str(cpp)], capture_output=True, text=True)
             if done.returncode == 0:
                 break
-            errors = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            errors = done.stderr
         else:
-            raise KernelBuildError(f"{cxx} could not build gradsweep/csrc/{' + '.join(SOURCES)}: {errors[0]}")
+            raise KernelBuildError(_build_failure(cxx, errors, path.with_suffix(".log")))
         os.replace(out, path)  # atomic: a process beside this one sees the whole file or none
     log.info("built gradsweep's %s CPU kernels in %.1f s", suffix, time.perf_counter() - t0)
+
+
+def _build_failure(cxx: str, stderr: str, log_path: Path) -> str:
+    """One line for a failed build: the compiler's first error (the last line is often only a count of them), and
+    the file that keeps its whole output."""
+    lines = stderr.strip().splitlines()
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "no output")
+    log_path.write_text(stderr)
+    return (f"{cxx} could not build gradsweep/csrc/{' + '.join(SOURCES)}: {first.strip()} (whole output: "
+            f"{log_path})")
 
 
 @functools.cache

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gradsweep.kernels import _cpu_id, cache_root, package_dir
+from gradsweep.kernels import cache_root, cpu_id, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Program:
         inductor_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_")
                               and k not in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS"))
         parts = (self.name, self.what, repr(sorted(self.how.items())), repr(arg_spec), torch.__version__, sys.version,
-                 _cpu_id(), torch.get_num_threads(), source_hash(), inductor_env)
+                 cpu_id(), torch.get_num_threads(), source_hash(), inductor_env)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
     def _in_process(self) -> Callable:

@@ -8,8 +8,8 @@ the same sequence of operations whatever its position in the group (its bits do 
 
 Both engines train through it on the CPU (the eager one runs the compiled engine's step programs op by op,
 :func:`gradsweep.compiled.runs_programs`). The kernel is built with the machine's C++ compiler (the one inductor
-needs for ``engine=compiled`` anyway) on first use, one library per dtype (float32's in ~4 s, float64's in ~13 s on
-the 2-core development VM), and cached by source, compiler and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default
+needs for ``engine=compiled`` anyway) on first use, one library per dtype (seconds each, once per
+machine), and cached by source, compiler and CPU in ``$GRADSWEEP_CACHE_DIR/kernels`` (default
 ``~/.cache/gradsweep/kernels``). Without a compiler, both engines use ``torch.bmm``/``baddbmm`` instead. It is
 exposed as the custom op ``gradsweep::stacked_linear`` with its backward, so ``torch.compile`` calls it as one
 opaque kernel.

@@ -30,7 +30,7 @@ def job_threads(default: int | None) -> int | None:
 
 def run_submitted(threads: int | None, job: GroupJob) -> GroupResult:
     """``groups.run_group`` in a submitted job, with torch's threads limited to the job's CPUs: jobs sharing a node
-    would otherwise each start a thread per core, and one starves (seen: 1,245 vs 15 steps/s side by side)."""
+    would otherwise each start a thread per core, and one starves (scripts/bench_threads.py shows it)."""
     import torch
 
     from gradsweep.device import MAX_THREADS_ENV

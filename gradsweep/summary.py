@@ -36,7 +36,7 @@ def _log10_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _prediction(cfg: RunCfg, trace: GroupTrace, seen: dict[tuple, Any]) -> dict[str, Any]:
     """The run's mean-field columns, from the data's facts the trace carries (a group's runs share their data).
     ``seen``: predictions already made in this group, by model and init (all a prediction depends on besides the
-    data; a sweep over lr, clip and seed has a handful: ~0.7 ms each for a 1,000-run group otherwise)."""
+    data; a sweep over lr, clip and seed has a handful, where computing one per run adds up in a large group)."""
     key = (as_tuple(cfg.model), as_tuple(cfg.init))
     if key not in seen:
         seen[key] = predict(cfg, trace.input_q, trace.in_dim, trace.out_dim)

@@ -330,3 +330,26 @@ def test_the_kernel_source_is_found_beside_a_gradsweep_folder_in_the_working_dir
     csrc = Path(__file__).resolve().parent.parent / "gradsweep" / "csrc"
     shipped = hashlib.sha256(b"\n".join((csrc / n).read_bytes() for n in SOURCES))
     assert out.stdout.split() == [shipped.hexdigest(), "64"], out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not has_cxx(), reason="no C++ compiler")
+def test_a_failed_kernel_build_names_the_first_error_and_keeps_the_whole_output(tmp_path):
+    """The compiler's last stderr line is often only "1 error generated" or a make-style summary: the message names
+    the first error, and the whole output is kept next to where the library would have been."""
+    from gradsweep.kernels import KernelBuildError, _build, compiler
+
+    src = b"int gs_forward_f32( {\nint also_broken = ;\n"
+    with pytest.raises(KernelBuildError) as e:
+        _build(compiler(), src, "_f32", tmp_path / "stacked-f32-x.so")
+    message, log = str(e.value), tmp_path / "stacked-f32-x.log"
+    assert "\n" not in message and "error" in message.split(": ", 1)[1] and str(log) in message, message
+    assert log.read_text().count("error") >= 2 and not (tmp_path / "stacked-f32-x.so").exists()
+
+
+def test_inductor_caches_under_gradsweep_cache_dir(tmp_path):
+    code = ("import os; from gradsweep.compiled import _prepare_inductor; _prepare_inductor(); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
+                         env={**env, "GRADSWEEP_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "inductor"), out.stderr[-2000:]

@@ -19,9 +19,9 @@ from hydra_plugins.gradsweep_launcher.launcher import FusedLauncher
 
 class GradsweepSweeper(BasicSweeper):  # Hydra's own override parsing, batching and multirun.yaml, kept exactly
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        # BasicSweeper composes every job (~100 ms each) only to fail early on a bad one. The fused
-        # launcher composes and checks every job of a batch before it trains any, so that is done
-        # there, once; for any other launcher or task, Hydra's own check stands.
+        # BasicSweeper composes every job (Hydra's full composition, the wall at thousands of runs) only to fail
+        # early on a bad one. The fused launcher composes and checks every job of a batch before it trains any, so
+        # that is done there, once; for any other launcher or task, Hydra's own check stands.
         from gradsweep.group import fusable  # here, not at import: Hydra's plugin scan of any app imports this module
 
         if isinstance(self.launcher, FusedLauncher) and fusable(self.launcher.task_function):
