@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,47 @@ def _batches(cfgs: list[RunCfg], n: int):
 
 def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: bool | None = None) -> GroupTrace:
     """Train every run of ``cfgs`` (which must share :func:`group_key`) as one stacked model."""
+    t0 = time.perf_counter()
+    g = _plan(cfgs)
+    data = load_data(g.first.data)
+    x, y = g.on_device(data.x), g.on_device(data.y)
+    net = _build(g, x.shape[1], data.out_dim, collect_stats, x)
+    steps = g.first.train.steps
+    record = _Record(steps, g.first.train.log_every, len(g.cfgs), len(net.rows), collect_stats, g.dtype, g.device)
+    quiet = g.first.quiet if progress is None else not progress
+    alive, diverged, reason = _loop(g, net, record, x, y, steps, collect_stats, quiet)
+    with torch.no_grad():
+        final, test_loss, test_acc = _evaluate(g, net, data, x, y)
+    reason = torch.where(alive & ~torch.isfinite(final), 3, reason)
+    diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
+    return _trace(g, net, data, record, final, test_loss, test_acc, diverged, reason, time.perf_counter() - t0)
+
+
+@dataclass
+class _Plan:
+    """A group's runs (a lone run doubled, padded to a compiled bucket) and how they train."""
+
+    cfgs: list[RunCfg]
+    n_runs: int
+    """The caller's runs: the first ``n_runs`` of ``cfgs``."""
+    device: torch.device
+    dtype: torch.dtype
+    info: Any
+    """A module-built net's NetInfo (gradsweep.nets.describe); None for the built-in MLP."""
+    arch: Any
+    """The built-in MLP the engines compute (the model, or info.mlp); None for a module only modules can run."""
+    engine: str
+    fused_ok: bool
+
+    @property
+    def first(self) -> RunCfg:
+        return self.cfgs[0]
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:  # class indices stay integers
+        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+
+
+def _plan(cfgs: list[RunCfg]) -> _Plan:
     first = cfgs[0]
     key = group_key(first)
     if any(group_key(c) != key for c in cfgs[1:]):
@@ -126,7 +168,7 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     device = resolve_device(first.device)
     dtype = getattr(torch, first.train.dtype)
     # A module-built net (model.name: cnn, resmlp, custom) trains through gradsweep.modules, or through the built-in
-    # engines where it is the built-in MLP (info.mlp); arch is the built-in MLP the engines compute.
+    # engines where it is the built-in MLP (info.mlp).
     info = describe(first.model, first.data.in_dim, first.data.out_dim) if first.model.name != "mlp" else None
     for batch_size in {c.train.batch_size for c in cfgs}:  # one sample a step: one line
         check_batch(first.model, first.data.in_dim, first.data.out_dim, batch_size)
@@ -136,157 +178,189 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
               if arch is not None else "eager")
     if engine == "compiled" and not fused_ok:
         # padded to the bucket whose compiled program it shares (the fused kernel compiles nothing per shape); the
-        # padding is dropped below
+        # padding is dropped from the trace
         cfgs = cfgs + [cfgs[-1]] * (bucket(len(cfgs)) - len(cfgs))
     if device.type == "cpu":
         set_threads()  # in every launcher: the cores free now, not one thread per core
         position_independent_blas()  # warns once per process where it does not hold
-    steps, every = first.train.steps, first.train.log_every
-    t0 = time.perf_counter()
+    return _Plan(cfgs, n_runs, device, dtype, info, arch, engine, fused_ok)
 
-    data = load_data(first.data)
-    loss_name = first.loss
 
-    def on_device(t: torch.Tensor) -> torch.Tensor:  # class indices stay integers
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+@dataclass
+class _Net:
+    """The stacked parameters and the step that trains them: ``step(xb, yb, alive, diverged, reason, stats_now)``
+    returns (alive, diverged, reason, the (R, 3) scalars, the (R, L, S) statistics or None)."""
 
-    x, y = on_device(data.x), on_device(data.y)
-    R, n = len(cfgs), x.shape[0]
-    if info is None:
-        stack = build_params(arch, [c.init for c in cfgs], [c.train.seed for c in cfgs], x.shape[1], data.out_dim,
-                             dtype, device)
+    step: Any
+    predict: Any
+    """(R, N, in) inputs -> (R, N, out) outputs, for the final evaluation."""
+    rows: list[Layer]
+
+
+def _build(g: _Plan, in_dim: int, out_dim: int, collect_stats: bool, x: torch.Tensor) -> _Net:
+    """The parameters of every run and the step kind that trains them: a module's, the fused kernel's, the step
+    programs (compiled, or op by op through gradsweep's kernels), or the eager loop with its statistics plan."""
+    first, arch, R = g.first, g.arch, len(g.cfgs)
+    if g.info is None:
+        stack = build_params(arch, [c.init for c in g.cfgs], [c.train.seed for c in g.cfgs], in_dim, out_dim,
+                             g.dtype, g.device)
         rows = layers(arch)
     else:
-        stack, buffers, base, rng = build_stack(first.model, info, cfgs, x.shape[1], data.out_dim, dtype, device)
-        rows = list(info.layers)
-    params, plist = stack.params, list(stack.params.values())
-    opt = StackedOptimizer(stack.flat, [c.optim for c in cfgs])
-    max_norm = clip_vector([c.train.clip_norm for c in cfgs], stack.flat)
-    program_step = plan = module_step = None
+        stack, buffers, base, rng = build_stack(first.model, g.info, g.cfgs, in_dim, out_dim, g.dtype, g.device)
+        rows = list(g.info.layers)
+    opt = StackedOptimizer(stack.flat, [c.optim for c in g.cfgs])
+    max_norm = clip_vector([c.train.clip_norm for c in g.cfgs], stack.flat)
     if arch is None:
-        program_step = module_step = ModuleStep(net_name(first.model), info, base, stack, buffers, rng, loss_name, opt, max_norm,
-                                                collect_stats, x.expand(R, *x.shape)[:, :2])
-    elif engine == "compiled" and fused_ok:
-        program_step = fused.FusedStep(arch, loss_name, stack.layout, opt, max_norm, collect_stats)
-    elif runs_programs(engine, device):
-        shape = Shape(arch, loss_name, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
-                      collect_stats, dtype, device)
-        program_step = Step(shape, stack.layout, plist, opt, max_norm, compiled=engine == "compiled")
+        module_step = ModuleStep(net_name(first.model), g.info, base, stack, buffers, rng, first.loss, opt, max_norm,
+                                 collect_stats, x.expand(R, *x.shape)[:, :2])
+        return _Net(module_step, module_step.predict, rows)
+    if g.engine == "compiled" and g.fused_ok:
+        step = fused.FusedStep(arch, first.loss, stack.layout, opt, max_norm, collect_stats)
+    elif runs_programs(g.engine, g.device):
+        shape = Shape(arch, first.loss, opt.name, opt.name == "sgd" and opt.buf is not None, opt.use_wd,
+                      collect_stats, g.dtype, g.device)
+        step = Step(shape, stack.layout, list(stack.params.values()), opt, max_norm, compiled=g.engine == "compiled")
     else:
-        plan = StatsPlan(stack.layout, layers(arch), arch.activation, dtype, device)
+        plan = StatsPlan(stack.layout, layers(arch), arch.activation, g.dtype, g.device)
+        step = _EagerStep(arch, first.loss, stack, opt, max_norm, plan)
+    return _Net(step, lambda inputs: forward(stack.params, arch, inputs).out, rows)
 
-    alive = torch.ones(R, dtype=torch.bool, device=device)
-    diverged = torch.full((R,), -1, dtype=torch.long, device=device)
-    reason = torch.zeros(R, dtype=torch.long, device=device)  # DIVERGED_REASONS index
-    rec_scalar, rec_layer, host_scalar, logged = [], [], [], []
-    # The statistics' host array, allocated once: each block of logged steps is stacked straight into it (one copy
-    # of (R, L, S) per step; a list of blocks concatenated at the end, then widened to float64, was three, and at
-    # 1,000 runs with every statistic every step they cost more than computing the statistics on the CPU).
-    n_logged = sum(_logged(s, steps, every) for s in range(steps))
-    host_layer = (torch.empty(n_logged, R, len(rows), len(LAYER_STATS), dtype=dtype)
-                  if collect_stats else None)
-    x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
-    batches = _batches(cfgs, n)
-    quiet = first.quiet if progress is None else not progress
-    bar = progress_bar(total=steps, desc=f"train {n_runs} run{'s' if n_runs > 1 else ''}", quiet=quiet, leave=False,
-                       unit="step")
 
-    def flush() -> None:
-        if rec_scalar:
-            done = sum(len(block) for block in host_scalar)
-            host_scalar.append(torch.stack(rec_scalar).cpu())
-            if collect_stats:
-                into = host_layer[done:done + len(rec_layer)]
-                if device.type == "cpu":
-                    torch.stack(rec_layer, out=into)
-                else:
-                    into.copy_(torch.stack(rec_layer))
-            rec_scalar.clear()
-            rec_layer.clear()
+class _EagerStep:
+    """One step of the eager engine (torch ops, ``baddbmm``; statistics through the plan's probe and hooks)."""
 
-    def _eager_step(step, xb, yb, alive, diverged, reason, log_now):
-        """One step of the eager engine: (alive, diverged, reason, and on a logged step its (R, 3) scalars and
-        (R, L, S) statistics, else None)."""
-        stats_now = collect_stats and log_now
+    def __init__(self, arch: Any, loss_name: str, stack: Any, opt: StackedOptimizer, max_norm: Any, plan: StatsPlan):
+        self.arch, self.loss_name, self.stack, self.opt, self.max_norm, self.plan = arch, loss_name, stack, opt, max_norm, plan
+        self.plist = list(stack.params.values())
+        self.step = 0
+
+    def __call__(self, xb, yb, alive, diverged, reason, stats_now):
+        plan, step = self.plan, self.step
+        self.step += 1
         if stats_now:
             plan.start()
-        fwd = forward(params, arch, xb, plan.probe if stats_now else None)
-        loss = per_run_loss(loss_name, fwd.out, yb)
-        grads = torch.autograd.grad(loss.sum(), plist)
+        fwd = forward(self.stack.params, self.arch, xb, plan.probe if stats_now else None)
+        loss = per_run_loss(self.loss_name, fwd.out, yb)
+        grads = torch.autograd.grad(loss.sum(), self.plist)
         grad, total, alive, diverged, reason = screen(grads, loss, alive, diverged, reason, step)
         with torch.no_grad():
             if stats_now:
-                plan.weight_sq(stack.flat)
-            clipped_grad, clipped = clip(grad, total, max_norm)
-            update = opt.step(clipped_grad, alive)
-            scal = torch.stack([loss.detach(), total, clipped.to(dtype)], dim=1) if log_now else None
+                plan.weight_sq(self.stack.flat)
+            clipped_grad, clipped = clip(grad, total, self.max_norm)
+            update = self.opt.step(clipped_grad, alive)
+            scal = torch.stack([loss.detach(), total, clipped.to(loss.dtype)], dim=1)
             lay = plan.collect(grad, update, alive) if stats_now else None
         return alive, diverged, reason, scal, lay
 
+
+class _Record:
+    """The logged steps' scalars and statistics, gathered on the device and copied to the host once per block."""
+
+    def __init__(self, steps: int, every: int, R: int, L: int, collect_stats: bool, dtype: torch.dtype,
+                 device: torch.device):
+        self.collect_stats, self.device = collect_stats, device
+        self.scalar, self.layer, self.host_scalar, self.logged = [], [], [], []
+        # The statistics' host array, allocated once: each block of logged steps is stacked straight into it (one
+        # copy of (R, L, S) per step, where a list of blocks concatenated at the end, then widened, is three).
+        n_logged = sum(_logged(s, steps, every) for s in range(steps))
+        self.host_layer = (torch.empty(n_logged, R, L, len(LAYER_STATS), dtype=dtype) if collect_stats else None)
+
+    def add(self, step: int, scal: torch.Tensor, lay: torch.Tensor | None) -> bool:
+        """Keep one logged step; True when a block is full and was copied to the host."""
+        self.scalar.append(scal)
+        self.logged.append(step)
+        if self.collect_stats:
+            self.layer.append(lay)
+        if len(self.scalar) < HOST_COPY_EVERY:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.scalar:
+            return
+        done = sum(len(block) for block in self.host_scalar)
+        self.host_scalar.append(torch.stack(self.scalar).cpu())
+        if self.collect_stats:
+            into = self.host_layer[done:done + len(self.layer)]
+            if self.device.type == "cpu":
+                torch.stack(self.layer, out=into)
+            else:
+                into.copy_(torch.stack(self.layer))
+        self.scalar.clear()
+        self.layer.clear()
+
+
+def _loop(g: _Plan, net: _Net, record: _Record, x: torch.Tensor, y: torch.Tensor, steps: int, collect_stats: bool,
+          quiet: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The steps, each on its batch; stops early once every run has diverged. Returns alive, diverged, reason."""
+    R, every = len(g.cfgs), g.first.train.log_every
+    alive = torch.ones(R, dtype=torch.bool, device=g.device)
+    diverged = torch.full((R,), -1, dtype=torch.long, device=g.device)
+    reason = torch.zeros(R, dtype=torch.long, device=g.device)  # DIVERGED_REASONS index
+    x_full, y_full = x.expand(R, *x.shape), y.expand(R, *y.shape)
+    batches = _batches(g.cfgs, x.shape[0])
+    bar = progress_bar(total=steps, desc=f"train {g.n_runs} run{'s' if g.n_runs > 1 else ''}", quiet=quiet,
+                       leave=False, unit="step")
     try:  # the bar is cleared from the terminal even when training is interrupted
         for step in range(steps):
             idx = next(batches)
             if idx is None:
                 xb, yb = x_full, y_full
             else:
-                idx = idx.to(device, non_blocking=True)
+                idx = idx.to(g.device, non_blocking=True)
                 xb, yb = x[idx], y[idx]
             log_now = _logged(step, steps, every)
-            if program_step is not None:
-                # Compiled: statistics every step (one program, compiled once), recorded on the logged ones; run op
-                # by op (eager on the CPU): statistics on the logged steps only.
-                alive, diverged, reason, scal, lay = program_step(xb, yb, alive, diverged, reason,
-                                                                  collect_stats and log_now)
-            else:
-                alive, diverged, reason, scal, lay = _eager_step(step, xb, yb, alive, diverged, reason, log_now)
-            if log_now:
-                rec_scalar.append(scal)
-                logged.append(step)
-                if collect_stats:
-                    rec_layer.append(lay)
+            # Compiled: statistics every step (one program, compiled once), recorded on the logged ones; run op by op
+            # (eager on the CPU, the eager loop): statistics on the logged steps only.
+            alive, diverged, reason, scal, lay = net.step(xb, yb, alive, diverged, reason, collect_stats and log_now)
             bar.update(1)
-            if len(rec_scalar) >= HOST_COPY_EVERY:
-                flush()
-                if not bool(alive.any()):  # one sync per block: stop once every run has diverged
-                    break
-        flush()
+            if log_now and record.add(step, scal, lay) and not bool(alive.any()):
+                break  # one sync per block: stop once every run has diverged
+        record.flush()
     finally:
         bar.close()
+    return alive, diverged, reason
 
-    def predict(inputs: torch.Tensor) -> torch.Tensor:
-        return module_step.predict(inputs) if module_step is not None else forward(params, arch, inputs).out
 
-    with torch.no_grad():
-        final = per_run_loss(loss_name, predict(x_full), y_full)
-        test_loss = test_acc = torch.full((R,), float("nan"), dtype=dtype)
-        if len(data.y_test):
-            xt, yt = on_device(data.x_test), on_device(data.y_test)
-            out_t = predict(xt.expand(R, *xt.shape))
-            yt = yt.expand(R, *yt.shape)
-            test_loss = per_run_loss(loss_name, out_t, yt).cpu()
-            if not yt.is_floating_point():
-                test_acc = per_run_accuracy(out_t, yt).cpu()
-    reason = torch.where(alive & ~torch.isfinite(final), 3, reason)
-    diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
-    scal = torch.cat(host_scalar).numpy()[:, :n_runs]
+def _evaluate(g: _Plan, net: _Net, data: Any, x: torch.Tensor, y: torch.Tensor):
+    """The final loss on the training data, and the test loss and accuracy (NaN where the data has none)."""
+    R = len(g.cfgs)
+    final = per_run_loss(g.first.loss, net.predict(x.expand(R, *x.shape)), y.expand(R, *y.shape))
+    test_loss = test_acc = torch.full((R,), float("nan"), dtype=g.dtype)
+    if len(data.y_test):
+        xt, yt = g.on_device(data.x_test), g.on_device(data.y_test)
+        out_t = net.predict(xt.expand(R, *xt.shape))
+        yt = yt.expand(R, *yt.shape)
+        test_loss = per_run_loss(g.first.loss, out_t, yt).cpu()
+        if not yt.is_floating_point():
+            test_acc = per_run_accuracy(out_t, yt).cpu()
+    return final, test_loss, test_acc
+
+
+def _trace(g: _Plan, net: _Net, data: Any, record: _Record, final, test_loss, test_acc, diverged, reason,
+           wall_s: float) -> GroupTrace:
+    """The host arrays of the caller's runs (the doubled or padded copies dropped)."""
+    n = g.n_runs
+    scal = torch.cat(record.host_scalar).numpy()[:, :n]
     return GroupTrace(
-        steps=np.asarray(logged, dtype=np.int64),
+        steps=np.asarray(record.logged, dtype=np.int64),
         loss=scal[:, :, 0].astype(np.float64),
         grad_norm=scal[:, :, 1].astype(np.float64),
         clipped=scal[:, :, 2] > 0,
-        layer=host_layer[:len(scal), :n_runs].numpy() if collect_stats else None,
-        final_loss=final.cpu().numpy()[:n_runs].astype(np.float64),
-        test_loss=test_loss.numpy()[:n_runs].astype(np.float64),
-        test_accuracy=test_acc.numpy()[:n_runs].astype(np.float64),
-        diverged_step=diverged.cpu().numpy()[:n_runs],
-        diverged_reason=np.array(DIVERGED_REASONS, dtype=object)[reason.cpu().numpy()[:n_runs]],
-        wall_s=time.perf_counter() - t0,
-        device=str(device),
-        engine=engine,
-        baseline_loss=baseline_loss(loss_name, data.y),
+        layer=record.host_layer[:len(scal), :n].numpy() if record.collect_stats else None,
+        final_loss=final.cpu().numpy()[:n].astype(np.float64),
+        test_loss=test_loss.numpy()[:n].astype(np.float64),
+        test_accuracy=test_acc.numpy()[:n].astype(np.float64),
+        diverged_step=diverged.cpu().numpy()[:n],
+        diverged_reason=np.array(DIVERGED_REASONS, dtype=object)[reason.cpu().numpy()[:n]],
+        wall_s=wall_s,
+        device=str(g.device),
+        engine=g.engine,
+        baseline_loss=baseline_loss(g.first.loss, data.y),
         input_q=float(data.x.double().square().mean()),
         in_dim=int(data.x.shape[1]),
         out_dim=int(data.out_dim),
-        layers=rows,
+        layers=net.rows,
     )
 
