@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -72,77 +75,15 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
     nx, ny = len(x_values), len(y_values)
     fig, axes = _grid(len(panels), panel_w=max(3.0, 0.62 * nx + 1.3), panel_h=max(2.0, 0.5 * ny + 1.3),
                       extra_w=0.5 if kind == "verdict" else 3.0)
-    annotate = nx * ny <= MAX_ANNOTATED_CELLS
     same_n = cells["n"].nunique() == 1  # then the count goes in the title, not in every cell
     if same_n and int(cells["n"].iloc[0]) > 1:
         title += f" ({int(cells['n'].iloc[0])} runs per cell)"
-    fontsize = 10 if nx * ny <= 40 else 9 if nx * ny <= 150 else 8
-
-    finite = cells["value"].to_numpy(dtype=float)
-    finite = finite[np.isfinite(finite)]
-    if kind == "ratio":
-        cmap, norm, ratio_edges = ratio_scale(vanish, explode)
-        span = ratio_edges[-1]
-    elif kind == "accuracy":
-        cmap, norm = plt.get_cmap("viridis"), mcolors.Normalize(vmin=0.0, vmax=1.0)
-    elif kind == "loss":
-        pos = finite[finite > 0]
-        lo, hi = (pos.min(), pos.max()) if pos.size else (1e-3, 1.0)
-        if hi <= lo * 1.0001:
-            lo, hi = lo / 2, hi * 2
-        cmap, norm = plt.get_cmap("viridis"), mcolors.LogNorm(vmin=lo, vmax=hi)
-    else:
-        cmap = mcolors.ListedColormap([VERDICT_COLORS[v] for v in VERDICTS])
-        norm = mcolors.BoundaryNorm(np.arange(-0.5, len(VERDICTS)), len(VERDICTS))
-
-    mappable = None
-    marked = False
-    for ax, (facet, panel) in zip(axes, panels):
-        values = _pivot(panel, layout, "value", x_values, y_values)
-        verdicts = _pivot(panel, layout, "verdict", x_values, y_values)
-        n = _pivot(panel, layout, "n", x_values, y_values)
-        ndiv = _pivot(panel, layout, "n_diverged", x_values, y_values)
-        if kind == "loss":
-            at_base = _pivot(panel, layout, "at_baseline", x_values, y_values).fillna(False)
-        if kind == "verdict":
-            grid = verdicts.apply(lambda col: col.map({v: i for i, v in enumerate(VERDICTS)})).astype(float)
-        else:
-            grid = values.astype(float)
-            if kind == "ratio":  # -inf (no signal at all reaches layer 1) drawn at the end of the scale, labelled
-                grid = grid.clip(lower=-2 * span, upper=2 * span)
-        ax.set_facecolor(MISSING_FACE)
-        mappable = ax.pcolormesh(np.ma.masked_invalid(grid.to_numpy()), cmap=cmap, norm=norm, edgecolors="white",
-                                 linewidth=1.0)
-        for (i, j), verdict in np.ndenumerate(verdicts.to_numpy()):
-            cell_n = n.to_numpy()[i, j]
-            if pd.isna(cell_n):
-                if annotate:
-                    ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=fontsize, color="#777777",
-                            in_layout=False)
-                continue
-            all_diverged = ndiv.to_numpy()[i, j] == cell_n and not step0
-            if all_diverged and kind != "verdict":
-                ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", lw=0))
-            if kind == "loss" and bool(at_base.to_numpy()[i, j]):
-                marked = True
-                ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, hatch="xx", edgecolor="#FFFFFF",
-                                       lw=0, alpha=0.55))
-            if not annotate:
-                continue
-            text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(cell_n),
-                              0 if step0 else int(ndiv.to_numpy()[i, j]), not same_n)
-            rgba = (mcolors.to_rgba(DIVERGED_FACE) if all_diverged or kind == "verdict" and verdict == "diverged"
-                    else mappable.to_rgba(grid.to_numpy()[i, j]) if np.isfinite(grid.to_numpy()[i, j]) else (1, 1, 1, 1))
-            # Cell labels sit inside their cell: keeping them out of the layout engine spares it a bbox per cell.
-            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=fontsize, color=_ink(rgba), in_layout=False)
-        xlabels = [_fmt(v) for v in x_values]
-        ax.set_xticks(np.arange(nx) + 0.5, xlabels, rotation=90 if nx * max(map(len, xlabels)) > 60 else 0)
-        ax.set_yticks(np.arange(ny) + 0.5, [_fmt(v) for v in y_values])
-        ax.set_xlabel(layout.x or "")
-        ax.set_ylabel(layout.y or "")
-        ax.set_xlim(0, nx)
-        ax.set_ylim(ny, 0)
-        ax.set_title(facet, fontsize=10)
+    cmap, norm, ratio_edges = _scale(kind, cells, vanish, explode)
+    style = _Style(layout, kind, x_values, y_values, cmap, norm, ratio_edges[-1] if ratio_edges else 0.0,
+                   fontsize=10 if nx * ny <= 40 else 9 if nx * ny <= 150 else 8,
+                   annotate=nx * ny <= MAX_ANNOTATED_CELLS, same_n=same_n, step0=step0)
+    drawn = [_draw_panel(ax, facet, panel, style) for ax, (facet, panel) in zip(axes, panels)]
+    mappable, marked = drawn[-1][0], any(m for _, m in drawn)
     # a narrow sweep's figure is narrower than its title: wrap it to the figure (11 pt, ~0.55 em per character)
     width = max(30, int(fig.get_figwidth() * 72 / (11 * 0.55)))
     fig.suptitle("\n".join(_wrap(line, width) for line in title.split("\n")), fontsize=11)
@@ -154,6 +95,99 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         fig.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS], loc="outside lower center",
                    ncol=3, frameon=False, fontsize=9)
         return fig
+    _colorbar(fig, axes, mappable, kind, label, ratio_edges, vanish, explode)
+    _legend(fig, cells, x_values, y_values, kind == "loss" and marked, baseline_words, step0)
+    return fig
+
+
+@dataclass
+class _Style:
+    """What every panel of one heatmap shares: its axes' values, colour scale and cell labels."""
+
+    layout: Layout
+    kind: str
+    x_values: list
+    y_values: list
+    cmap: Any
+    norm: Any
+    span: float
+    """The ratio scale's outer edge (ratio figures): -inf and +inf are drawn at twice it."""
+    fontsize: int
+    annotate: bool
+    same_n: bool
+    step0: bool
+
+
+def _scale(kind: str, cells: pd.DataFrame, vanish: float, explode: float) -> tuple[Any, Any, list[float]]:
+    """The colour map and norm of a heatmap kind, and the ratio scale's edges (ratio only; else empty)."""
+    if kind == "ratio":
+        return ratio_scale(vanish, explode)
+    if kind == "accuracy":
+        return plt.get_cmap("viridis"), mcolors.Normalize(vmin=0.0, vmax=1.0), []
+    if kind == "loss":
+        finite = cells["value"].to_numpy(dtype=float)
+        pos = finite[np.isfinite(finite) & (finite > 0)]
+        lo, hi = (pos.min(), pos.max()) if pos.size else (1e-3, 1.0)
+        if hi <= lo * 1.0001:
+            lo, hi = lo / 2, hi * 2
+        return plt.get_cmap("viridis"), mcolors.LogNorm(vmin=lo, vmax=hi), []
+    cmap = mcolors.ListedColormap([VERDICT_COLORS[v] for v in VERDICTS])
+    return cmap, mcolors.BoundaryNorm(np.arange(-0.5, len(VERDICTS)), len(VERDICTS)), []
+
+
+def _draw_panel(ax: Any, facet: str, panel: pd.DataFrame, st: _Style) -> tuple[Any, bool]:
+    """One facet's cells, coloured and labelled; returns its mesh and whether a cell is marked at the baseline."""
+    layout, kind, x_values, y_values = st.layout, st.kind, st.x_values, st.y_values
+    values = _pivot(panel, layout, "value", x_values, y_values)
+    verdicts = _pivot(panel, layout, "verdict", x_values, y_values)
+    n = _pivot(panel, layout, "n", x_values, y_values).to_numpy()
+    ndiv = _pivot(panel, layout, "n_diverged", x_values, y_values).to_numpy()
+    at_base = (_pivot(panel, layout, "at_baseline", x_values, y_values).fillna(False).to_numpy() if kind == "loss"
+               else np.zeros(n.shape, dtype=bool))
+    if kind == "verdict":
+        grid = verdicts.apply(lambda col: col.map({v: i for i, v in enumerate(VERDICTS)})).astype(float)
+    else:
+        grid = values.astype(float)
+        if kind == "ratio":  # -inf (no signal at all reaches layer 1) drawn at the end of the scale, labelled
+            grid = grid.clip(lower=-2 * st.span, upper=2 * st.span)
+    grid = grid.to_numpy()
+    ax.set_facecolor(MISSING_FACE)
+    mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=st.cmap, norm=st.norm, edgecolors="white", linewidth=1.0)
+    for (i, j), verdict in np.ndenumerate(verdicts.to_numpy()):
+        if pd.isna(n[i, j]):
+            if st.annotate:
+                ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", fontsize=st.fontsize, color="#777777",
+                        in_layout=False)
+            continue
+        all_diverged = ndiv[i, j] == n[i, j] and not st.step0
+        if all_diverged and kind != "verdict":
+            ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_FACE, hatch="//", edgecolor="#BBBBBB", lw=0))
+        if bool(at_base[i, j]):
+            ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, hatch="xx", edgecolor="#FFFFFF",
+                                   lw=0, alpha=0.55))
+        if not st.annotate:
+            continue
+        text = _cell_text(kind, values.to_numpy()[i, j], verdict, int(n[i, j]), 0 if st.step0 else int(ndiv[i, j]),
+                          not st.same_n)
+        rgba = (mcolors.to_rgba(DIVERGED_FACE) if all_diverged or kind == "verdict" and verdict == "diverged"
+                else mesh.to_rgba(grid[i, j]) if np.isfinite(grid[i, j]) else (1, 1, 1, 1))
+        # Cell labels sit inside their cell: keeping them out of the layout engine spares it a bbox per cell.
+        ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=st.fontsize, color=_ink(rgba),
+                in_layout=False)
+    xlabels = [_fmt(v) for v in x_values]
+    ax.set_xticks(np.arange(len(x_values)) + 0.5, xlabels,
+                  rotation=90 if len(x_values) * max(map(len, xlabels)) > 60 else 0)
+    ax.set_yticks(np.arange(len(y_values)) + 0.5, [_fmt(v) for v in y_values])
+    ax.set_xlabel(layout.x or "")
+    ax.set_ylabel(layout.y or "")
+    ax.set_xlim(0, len(x_values))
+    ax.set_ylim(len(y_values), 0)
+    ax.set_title(facet, fontsize=10)
+    return mesh, bool(at_base.any())
+
+
+def _colorbar(fig: plt.Figure, axes: Any, mappable: Any, kind: str, label: str, ratio_edges: list[float],
+              vanish: float, explode: float) -> None:
     bar = fig.colorbar(mappable, ax=axes, shrink=0.95, pad=0.02, aspect=25,
                        extend="both" if kind == "ratio" else "neither")
     bar.set_label(label, fontsize=9)
@@ -169,8 +203,13 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         bar.set_ticks(ticks, labels=[_ratio_words(t, vanish, explode) for t in ticks], fontsize=8)
         for threshold in (vanish, explode):
             bar.ax.axhline(threshold, color="black", lw=1.6)
+
+
+def _legend(fig: plt.Figure, cells: pd.DataFrame, x_values: list, y_values: list, marked: bool,
+            baseline_words: str, step0: bool) -> None:
+    """The hatches' and empty cells' legend, for those the figure has."""
     handles = []
-    if kind == "loss" and marked:
+    if marked:
         handles.append(Patch(facecolor="#999999", hatch="xx", edgecolor="white",
                              label=f"learned nothing: {baseline_words or 'no better than the baseline'}"))
     if not step0 and (cells["n_diverged"] == cells["n"]).any():
@@ -179,7 +218,6 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
         handles.append(Patch(facecolor=MISSING_FACE, edgecolor="#999999", label="no run"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    return fig
 
 
 def _has_empty_cell(cells: pd.DataFrame, x_values: list, y_values: list) -> bool:
