@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,80 +69,25 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
 def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
                   sweep_dir: Path) -> list[JobReturn]:
-    from gradsweep.compose import SweepComposer
-    from gradsweep.config import build_run_cfg
-    from gradsweep.device import resolve_device
-    from gradsweep.identity import config_hash
-    from gradsweep.nets import check_batch
-    from gradsweep.schema import GROUPS_DIR
-    from gradsweep.store import completed_runs, write_job_files
     from gradsweep.submit import adopt, inflight_jobs, submit
 
-    config = launcher.config
     t0 = time.perf_counter()
-    composer = SweepComposer(launcher.hydra_context.config_loader, config)
-    jobs = [composer.compose(list(ov), initial_job_idx + i) for i, ov in enumerate(job_overrides)]
-    # Every job checked before any trains: one bad value (ConfigError) fails the sweep with nothing written.
-    cfgs = [build_run_cfg(job.task) for job in jobs]
-    for device in {c.device for c in cfgs}:
-        resolve_device(device)
-    for c in cfgs:  # a module that cannot train on the one sample a step would give it
-        check_batch(c.model, c.data.in_dim, c.data.out_dim, c.train.batch_size)
+    sweep = _compose(launcher, job_overrides, initial_job_idx, sweep_dir)
     compose_s = time.perf_counter() - t0
-
-    returns: list[JobReturn | None] = [None] * len(jobs)
-    subdir_template = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]  # as written, unresolved
-    output_subdir = config.hydra.output_subdir
-    task_name = str(config.hydra.job.name)
-    cwd = os.getcwd()
-    rel_dirs = [_subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname, job_overrides[i])
-                for i in range(len(jobs))]
     executor = getattr(launcher, "executor", None)
     inflight = inflight_jobs(launcher, sweep_dir) if executor else []
-    busy = frozenset(Path(p) for f in inflight for p in (f.group.group_dir, *f.group.run_dirs))
-    done = completed_runs(sweep_dir, busy)
-    todo = []
-    for i, cfg in enumerate(cfgs):
-        prior = done.get(Path(rel_dirs[i]).as_posix())
-        if prior is None:
-            todo.append(i)
-            continue
-        run_id = config_hash(cfg)
-        if prior["run_id"] != run_id:
-            raise ResumeError(f"{sweep_dir / rel_dirs[i]} holds a run of another configuration (run_id "
-                              f"{prior['run_id']}, this sweep's job {initial_job_idx + i} is {run_id}); rerun with the "
-                              "same command to resume, or use a new hydra.sweep.dir")
-    todo_set = set(todo)
-    for i in (i for i in range(len(jobs)) if i not in todo_set):  # resumed: complete already, not trained again
-        prior = done[Path(rel_dirs[i]).as_posix()]
-        job_dir = sweep_dir / rel_dirs[i]
-        if output_subdir and not (job_dir / str(output_subdir) / "config.yaml").exists():  # killed before its files
-            write_job_files(job_dir, jobs[i].unresolved, jobs[i].overrides, output_subdir)
-        ret = job_return(jobs[i].overrides, cwd, task_name, prior, None)
-        returns[i] = ret
-        launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
-    if len(todo) < len(jobs):
-        log.info(f"Resuming in {sweep_dir}: {len(jobs) - len(todo)} of {len(jobs)} runs already complete "
-                 f"(same configuration), training the other {len(todo)}")
-
-    adopted = adopt(inflight, todo, cfgs, [sweep_dir / d for d in rel_dirs], sweep_dir)
+    todo = _resume(sweep, frozenset(Path(p) for f in inflight for p in (f.group.group_dir, *f.group.run_dirs)))
+    adopted = adopt(inflight, todo, sweep.cfgs, [sweep_dir / d for d in sweep.rel_dirs], sweep_dir)
     if adopted:
         taken = {i for _, members in adopted for i in members}
         todo = [i for i in todo if i not in taken]
         log.info(f"Waiting for {len(adopted)} {'SLURM' if executor == 'slurm' else 'local submitit'} job(s) an "
                  "earlier start submitted, still queued or running "
                  f"({', '.join(f.job.job_id for f, _ in adopted)}): {len(taken)} runs, not submitted again")
-    chunks = plan(cfgs, todo, GroupLimits(launcher.memory_gb, launcher.max_group_runs))
+    chunks = plan(sweep.cfgs, todo, GroupLimits(launcher.memory_gb, launcher.max_group_runs))
     log.info(f"Launching {len(todo)} job{'s' if len(todo) != 1 else ''} fused: {len(chunks)} group(s) of one architecture each "
-             f"(configs composed in {compose_s:.2f} s, {composer.n_hydra} by Hydra)")
-
-    group_jobs = [GroupJob(cfgs=[cfgs[i] for i in chunk],
-                           meta=[{"job_num": initial_job_idx + i, "override_dirname": jobs[i].override_dirname}
-                                 for i in chunk],
-                           run_dirs=[sweep_dir / rel_dirs[i] for i in chunk],
-                           job_files=[(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
-                           output_subdir=output_subdir,
-                           group_dir=sweep_dir / GROUPS_DIR / str(initial_job_idx + chunk[0])) for chunk in chunks]
+             f"(configs composed in {compose_s:.2f} s, {sweep.n_hydra} by Hydra)")
+    group_jobs = [sweep.group_job(chunk) for chunk in chunks]
     if executor:  # each group one submitted job (submitit: a local process or a SLURM job), all in flight at once
         results: Iterable[GroupResult] = submit(launcher, sweep_dir, group_jobs, [f for f, _ in adopted])
         chunks = [members for _, members in adopted] + chunks
@@ -150,7 +96,89 @@ def _launch_fused(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     for g, (chunk, result) in enumerate(zip(chunks, results)):
         log.info(f"group {g + 1}/{len(chunks)}: {result.line}")
         for row, i in enumerate(chunk):
-            ret = job_return(jobs[i].overrides, cwd, task_name, result.records[row], result.failures[row])
-            returns[i] = ret
-            launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
-    return returns  # type: ignore[return-value]
+            sweep.finish(i, result.records[row], result.failures[row])
+    return sweep.returns  # type: ignore[return-value]
+
+
+@dataclass
+class _Sweep:
+    """One batch of a fused sweep: its composed jobs, their configs and directories, and the returns so far."""
+
+    launcher: Any
+    jobs: list[Any]
+    cfgs: list[Any]
+    rel_dirs: list[str]
+    sweep_dir: Path
+    initial_job_idx: int
+    n_hydra: int
+    """How many jobs Hydra composed itself (the others: gradsweep.compose's fast path)."""
+    returns: list[JobReturn | None] = field(default_factory=list)
+    cwd: str = field(default_factory=os.getcwd)
+
+    def finish(self, i: int, record: Any, failure: Any) -> None:
+        """Job ``i``'s JobReturn, handed to Hydra's callbacks as a job of the basic launcher's would be."""
+        config = self.launcher.config
+        ret = job_return(self.jobs[i].overrides, self.cwd, str(config.hydra.job.name), record, failure)
+        self.returns[i] = ret
+        self.launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+
+    def group_job(self, chunk: list[int]) -> GroupJob:
+        from gradsweep.schema import GROUPS_DIR
+
+        jobs = self.jobs
+        return GroupJob(cfgs=[self.cfgs[i] for i in chunk],
+                        meta=[{"job_num": self.initial_job_idx + i, "override_dirname": jobs[i].override_dirname}
+                              for i in chunk],
+                        run_dirs=[self.sweep_dir / self.rel_dirs[i] for i in chunk],
+                        job_files=[(jobs[i].unresolved, jobs[i].overrides) for i in chunk],
+                        output_subdir=self.launcher.config.hydra.output_subdir,
+                        group_dir=self.sweep_dir / GROUPS_DIR / str(self.initial_job_idx + chunk[0]))
+
+
+def _compose(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path) -> _Sweep:
+    """Every job composed and checked before any trains: one bad value (ConfigError) fails the sweep with nothing
+    written."""
+    from gradsweep.compose import SweepComposer
+    from gradsweep.config import build_run_cfg
+    from gradsweep.device import resolve_device
+    from gradsweep.nets import check_batch
+
+    config = launcher.config
+    composer = SweepComposer(launcher.hydra_context.config_loader, config)
+    jobs = [composer.compose(list(ov), initial_job_idx + i) for i, ov in enumerate(job_overrides)]
+    cfgs = [build_run_cfg(job.task) for job in jobs]
+    for device in {c.device for c in cfgs}:
+        resolve_device(device)
+    for c in cfgs:  # a module that cannot train on the one sample a step would give it
+        check_batch(c.model, c.data.in_dim, c.data.out_dim, c.train.batch_size)
+    subdir_template = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]  # as written, unresolved
+    rel_dirs = [_subdir(launcher, subdir_template, initial_job_idx + i, jobs[i].override_dirname, job_overrides[i])
+                for i in range(len(jobs))]
+    return _Sweep(launcher, jobs, cfgs, rel_dirs, sweep_dir, initial_job_idx, composer.n_hydra, [None] * len(jobs))
+
+
+def _resume(sweep: _Sweep, busy: frozenset[Path]) -> list[int]:
+    """The jobs still to train. The complete ones (same directory, same run_id) are returned to Hydra as they are,
+    their job files rewritten where a kill came before them; a directory holding another configuration's run is a
+    ResumeError. ``busy``: directories an in-flight submitted job is writing."""
+    from gradsweep.identity import config_hash
+    from gradsweep.store import completed_runs, write_job_files
+
+    done = completed_runs(sweep.sweep_dir, busy)
+    output_subdir = sweep.launcher.config.hydra.output_subdir
+    prior = {i: done.get(Path(d).as_posix()) for i, d in enumerate(sweep.rel_dirs)}
+    for i, cfg in enumerate(sweep.cfgs):  # every directory checked before any job is returned
+        if prior[i] is not None and prior[i]["run_id"] != (run_id := config_hash(cfg)):
+            raise ResumeError(f"{sweep.sweep_dir / sweep.rel_dirs[i]} holds a run of another configuration (run_id "
+                              f"{prior[i]['run_id']}, this sweep's job {sweep.initial_job_idx + i} is {run_id}); "
+                              "rerun with the same command to resume, or use a new hydra.sweep.dir")
+    todo = [i for i in prior if prior[i] is None]
+    for i in (i for i in prior if prior[i] is not None):
+        job_dir = sweep.sweep_dir / sweep.rel_dirs[i]
+        if output_subdir and not (job_dir / str(output_subdir) / "config.yaml").exists():  # killed before its files
+            write_job_files(job_dir, sweep.jobs[i].unresolved, sweep.jobs[i].overrides, output_subdir)
+        sweep.finish(i, prior[i], None)  # resumed: complete already, not trained again
+    if len(todo) < len(sweep.jobs):
+        log.info(f"Resuming in {sweep.sweep_dir}: {len(sweep.jobs) - len(todo)} of {len(sweep.jobs)} runs already "
+                 f"complete (same configuration), training the other {len(todo)}")
+    return todo
