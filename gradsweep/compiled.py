@@ -174,19 +174,25 @@ def programs(shape: Shape, layout: ParamLayout, compiled: bool = True) -> tuple[
 
 
 def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Callable]:
+    """The step's two functions for torch.compile: the forward (loss and the forward's statistics) and the update
+    after autograd (screen, clip, optimiser, the statistics)."""
     cfg, names = shape.model, layout.names
     rows = layers(cfg)
     plan = StatsPlan(layout, rows, cfg.activation, shape.dtype, shape.device) if shape.stats else None
-    activation = cfg.activation
     # With gradsweep's kernel (the CPU) the statistics are taken in its passes where it can: each Linear output's
     # moments in the forward kernel, |dL/dh| in the backward one, the per-weight sums in one pass of layer_sums.
     in_kernel = shape.stats and form == "kernel"
     # Which hidden blocks' activation input is a Linear output (no norm layer between), whose moments it has.
     block_rows = list(range(cfg.depth)) if in_kernel and cfg.norm == "none" else []
-    keep_inputs = activation in RELU_FAMILY and activation != "relu" and not block_rows
-
+    keep_inputs = cfg.activation in RELU_FAMILY and cfg.activation != "relu" and not block_rows
     hidden_width = layout.shapes[names.index("linear1.weight")][0] if cfg.depth else 0
+    reduce_forward = _reduce_forward(cfg.activation, block_rows)
+    fwd = _forward(shape, names, plan, form, in_kernel, keep_inputs, reduce_forward)
+    stats = _stats(cfg, rows, plan, form, hidden_width, reduce_forward)
+    return fwd, _update(shape, stats)
 
+
+def _reduce_forward(activation: str, block_rows: list[int]) -> Callable:
     def reduce_forward(outputs: list[torch.Tensor], acts: list[torch.Tensor], act_inputs: list[torch.Tensor],
                        moments: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The statistics' reductions of the forward pass: each layer output's norm (R, L), and per hidden block
@@ -200,6 +206,13 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
                 if col[0] is not None:
                     red[name] = torch.stack(col, dim=1)
         return red
+
+    return reduce_forward
+
+
+def _forward(shape: Shape, names: list[str], plan: Any, form: str, in_kernel: bool, keep_inputs: bool,
+             reduce_forward: Callable) -> Callable:
+    cfg = shape.model
 
     def fwd(plist: list[torch.Tensor], tokens: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
         moments: dict[int, torch.Tensor] = {}
@@ -228,6 +241,10 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
         # Reduced here, where each tensor is made (and still in cache), fused with the op that makes it.
         return loss, {k: v.detach() for k, v in reduce_forward(*seen, moments).items()}
 
+    return fwd
+
+
+def _stats(cfg: ModelCfg, rows: list, plan: Any, form: str, hidden_width: int, reduce_forward: Callable) -> Callable:
     def stats(grad: torch.Tensor, u: torch.Tensor, flat: torch.Tensor, alive: torch.Tensor,
               hgrad: list[torch.Tensor], fwd_stats: dict[str, Any], batch: int) -> torch.Tensor:
         """The eager StatsPlan's statistics (its own reductions and assembly) from the step's tensors."""
@@ -250,6 +267,10 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
                            fwd_stats["out_norm"], batch, fwd_stats.get("act_norm"), hidden_width,
                            fwd_stats.get("saturated"), fwd_stats.get("pos_sum"))
 
+    return stats
+
+
+def _update(shape: Shape, stats: Callable) -> Callable:
     def upd(flat: torch.Tensor, gparams: list[torch.Tensor], hgrad: list[torch.Tensor], loss: torch.Tensor,
             fwd_stats: dict[str, Any], batch: int, state: list[torch.Tensor], hyper: dict[str, torch.Tensor],
             alive: torch.Tensor, diverged: torch.Tensor, reason: torch.Tensor, step: torch.Tensor):
@@ -269,7 +290,7 @@ def _make(shape: Shape, layout: ParamLayout, form: str) -> tuple[Callable, Calla
         lay = stats(grad, u, flat, alive, hgrad, fwd_stats, batch) if shape.stats else None
         return flat + u, state, alive, diverged, reason, scalars, lay
 
-    return fwd, upd
+    return upd
 
 
 def runs_programs(engine: str, device: torch.device) -> bool:
