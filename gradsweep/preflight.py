@@ -66,7 +66,9 @@ def _check_append(o) -> None:
 
 
 def check_overrides(overrides: list[str], multirun: bool = True) -> None:
-    """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings).
+    """Raise :class:`ConfigError` for the first bad override in ``overrides`` (Hydra override strings): names
+    first (an unknown key or preset is reported before anything is composed), then every value of every sweep in
+    the context of the first job, then the first job whole.
 
     Without ``multirun`` (no ``-m``) a sweep (``key=a,b``) is an error, which Hydra reports in six lines on
     'Ambiguous value': here one line that says to add ``-m``.
@@ -82,62 +84,73 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
     for o in parsed if not multirun else []:
         if o.is_sweep_override():
             raise ConfigError(f"{o.input_line} is a sweep, which needs -m: python -m gradsweep -m {' '.join(overrides)}")
-    for o in parsed:  # names first: an unknown key or preset is reported before anything is composed
-        key = o.key_or_group
-        if key.startswith("hydra") or o.package is not None:
-            continue
-        _check_append(o)
-        section, _, field = key.partition(".")
-        if field and section in SECTIONS and "." not in field:
-            known = _fields(section)
-            if field not in known:
-                raise ConfigError(f"{key} is not a known key; valid keys: {', '.join(section + '.' + k for k in known)}")
-        elif key in GROUPS:
-            valid = group_options(key)
-            for value in _values(o):
-                if not isinstance(value, dict) and value not in valid:
-                    raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
+    own = [o for o in parsed if not o.key_or_group.startswith("hydra") and o.package is None]
+    for o in own:
+        _check_name(o)
     for o in parsed:  # how runs are computed is not a sweep axis: both engines give the runs the same run_id
         if o.key_or_group == "engine" and len(set(map(str, _values(o)))) > 1:
             raise ConfigError(f"{o.input_line}: engine cannot be swept (the engines compute the same runs, to rounding, "
                               "under one run_id); give one value, and compare them with scripts/bench_peers.py")
     base = _compose_first_job(parsed)
-    for o in parsed:  # then every value of every sweep, checked in the context of the first job
-        key = o.key_or_group
-        if key.startswith("hydra") or o.package is not None:
-            continue
+    for o in own:
         for value in _values(o):
-            if isinstance(value, str) and "${" in value:  # an interpolation: checked resolved, in the composed job
-                continue
-            if "." in key and key.split(".", 1)[0] in SECTIONS:
-                section, field = key.split(".", 1)
-                checked = build_section(section, _with(base.get(section, {}), field, value))
-                if (section in ("model", "data") or key == "train.batch_size") and base:  # a module, run on the data
-                    model = checked if section == "model" else build_section("model", base["model"])
-                    data = checked if section == "data" else build_section("data", base["data"])
-                    train = checked if section == "train" else build_section("train", base["train"])
-                    check_module(model, data, train.batch_size)
-            elif key in TOP_LEVEL:
-                build_run_cfg({**base, key: value})
-            elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
-                job = build_run_cfg(compose_values([line if other is not o else f"{key}={value_text(value)}"
-                                                    for line, other in zip(_first_job(parsed), parsed)
-                                                    if line is not None or other is o]))
-                check_module(job.model, job.data, job.train.batch_size)
+            if not (isinstance(value, str) and "${" in value):  # an interpolation: checked resolved, in the job
+                _check_value(o, value, parsed, base)
     if base:
-        cfg = build_run_cfg(base)
-        check_module(cfg.model, cfg.data, cfg.train.batch_size)
-        if cfg.device == "cuda":
-            from gradsweep.device import resolve_device
+        _check_job(build_run_cfg(base))
 
-            resolve_device("cuda")
-        if cfg.engine == "compiled" and cfg.device != "cuda":
-            import torch
 
-            from gradsweep.compiled import resolve_engine
+def _check_name(o: Any) -> None:
+    """A key of a config section, or a group's preset, that exists (or a ``+`` that appends one)."""
+    key = o.key_or_group
+    _check_append(o)
+    section, _, field = key.partition(".")
+    if field and section in SECTIONS and "." not in field:
+        known = _fields(section)
+        if field not in known:
+            raise ConfigError(f"{key} is not a known key; valid keys: {', '.join(section + '.' + k for k in known)}")
+    elif key in GROUPS:
+        valid = group_options(key)
+        for value in _values(o):
+            if not isinstance(value, dict) and value not in valid:
+                raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
 
-            device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
-            resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
+
+def _check_value(o: Any, value: Any, parsed: list[Any], base: dict[str, Any]) -> None:
+    """One value of override ``o``, checked in the first job's context ``base``: its section built with it, a
+    module built and run on the data it would train on, a model or data preset's job composed whole."""
+    key = o.key_or_group
+    if "." in key and key.split(".", 1)[0] in SECTIONS:
+        section, field = key.split(".", 1)
+        checked = build_section(section, _with(base.get(section, {}), field, value))
+        if (section in ("model", "data") or key == "train.batch_size") and base:  # a module, run on the data
+            model = checked if section == "model" else build_section("model", base["model"])
+            data = checked if section == "data" else build_section("data", base["data"])
+            train = checked if section == "train" else build_section("train", base["train"])
+            check_module(model, data, train.batch_size)
+    elif key in TOP_LEVEL:
+        build_run_cfg({**base, key: value})
+    elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
+        job = build_run_cfg(compose_values([line if other is not o else f"{key}={value_text(value)}"
+                                            for line, other in zip(_first_job(parsed), parsed)
+                                            if line is not None or other is o]))
+        check_module(job.model, job.data, job.train.batch_size)
+
+
+def _check_job(cfg: Any) -> None:
+    """The first job whole: its module on its data, its device, and a compiled engine's compiler."""
+    check_module(cfg.model, cfg.data, cfg.train.batch_size)
+    if cfg.device == "cuda":
+        from gradsweep.device import resolve_device
+
+        resolve_device("cuda")
+    if cfg.engine == "compiled" and cfg.device != "cuda":
+        import torch
+
+        from gradsweep.compiled import resolve_engine
+
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+        resolve_engine("compiled", 2, cfg.train.steps, cfg.train.dtype, device)  # no C++ compiler: one line
 
 
 def check_module(model: Any, data: Any, batch_size: int | None) -> None:
