@@ -267,6 +267,26 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
     with torch.random.fork_rng(devices=[]):
         net = build_net(model, in_dim, out_dim)
     paths = {m: p for p, m in net.named_modules()}
+    watched = _watched(net, paths, name)
+    # two batch sizes: the dimension of each output that follows the batch is its batch axis
+    calls = {batch: _forward_calls(net, watched, batch, in_dim, out_dim, name) for batch in (2, 3)}
+    _check_calls(calls[2], paths, name)
+    order, shapes, axes = _batch_axes(calls, paths, name)
+    _add_uncalled(watched, order, shapes, axes)
+    layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
+                         else "conv", paths[m]) for k, m in enumerate(order))
+    n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    try:  # in training mode, as runs train: BatchNorm takes its statistics from the batch
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            net.train()(torch.zeros(1, in_dim))
+        one_sample = None
+    except Exception as e:  # noqa: BLE001 - kept as one line, for check_batch
+        one_sample = f"{type(e).__name__}: {first_line(e)}"
+    return NetInfo(layers, tuple(shapes), tuple(axes), n_params, as_mlp(net, in_dim), one_sample)
+
+
+def _watched(net: nn.Module, paths: dict[nn.Module, str], name: str) -> list[nn.Module]:
+    """The trainable Linear, Conv and norm layers, in module order; a shared or computed weight is refused."""
     owners: dict[int, list[str]] = {}
     for pname, p in net.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -285,19 +305,25 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
                               "weight parameter")
         if weight.requires_grad:  # a frozen layer is not trained: nothing to record
             watched.append(m)
-    calls = {}
-    for batch in (2, 3):  # two batch sizes: the dimension of each output that follows the batch is its batch axis
-        calls[batch] = _forward_calls(net, watched, batch, in_dim, out_dim, name)
+    return watched
+
+
+def _check_calls(calls: list[tuple[nn.Module, tuple[int, ...]]], paths: dict[nn.Module, str], name: str) -> None:
+    """Each layer called once in a forward pass, and a Linear or Conv among them."""
     seen: dict[nn.Module, int] = {}
-    for module, _ in calls[2]:
+    for module, _ in calls:
         seen[module] = seen.get(module, 0) + 1
     twice = [(paths[m], n) for m, n in seen.items() if n > 1]
     if twice:
         raise ConfigError(f"model.net: {name} calls layer {twice[0][0]!r} {twice[0][1]} times in one forward pass; "
                           "gradsweep records each layer once: give each use its own module")
-    if not any(isinstance(m, WEIGHT_LAYERS) for m, _ in calls[2]):
+    if not any(isinstance(m, WEIGHT_LAYERS) for m, _ in calls):
         raise ConfigError(f"model.net: {name} has no trainable nn.Linear or nn.Conv layer in its forward pass; "
                           "gradsweep measures the gradient that reaches those")
+
+
+def _batch_axes(calls: dict[int, list], paths: dict[nn.Module, str], name: str) -> tuple[list, list, list]:
+    """The called layers in call order, each output's shape without its batch axis, and that axis."""
     shapes: list[tuple[int, ...] | None] = []
     axes = []
     for (m, two), (_, three) in zip(calls[2], calls[3]):
@@ -307,26 +333,20 @@ def _describe(model: ModelCfg, in_dim: int, out_dim: int) -> NetInfo:
                               "gradsweep needs one axis of each layer's output to be the batch")
         axes.append(moved[0])
         shapes.append(two[:moved[0]] + two[moved[0] + 1:])
-    # and the layers that pass did not call (a branch other runs may take), their shapes unknown: each right after
-    # the last called layer that comes before it in module order
-    order = [m for m, _ in calls[2]]
+    return [m for m, _ in calls[2]], shapes, axes
+
+
+def _add_uncalled(watched: list[nn.Module], order: list, shapes: list, axes: list) -> None:
+    """The layers the pass did not call (a branch other runs may take), their shapes unknown: each inserted right
+    after the last called layer that comes before it in module order."""
+    called = set(order)
     for i, m in enumerate(watched):
-        if m not in seen:
+        if m not in called:
             before = [order.index(p) for p in watched[:i] if p in order]
             at = max(before) + 1 if before else 0
             order.insert(at, m)
             shapes.insert(at, None)
             axes.insert(at, 0)
-    layers = tuple(Layer(k + 1, "norm" if isinstance(m, NORM_LAYERS) else "linear" if isinstance(m, nn.Linear)
-                         else "conv", paths[m]) for k, m in enumerate(order))
-    n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    try:  # in training mode, as runs train: BatchNorm takes its statistics from the batch
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            net.train()(torch.zeros(1, in_dim))
-        one_sample = None
-    except Exception as e:  # noqa: BLE001 - kept as one line, for check_batch
-        one_sample = f"{type(e).__name__}: {first_line(e)}"
-    return NetInfo(layers, tuple(shapes), tuple(axes), n_params, as_mlp(net, in_dim), one_sample)
 
 
 def _forward_calls(net: nn.Module, watched: list[nn.Module], batch: int, in_dim: int, out_dim: int,
