@@ -230,7 +230,8 @@ class _EagerStep:
     """One step of the eager engine (torch ops, ``baddbmm``; statistics through the plan's probe and hooks)."""
 
     def __init__(self, arch: Any, loss_name: str, stack: Any, opt: StackedOptimizer, max_norm: Any, plan: StatsPlan):
-        self.arch, self.loss_name, self.stack, self.opt, self.max_norm, self.plan = arch, loss_name, stack, opt, max_norm, plan
+        self.arch, self.loss_name, self.stack, self.plan = arch, loss_name, stack, plan
+        self.opt, self.max_norm = opt, max_norm
         self.plist = list(stack.params.values())
         self.step = 0
 
