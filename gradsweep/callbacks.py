@@ -56,13 +56,13 @@ def summarize(sweep_dir: str) -> str:
     one line per run with the ones that tell it apart."""
     import pandas as pd
 
+    from gradsweep.layout import verdict_counts
     from gradsweep.store import load_runs
-    from gradsweep.verdicts import VERDICTS
+    from gradsweep.verdicts import counts_text
 
     runs = load_runs(sweep_dir, write_index=True)
-    counts = runs.verdict.value_counts()
     n = len(runs)
-    lines = [f"{n} run{'s' if n != 1 else ''} in {sweep_dir}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)]
+    lines = [f"{n} run{'s' if n != 1 else ''} in {sweep_dir}: " + counts_text(verdict_counts(runs))]
     if len(runs) <= SUMMARY_ROWS:
         fixed, table = run_table(runs)
         if fixed:

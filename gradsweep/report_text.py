@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from gradsweep.layout import Layout, value_text, verdict_counts
-from gradsweep.verdicts import SEVERITY
+from gradsweep.verdicts import SEVERITY, counts_text
 
 
 def verdict_reason(row: pd.Series) -> str:
@@ -85,8 +85,7 @@ def tune_caption(best_json: Path) -> str:
 
 
 def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
-    counts = verdict_counts(runs)
-    lines = [f"{len(runs)} runs: " + ", ".join(f"{n} {v}" for v, n in counts.items()),
+    lines = [f"{len(runs)} runs: " + counts_text(verdict_counts(runs)),
              f"layout: x={layout.x}, y={layout.y}" + (f", facets={', '.join(layout.facets)}" if layout.facets else "")]
     bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),
                                                  _ext=lambda d: d["grad_ratio_log10"].abs().fillna(np.inf))

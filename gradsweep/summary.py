@@ -144,7 +144,6 @@ class _RunStats:
     median: np.ndarray
     """The medians of ``ratio_t`` and ``wratio_t`` over each run's steps before divergence."""
     wmedian: np.ndarray
-    baseline: np.ndarray
     drop: np.ndarray
     dead_step: np.ndarray
     dead_layer: np.ndarray
@@ -167,7 +166,7 @@ def _run_stats(cfgs: list[RunCfg], trace: GroupTrace, lays: list) -> _RunStats:
     verdict, init_verdict = verdicts(div >= 0, dead_step >= 0, cond)
     with np.errstate(divide="ignore", invalid="ignore"):
         drop = np.log10(trace.loss[0] / trace.final_loss)
-    return _RunStats(_min_loss(trace, valid), ratio_t, wratio_t, median, wmedian, baseline, drop, dead_step, dead_layer,
+    return _RunStats(_min_loss(trace, valid), ratio_t, wratio_t, median, wmedian, drop, dead_step, dead_layer,
                      init_verdict, verdict)
 
 
@@ -194,7 +193,7 @@ def _run_row(r: int, cfg: RunCfg, run_id: str, meta: dict[str, Any], trace: Grou
         "wgrad_ratio_log10": s.wratio_t[0, r],
         "wgrad_ratio_log10_median": s.wmedian[r],
         **_prediction(cfg, trace, predictions),
-        "baseline_loss": s.baseline[r],
+        "baseline_loss": trace.baseline_loss,
         "loss_drop_log10": s.drop[r],
         "dead_step": int(s.dead_step[r]) if dead else None,
         "dead_layer": int(s.dead_layer[r]) if dead else None,

@@ -104,3 +104,8 @@ def verdicts(diverged: np.ndarray, dead: np.ndarray, cond: dict[str, np.ndarray]
                         ["diverged", "dead", "vanishing", "exploding", "stalled"], "healthy").astype(object)
     init = np.select([cond["init_vanishing"], cond["init_exploding"]], ["vanishing", "exploding"], "healthy")
     return verdict, init.astype(object)
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """Counts as the summaries print them: ``4 healthy, 0 stalled, ...``, in the dict's order."""
+    return ", ".join(f"{n} {name}" for name, n in counts.items())

@@ -20,6 +20,7 @@ from gradsweep.figures.style import (  # noqa: E402
     _wrap_title,
 )
 from gradsweep.layout import Layout  # noqa: E402
+from gradsweep.verdicts import counts_text  # noqa: E402
 
 
 def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, baseline: float | None = None) -> plt.Figure:
@@ -122,9 +123,8 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
         ax.set_yscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel(("final loss" if summary["objective"] == "final_loss" else "mean loss over training") + " (log scale)")
-    counts = summary.get("counts") or {"stable": summary["feasible"], "diverged": summary["diverged"]}
     ax.set_title(_wrap_title(f"Learning-rate search: {summary['study_name']}\n{summary['trials']} trials, "
-                             + ", ".join(f"{n} {k}" for k, n in counts.items()), 95), fontsize=10)
+                             + counts_text(summary["counts"]), 95), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     definition = summary.get("edge_definition")

@@ -152,9 +152,10 @@ def trial_counts(frame: Any) -> dict[str, int]:
 
 def describe(summary: dict[str, Any]) -> str:
     best, edge = summary["best"], summary["edge"]
-    counts = summary.get("counts") or {"stable": summary["feasible"], "diverged": summary["diverged"]}
+    from gradsweep.verdicts import counts_text
+
     lines = [f"study {summary['study_name']} ({summary['storage']}): {summary['trials']} trials, "
-             + ", ".join(f"{n} {k}" for k, n in counts.items())]
+             + counts_text(summary["counts"])]
     if best:
         lines.append(f"best stable lr = {best['lr']:.4g} (trial {best['trial']}, {summary['objective']} "
                      f"{best['loss']:.4g}; the lowest loss in the stable band, at least tune.safety below its edge)")
