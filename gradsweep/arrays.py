@@ -1,6 +1,7 @@
 """``data=arrays``: a user's own data file (.npz, .csv or .parquet) read once per process and version, and checked:
-each problem is a :class:`ConfigError` of one line naming the file. ``DataCfg`` resolves its keys here (task,
-n_samples, the file's digest); ``gradsweep.data`` splits and standardises what it reads."""
+each problem is a :class:`ConfigError` of one line naming the file. A ``DataCfg`` is bound to its file here (task,
+n_samples, the file's digest), a step of its own so that building a config reads no file; ``gradsweep.data`` splits
+and standardises what it reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradsweep.checks import check
+from gradsweep.config import DataCfg, RunCfg, build_run_cfg
 from gradsweep.errors import ConfigError, first_line
 
 log = logging.getLogger("gradsweep.data")
@@ -37,11 +39,12 @@ class ArrayFile:
     """The first 16 hex digits of the file's sha256: part of every run's run_id."""
 
 
-def resolve_arrays(cfg: Any) -> None:
-    """Check ``data=arrays``'s keys (a ``DataCfg``) against its file; set ``task``, ``digest``, ``in_dim``,
-    ``out_dim`` and a null ``n_samples`` from it."""
-    if cfg.path is None:
-        raise ConfigError("data.path is required with data=arrays: a .npz, .csv or .parquet file")
+def bind_data(cfg: DataCfg) -> DataCfg:
+    """``cfg`` (a ``DataCfg``) bound to its file when it is ``data=arrays``: the file read (once per process and
+    version) and checked against the keys, and ``task``, ``digest``, ``in_dim``, ``out_dim`` and a null
+    ``n_samples`` set from it, in place. Built-in data is returned as it is. Binding again reads nothing new."""
+    if cfg.name != "arrays":
+        return cfg
     f = read_arrays(cfg.path, cfg.target, cfg.task)
     cfg.task, cfg.digest = f.task, f.digest
     cfg.scale_target = bool(cfg.scale_target) and f.task == "regression"
@@ -54,6 +57,13 @@ def resolve_arrays(cfg: Any) -> None:
         cfg.n_samples = free
     check("data.n_samples", cfg.n_samples, cfg.n_samples <= free,
           f"null or <= {free} for {cfg.path} ({len(f.x)} rows, data.n_test={cfg.n_test})")
+    cfg.__post_init__()  # the bound values checked as any section's are
+    return cfg
+
+
+def bound_run_cfg(values: dict[str, Any]) -> RunCfg:
+    """:func:`gradsweep.config.build_run_cfg`, its data then bound to its file: the config a run trains from."""
+    return build_run_cfg(values, bind_data)
 
 
 def read_arrays(path: str, target: str | None, task: str) -> ArrayFile:

@@ -22,7 +22,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from gradsweep.config import to_run_cfg
+    from gradsweep.compose import to_run_cfg
     from gradsweep.group import job_result
     from gradsweep.store import write_tables
     from gradsweep.summary import build_tables

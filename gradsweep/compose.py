@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import AnyNode, DictConfig, OmegaConf, open_dict
+from omegaconf import AnyNode, DictConfig, OmegaConf, open_dict, read_write
 
-from gradsweep.config import settle_data_dims
+from gradsweep.arrays import bind_data, bound_run_cfg
+from gradsweep.config import RunCfg, build_section
 from gradsweep.hydra_shim import child_node, override_dirname, overrides_parser, schema_type
 
 _PRIMITIVES = (bool, int, float, str, type(None))
@@ -191,3 +192,23 @@ def _apply(cfg: dict[str, Any], override: Any, open_paths: set[str] = frozenset(
         if isinstance(node.get(leaf), (dict, list)) or (leaf not in node and ".".join(parents) not in open_paths):
             raise _Fallback  # struct mode: the key must exist
         node[leaf] = value
+
+
+def settle_data_dims(cfg: Any) -> None:
+    """Set a composed config's (a DictConfig's) data.in_dim and data.out_dim to its data's sizes before it is
+    resolved, so that ``${data.in_dim}`` and ``${data.out_dim}`` anywhere in it read them (data=arrays: from its
+    file)."""
+    data = cfg.get("data") if OmegaConf.is_dict(cfg) else None
+    if not OmegaConf.is_dict(data) or data.get("name") == "gaussian":
+        return
+    settled = bind_data(build_section("data", OmegaConf.to_container(data, resolve=True)))
+    with read_write(data), open_dict(data):
+        data.in_dim, data.out_dim = settled.in_dim, settled.out_dim
+
+
+def to_run_cfg(cfg: Any) -> RunCfg:
+    """Convert Hydra's composed config (a ``DictConfig``) into a bound :class:`RunCfg`. The one conversion point."""
+    settle_data_dims(cfg)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    return bound_run_cfg(values)

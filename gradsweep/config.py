@@ -1,12 +1,13 @@
 """Config schemas: one dataclass per YAML group, validated on construction.
 
-Hydra composes YAML from ``gradsweep/conf/``; :func:`to_run_cfg` converts the composed
-``DictConfig`` once, at the entry point, into a :class:`RunCfg`. Nothing below
-the entry point sees a ``DictConfig``.
+Hydra composes YAML from ``gradsweep/conf/``; ``gradsweep.compose.to_run_cfg`` converts the composed
+``DictConfig`` once, at the entry point, into a :class:`RunCfg`. Nothing below the entry point sees a
+``DictConfig``. Building a config reads no file: ``gradsweep.arrays.bind_data`` binds data=arrays to its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,15 +237,15 @@ class DataCfg:
     def __post_init__(self) -> None:
         choice("data.name", self.name, DATASETS)
         choice("data.task", self.task, TASKS)
-        if self.name == "arrays":  # the file read (once per process) and checked; task, n_samples, digest resolved
-            from gradsweep.arrays import resolve_arrays
-
-            resolve_arrays(self)
+        if self.name == "arrays":  # its file is read when the config is bound to it (gradsweep.arrays.bind_data)
+            if self.path is None:
+                raise ConfigError("data.path is required with data=arrays: a .npz, .csv or .parquet file")
         else:
             for key, default in ARRAYS_KEYS.items():
                 check(f"data.{key}", getattr(self, key), getattr(self, key) == default,
                       f"{default!r} unless data=arrays".replace("None", "null"))
-        check("data.n_samples", self.n_samples, self.n_samples is not None and self.n_samples >= 2,
+        unbound = self.name == "arrays" and self.n_samples is None  # every row the test set leaves, once bound
+        check("data.n_samples", self.n_samples, unbound or (self.n_samples is not None and self.n_samples >= 2),
                "an integer >= 2 (null only for data=arrays); one sample has no baseline loss to beat")
         check("data.n_test", self.n_test, self.n_test >= 0, "an integer >= 0")
         check("data.n_features", self.n_features, self.n_features >= 1, "an integer >= 1")
@@ -267,19 +268,6 @@ class DataCfg:
 def builtin_dims(name: str, n_features: int) -> tuple[int, int]:
     """(input features, outputs) of the built-in data ``name`` (regression, scaled, digits) with ``n_features``."""
     return (64, DIGITS_CLASSES) if name == "digits" else ((1 if name == "regression" else n_features), 1)
-
-
-def settle_data_dims(cfg: Any) -> None:
-    """Set a composed config's (a DictConfig's) data.in_dim and data.out_dim to its data's sizes before it is
-    resolved, so that ``${data.in_dim}`` and ``${data.out_dim}`` anywhere in it read them."""
-    from omegaconf import OmegaConf, open_dict, read_write
-
-    data = cfg.get("data") if OmegaConf.is_dict(cfg) else None
-    if not OmegaConf.is_dict(data) or data.get("name") == "gaussian":
-        return
-    settled = build_section("data", OmegaConf.to_container(data, resolve=True))
-    with read_write(data), open_dict(data):
-        data.in_dim, data.out_dim = settled.in_dim, settled.out_dim
 
 
 @dataclass
@@ -328,6 +316,9 @@ class RunCfg:
     """Top-level keys added with ``+key=value`` (e.g. a tag); recorded as columns."""
 
     def __post_init__(self) -> None:
+        if self.data.name == "arrays" and not self.data.digest:  # its sizes and task are the file's: unknown yet
+            raise ValueError("a data=arrays config is checked whole only once bound to its file: build it with "
+                             "gradsweep.arrays.bound_run_cfg")
         choice("device", self.device, DEVICES)
         choice("engine", self.engine, ENGINES)
         choice("loss", self.loss, LOSSES)
@@ -370,8 +361,10 @@ def build_section(name: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def build_run_cfg(values: dict[str, Any]) -> RunCfg:
-    """Build a validated :class:`RunCfg` from a plain nested dict (the resolved config, ``hydra`` removed)."""
+def build_run_cfg(values: dict[str, Any], bind_data: Callable[[DataCfg], DataCfg] | None = None) -> RunCfg:
+    """Build a validated :class:`RunCfg` from a plain nested dict (the resolved config, ``hydra`` removed).
+    ``bind_data`` binds the data section to its file (data=arrays) before the sections are checked together:
+    ``gradsweep.arrays.bound_run_cfg`` passes it; without it a data=arrays config is refused."""
     sections = {}
     top = {}
     extra = {}
@@ -387,14 +380,6 @@ def build_run_cfg(values: dict[str, Any]) -> RunCfg:
                 valid = ", ".join([*SECTIONS, *TOP_LEVEL])
                 raise ConfigError(f"{key} is not a known key; valid keys: {valid} (or +name=<scalar> to tag runs)")
             extra[key] = value
+    if bind_data is not None and "data" in sections:
+        sections["data"] = bind_data(sections["data"])
     return RunCfg(**sections, **top, extra=extra)
-
-
-def to_run_cfg(cfg: Any) -> RunCfg:
-    """Convert Hydra's composed config (a ``DictConfig``) into a :class:`RunCfg`. The one conversion point."""
-    from omegaconf import OmegaConf
-
-    settle_data_dims(cfg)
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("hydra", None)
-    return build_run_cfg(values)

@@ -69,6 +69,8 @@ def _arrays(cfg: DataCfg, rs: np.random.RandomState) -> Data:
     trains; else shuffled by data.seed and split as digits is. Features standardised with the training rows' mean
     and std (a constant feature stays 0); regression targets likewise with data.scale_target (else as written),
     classification targets as class indices."""
+    if not cfg.digest:  # n_samples and the task are the file's once bound: unbound, the split would be wrong
+        raise ValueError("a data=arrays config trains only once bound to its file (gradsweep.arrays.bind_data)")
     f = read_arrays(cfg.path, cfg.target, cfg.task)
     if f.x_test is not None:
         x, y, xt, yt = f.x[:cfg.n_samples], f.y[:cfg.n_samples], f.x_test, f.y_test
@@ -81,7 +83,7 @@ def _arrays(cfg: DataCfg, rs: np.random.RandomState) -> Data:
     mean, std = x.mean(axis=0), x.std(axis=0)
     std[std == 0] = 1.0
     x, xt = (x - mean) / std, (xt - mean) / std
-    if cfg.scale_target:  # resolve_arrays keeps it true for regression only
+    if cfg.scale_target:  # bind_data keeps it true for regression only
         mean, std = y.mean(axis=0), y.std(axis=0)
         std[std == 0] = 1.0
         y, yt = (y - mean) / std, (yt - mean) / std

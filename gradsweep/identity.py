@@ -95,6 +95,9 @@ def config_hash(cfg: RunCfg) -> str:
     if payload["data"]["name"] != "gaussian":  # derived from the data: hashed as the constants they were before
         payload["data"]["in_dim"], payload["data"]["out_dim"] = DataCfg.in_dim, DataCfg.out_dim
     if payload["data"]["name"] == "arrays":  # the file's content (data.digest), not how its path is spelled
+        if not payload["data"]["digest"]:  # a programming error: two files would share one run_id
+            raise ValueError("a data=arrays config has no run_id before it is bound to its file "
+                             "(gradsweep.arrays.bind_data)")
         del payload["data"]["path"]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:16]

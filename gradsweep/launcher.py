@@ -138,15 +138,15 @@ class _Sweep:
 def _compose(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path) -> _Sweep:
     """Every job composed and checked before any trains: one bad value (ConfigError) fails the sweep with nothing
     written."""
+    from gradsweep.arrays import bound_run_cfg
     from gradsweep.compose import SweepComposer
-    from gradsweep.config import build_run_cfg
     from gradsweep.device import resolve_device
     from gradsweep.nets import check_batch
 
     config = launcher.config
     composer = SweepComposer(launcher.hydra_context.config_loader, config)
     jobs = [composer.compose(list(ov), initial_job_idx + i) for i, ov in enumerate(job_overrides)]
-    cfgs = [build_run_cfg(job.task) for job in jobs]
+    cfgs = [bound_run_cfg(job.task) for job in jobs]
     for device in {c.device for c in cfgs}:
         resolve_device(device)
     for c in cfgs:  # a module that cannot train on the one sample a step would give it

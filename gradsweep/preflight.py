@@ -12,14 +12,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from gradsweep.arrays import bind_data, bound_run_cfg
+from gradsweep.compose import settle_data_dims
 from gradsweep.config import (
     SECTIONS,
     TOP_LEVEL,
     ConfigError,
-    build_run_cfg,
     build_section,
     first_line,
-    settle_data_dims,
 )
 from gradsweep.hydra_shim import value_text
 
@@ -97,7 +97,7 @@ def check_overrides(overrides: list[str], multirun: bool = True) -> None:
             if not (isinstance(value, str) and "${" in value):  # an interpolation: checked resolved, in the job
                 _check_value(o, value, parsed, base)
     if base:
-        _check_job(build_run_cfg(base))
+        _check_job(bound_run_cfg(base))
 
 
 def _check_name(o: Any) -> None:
@@ -125,13 +125,13 @@ def _check_value(o: Any, value: Any, parsed: list[Any], base: dict[str, Any]) ->
         checked = build_section(section, _with(base.get(section, {}), field, value))
         if (section in ("model", "data") or key == "train.batch_size") and base:  # a module, run on the data
             model = checked if section == "model" else build_section("model", base["model"])
-            data = checked if section == "data" else build_section("data", base["data"])
+            data = bind_data(checked if section == "data" else build_section("data", base["data"]))
             train = checked if section == "train" else build_section("train", base["train"])
             check_module(model, data, train.batch_size)
     elif key in TOP_LEVEL:
-        build_run_cfg({**base, key: value})
+        bound_run_cfg({**base, key: value})
     elif key in ("model", "data") and base and len(_values(o)) > 1:  # each model and data preset's job whole
-        job = build_run_cfg(compose_values([line if other is not o else f"{key}={value_text(value)}"
+        job = bound_run_cfg(compose_values([line if other is not o else f"{key}={value_text(value)}"
                                             for line, other in zip(_first_job(parsed), parsed)
                                             if line is not None or other is o]))
         check_module(job.model, job.data, job.train.batch_size)

@@ -13,7 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADSWEEP_MAX_THREADS", "1")  # gradsweep's own choice (device.choose_threads) stays within it
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # engine=compiled: no pool of compile workers per worker
 
-from gradsweep.config import RunCfg, build_run_cfg
+from gradsweep.arrays import bound_run_cfg
+from gradsweep.config import RunCfg
 
 # Modules whose tests share an expensive module-scoped fixture (a real sweep, a SLURM cluster), longest first: each
 # runs on one xdist worker (--dist loadgroup), so the fixture is built once, and they are handed out first, so that
@@ -43,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 def make_cfg(**sections) -> RunCfg:
     """A RunCfg from section dicts, e.g. make_cfg(model={"depth": 3}, train={"steps": 5})."""
     base = {"quiet": True, "device": "cpu"}
-    return build_run_cfg({**base, **sections})
+    return bound_run_cfg({**base, **sections})
 
 
 # The probe below took ~0.1 s on the machine the timeouts were set on (2-core AMD EPYC, 2026-11-27, the test suite

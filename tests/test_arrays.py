@@ -13,11 +13,17 @@ import pytest
 import torch
 from conftest import scaled
 
+from gradsweep.arrays import bind_data, bound_run_cfg
 from gradsweep.config import ConfigError, DataCfg, build_run_cfg
 from gradsweep.data import data_shape, load_data
 from gradsweep.identity import config_hash
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def arrays(**keys) -> DataCfg:
+    """A data=arrays section bound to its file, as a run's is."""
+    return bind_data(DataCfg(name="arrays", **keys))
 
 
 def _regression_frame(n: int = 40, seed: int = 0) -> pd.DataFrame:
@@ -34,7 +40,7 @@ def _standardised(x: np.ndarray, train: np.ndarray) -> np.ndarray:
 def test_a_csv_round_trips_as_regression_data(tmp_path):
     frame = _regression_frame()
     frame.to_csv(tmp_path / "d.csv", index=False)
-    cfg = DataCfg(name="arrays", path=str(tmp_path / "d.csv"), target="y", n_samples=None)
+    cfg = arrays(path=str(tmp_path / "d.csv"), target="y", n_samples=None)
     assert (cfg.task, cfg.n_samples, len(cfg.digest)) == ("regression", 40, 16)
     d = load_data(cfg)
     x = frame[["a", "b", "c"]].to_numpy()
@@ -48,7 +54,7 @@ def test_a_csv_round_trips_as_regression_data(tmp_path):
 def test_a_held_out_split_is_seeded_and_standardised_by_the_training_rows(tmp_path):
     frame = _regression_frame(50)
     frame.to_parquet(tmp_path / "d.parquet")
-    cfg = DataCfg(name="arrays", path=str(tmp_path / "d.parquet"), target="y", n_samples=None, n_test=10, seed=3)
+    cfg = arrays(path=str(tmp_path / "d.parquet"), target="y", n_samples=None, n_test=10, seed=3)
     d = load_data(cfg)
     order = np.random.RandomState(3).permutation(50)
     x = frame[["a", "b", "c"]].to_numpy()
@@ -63,7 +69,7 @@ def test_an_npz_with_its_own_test_split_classifies_integer_labels(tmp_path):
     x, xt = rs.randn(30, 4), rs.randn(12, 4)
     y, yt = rs.randint(3, 6, 30), rs.randint(3, 6, 12)  # labels 3, 4, 5 -> classes 0, 1, 2
     np.savez(tmp_path / "d.npz", x=x, y=y, x_test=xt, y_test=yt)
-    cfg = build_run_cfg({"data": {"name": "arrays", "path": str(tmp_path / "d.npz"), "n_samples": None}})
+    cfg = bound_run_cfg({"data": {"name": "arrays", "path": str(tmp_path / "d.npz"), "n_samples": None}})
     assert (cfg.data.task, cfg.loss) == ("classification", "cross_entropy")
     d = load_data(cfg.data)
     assert d.out_dim == 3 and d.y.dtype == torch.int64
@@ -75,18 +81,18 @@ def test_text_labels_classify_and_task_can_be_forced(tmp_path):
     frame = _regression_frame(20)
     frame["label"] = np.where(frame["y"] > 0, "up", "down")
     frame.drop(columns="y").to_csv(tmp_path / "t.csv", index=False)
-    d = load_data(DataCfg(name="arrays", path=str(tmp_path / "t.csv"), target="label", n_samples=None))
+    d = load_data(arrays(path=str(tmp_path / "t.csv"), target="label", n_samples=None))
     assert d.out_dim == 2 and torch.equal(d.y, torch.from_numpy((frame["label"] == "up").to_numpy().astype(np.int64)))
     frame["k"] = (frame["y"] > 0).astype(int)
     frame.drop(columns=["y", "label"]).to_csv(tmp_path / "k.csv", index=False)
-    forced = DataCfg(name="arrays", path=str(tmp_path / "k.csv"), target="k", n_samples=None, task="regression")
+    forced = arrays(path=str(tmp_path / "k.csv"), target="k", n_samples=None, task="regression")
     assert forced.task == "regression" and load_data(forced).y.dtype == torch.float32
 
 
 def test_regression_targets_are_standardised_by_the_training_rows_when_scale_target_is_set(tmp_path):
     frame = _regression_frame(50).assign(y=lambda f: 300 * f["y"] + 150)  # a target of variance ~1e5, like diabetes
     frame.to_csv(tmp_path / "d.csv", index=False)
-    cfg = DataCfg(name="arrays", path=str(tmp_path / "d.csv"), target="y", n_samples=None, n_test=10,
+    cfg = arrays(path=str(tmp_path / "d.csv"), target="y", n_samples=None, n_test=10,
                   scale_target=True)
     d = load_data(cfg)
     order = np.random.RandomState(0).permutation(50)
@@ -98,16 +104,16 @@ def test_regression_targets_are_standardised_by_the_training_rows_when_scale_tar
     assert baseline_loss("mse", d.y) == pytest.approx(1.0, rel=1e-5)  # predicting the mean scores 1
     labels = pd.DataFrame({"a": np.arange(20.0), "y": np.arange(20) % 3})  # classification has no target scale
     labels.to_csv(tmp_path / "c.csv", index=False)
-    assert DataCfg(name="arrays", path=str(tmp_path / "c.csv"), target="y", n_samples=None,
+    assert arrays(path=str(tmp_path / "c.csv"), target="y", n_samples=None,
                    scale_target=True).scale_target is False
 
 
 def test_scale_target_enters_the_run_id_only_when_set(tmp_path):
     (tmp_path / "d.csv").write_text("a,y\n0.5,1.5\n-1.0,2.0\n2.0,-0.5\n")
     data = {"name": "arrays", "path": str(tmp_path / "d.csv"), "target": "y", "n_samples": None}
-    off = config_hash(build_run_cfg({"data": {**data, "scale_target": False}}))
+    off = config_hash(bound_run_cfg({"data": {**data, "scale_target": False}}))
     assert off == "afa4d696251f520c"  # this file's runs' run_id before data.scale_target existed
-    assert config_hash(build_run_cfg({"data": {**data, "scale_target": True}})) != off
+    assert config_hash(bound_run_cfg({"data": {**data, "scale_target": True}})) != off
     with pytest.raises(ConfigError, match="data.scale_target=True is not valid.*False unless data=arrays"):
         DataCfg(scale_target=True)
 
@@ -116,9 +122,9 @@ def test_the_run_id_follows_the_files_content(tmp_path):
     frame = _regression_frame()
     frame.to_csv(tmp_path / "d.csv", index=False)
     cfg = {"data": {"name": "arrays", "path": str(tmp_path / "d.csv"), "target": "y", "n_samples": None}}
-    before = config_hash(build_run_cfg(cfg))
+    before = config_hash(bound_run_cfg(cfg))
     frame.assign(y=frame["y"] + 1).to_csv(tmp_path / "d.csv", index=False)
-    assert config_hash(build_run_cfg(cfg)) != before
+    assert config_hash(bound_run_cfg(cfg)) != before
 
 
 def test_boolean_and_integer_features_beside_floats(tmp_path):
@@ -127,7 +133,7 @@ def test_boolean_and_integer_features_beside_floats(tmp_path):
     frame.to_csv(tmp_path / "mixed.csv", index=False)
     frame.astype({"c": "Int64"}).to_parquet(tmp_path / "mixed.parquet")
     for name in ("mixed.csv", "mixed.parquet"):
-        d = load_data(DataCfg(name="arrays", path=str(tmp_path / name), target="y", n_samples=None))
+        d = load_data(arrays(path=str(tmp_path / name), target="y", n_samples=None))
         x = frame[["a", "b", "c"]].to_numpy(dtype=np.float64)
         np.testing.assert_allclose(d.x.numpy(), _standardised(x, x), rtol=1e-6, atol=1e-6)
 
@@ -135,7 +141,7 @@ def test_boolean_and_integer_features_beside_floats(tmp_path):
 def test_the_run_id_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
     _regression_frame().to_csv(tmp_path / "d.csv", index=False)
     monkeypatch.chdir(tmp_path)
-    ids = {config_hash(build_run_cfg({"data": {"name": "arrays", "path": p, "target": "y", "n_samples": None}}))
+    ids = {config_hash(bound_run_cfg({"data": {"name": "arrays", "path": p, "target": "y", "n_samples": None}}))
            for p in ("d.csv", "./d.csv", str(tmp_path / "d.csv"))}
     assert len(ids) == 1
 
@@ -175,7 +181,7 @@ def _bad_files(tmp: Path) -> list[tuple[dict, str]]:
 def test_each_bad_file_is_one_line_naming_the_file_and_the_problem(tmp_path):
     for data, message in _bad_files(tmp_path):
         with pytest.raises(ConfigError) as e:
-            build_run_cfg({"data": {"name": "arrays", "n_samples": None, **data}})
+            bound_run_cfg({"data": {"name": "arrays", "n_samples": None, **data}})
         assert message in str(e.value) and "\n" not in str(e.value), (data, str(e.value))
 
 
@@ -201,3 +207,17 @@ def test_a_sweep_on_a_csv_from_the_command_line(tmp_path):
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()
     assert bad.stderr.strip().splitlines() == [
         "gradsweep: error: data.target='nope' is not a column of mine.csv; valid values: a, b, c, y"]
+
+
+def test_building_a_config_reads_no_file_binding_it_does(tmp_path):
+    missing = str(tmp_path / "missing.csv")
+    data = DataCfg(name="arrays", path=missing, target="y", n_samples=None)  # constructing opens nothing
+    assert (data.task, data.digest, data.n_samples) == ("auto", "", None)
+    with pytest.raises(ConfigError, match="missing.csv"):
+        bind_data(data)
+    with pytest.raises(ValueError, match="bound_run_cfg"):  # checked whole only with the file's sizes and task
+        build_run_cfg({"data": {"name": "arrays", "path": missing, "target": "y", "n_samples": None}})
+    pd.DataFrame({"a": np.arange(8.0), "y": np.arange(8.0)}).to_csv(tmp_path / "d.csv", index=False)
+    cfg = bound_run_cfg({"data": {"name": "arrays", "path": str(tmp_path / "d.csv"), "target": "y", "n_samples": None}})
+    assert (cfg.data.task, cfg.data.n_samples, cfg.data.in_dim, cfg.loss) == ("regression", 8, 1, "mse")
+    assert len(cfg.data.digest) == 16

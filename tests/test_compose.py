@@ -8,8 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from gradsweep.compose import SweepComposer
-from gradsweep.config import settle_data_dims
+from gradsweep.compose import SweepComposer, settle_data_dims
 from gradsweep.hydra_shim import basic_sweeper, parse_overrides
 from gradsweep.preflight import CONF_DIR
 

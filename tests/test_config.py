@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 
+from gradsweep.compose import to_run_cfg
 from gradsweep.config import (
     ConfigError,
     InitCfg,
     RunCfg,
     build_run_cfg,
-    to_run_cfg,
 )
 from gradsweep.identity import as_dict, config_hash, flatten
 from gradsweep.preflight import group_options

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradsweep.arrays import bound_run_cfg
 from gradsweep.checks import check, coerce, field_hints
-from gradsweep.config import SECTIONS, RunCfg, build_run_cfg
+from gradsweep.config import SECTIONS, RunCfg
 from gradsweep.errors import ConfigError, first_line
 from gradsweep.schema import TUNE_DIR
 from gradsweep.store import RunIndex
@@ -102,7 +103,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
     check_overrides(run_overrides)
     values = compose_values([f"+{TUNE_DIR}=default", *overrides])
     tune = build_tune_cfg(values.pop(TUNE_DIR))
-    base = build_run_cfg(values)
+    base = bound_run_cfg(values)
     for dim in tune.search:  # every bound must make a valid run
         for bound in (dim.low, dim.high):
             trial_values(values, tune.lr_min, {dim.key: bound}, check=True)

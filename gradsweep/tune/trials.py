@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.config import build_run_cfg
+from gradsweep.arrays import bound_run_cfg
 from gradsweep.group import GroupJob, plan, run_group
 from gradsweep.identity import config_hash
 from gradsweep.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_DIR
@@ -29,7 +29,7 @@ def trial_values(values: dict[str, Any], lr: float, extra: dict[str, float], che
         section, name = key.split(".", 1)
         out[section][name] = v
     if check:
-        build_run_cfg(out)
+        bound_run_cfg(out)
     return out
 
 
@@ -111,7 +111,7 @@ def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneC
         extra = {d.key: t.suggest_float(d.key, d.low, d.high, log=d.log) for d in tune.search}
         params.append((lr, extra))
     plain = [trial_values(values, lr, extra) for lr, extra in params]
-    cfgs = [build_run_cfg(p) for p in plain]
+    cfgs = [bound_run_cfg(p) for p in plain]
     overrides = [[f"optim.lr={lr!r}", *(f"{k}={v!r}" for k, v in extra.items())] for lr, extra in params]
     run_ids = [config_hash(c) for c in cfgs]
     known: dict[str, CompleteRun | Exception] = dict((index or RunIndex(tdir)).refresh().by_id)
