@@ -17,7 +17,7 @@ __all__ = ["load_sweep", "select", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that Hydra's plugin and callback discovery does not import torch and pandas.
     if name in ("load_sweep", "select"):
-        from gradsweep import store
+        from gradsweep.results import store
 
         return getattr(store, name)
     raise AttributeError(f"module 'gradsweep' has no attribute {name!r}")

@@ -1,5 +1,5 @@
-from gradsweep.cli import main
 from gradsweep.shutdown import run_and_exit
+from gradsweep.sweep.cli import main
 
 if __name__ == "__main__":
     run_and_exit(main)

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradsweep.config import build_run_cfg
-from gradsweep.data import make_data
-from gradsweep.train import train_group
+from gradsweep.config.sections import build_run_cfg
+from gradsweep.engine.data import make_data
+from gradsweep.engine.train import train_group
 
 
 def article_net(depth: int, width: int, device: str) -> nn.Sequential:
@@ -87,7 +87,7 @@ def _cli_sweep(args: list[str], sweep_dir: Path) -> float:
 
 def _training_s(sweep_dir: Path) -> float:
     """Seconds spent inside train_group: every run of a group records the group's wall_s."""
-    from gradsweep.store import load_runs
+    from gradsweep.results.store import load_runs
 
     runs = load_runs(sweep_dir)
     return float(runs.drop_duplicates(["wall_s", "group_size"])["wall_s"].sum())

@@ -1,6 +1,6 @@
 """gradsweep's exceptions: every error a user can fix is one of these, its message one line.
 
-Library code raises them; only the commands (``gradsweep.cli``, ``gradsweep.report``, ``gradsweep.tune.cli``)
+Library code raises them; only the commands (``gradsweep.sweep.cli``, ``gradsweep.report.build``, ``gradsweep.tune.cli``)
 and the Hydra plugin's ``launch`` (the boundary Hydra calls, which would print anything else as a traceback)
 turn them into ``gradsweep: error: <message>`` and exit status ``GradsweepError.exit_code``.
 """

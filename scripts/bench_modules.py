@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from gradsweep.bench import run_lr
-from gradsweep.config import build_run_cfg
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.config.sections import build_run_cfg
+from gradsweep.engine.train import train_group
+from gradsweep.results.tables import build_tables
 
 NETS = textwrap.dedent('''
     import torch
@@ -95,7 +95,7 @@ def main() -> None:
             engines[name] = trace.engine
             print(f"round {r + 1}: {name}: {t:.2f} s", flush=True)
     # run by run: vmap refused (what a module with dropout or data-dependent control flow gets)
-    from gradsweep import modules
+    from gradsweep.engine import module_runs as modules
 
     vmapped = modules.ModuleStep.__init__
 

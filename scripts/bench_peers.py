@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gradsweep.bench import _cfgs, article_data, article_net, run_lr
-from gradsweep.train import train_group
+from gradsweep.engine.train import train_group
 
 
 def plain_loop(runs: int, steps: int, depth: int, width: int, device: str = "cpu") -> torch.Tensor:
@@ -154,7 +154,7 @@ _not_fused = _patched("fused", "applies", lambda *args: False)
 def warm_compile_s(runs: int, depth: int, width: int, device: str) -> float:
     """Seconds to the first compiled step in a fresh process (inductor's caches warm), less its eager twin's."""
     code = ("import dataclasses, time, torch; torch.set_num_threads(1)\n"
-            "from gradsweep.bench import _cfgs, article_net\nfrom gradsweep.train import train_group\n"
+            "from gradsweep.bench import _cfgs, article_net\nfrom gradsweep.engine.train import train_group\n"
             f"c = _cfgs({runs}, 2, {depth}, {width}, 1, {device!r})\n"
             "for e in ('eager', 'compiled'):\n"
             "    t0 = time.perf_counter(); train_group([dataclasses.replace(x, engine=e) for x in c])\n"

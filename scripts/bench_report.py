@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradsweep.config import build_run_cfg
-from gradsweep.group import GroupLimits, plan
-from gradsweep.preflight import CONF_DIR
-from gradsweep.report import make_report
-from gradsweep.schema import RUNS_INDEX
-from gradsweep.store import write_tables
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.config.sections import build_run_cfg
+from gradsweep.engine.train import train_group
+from gradsweep.report.build import make_report
+from gradsweep.results.schema import RUNS_INDEX
+from gradsweep.results.store import write_tables
+from gradsweep.results.tables import build_tables
+from gradsweep.sweep.group import GroupLimits, plan
+from gradsweep.sweep.preflight import CONF_DIR
 
 LRS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 CLIPS = [None, 0.1, 1.0, 10.0, 100.0]

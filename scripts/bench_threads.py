@@ -1,5 +1,5 @@
 """The README's quick-start sweep on an idle machine and next to two busy processes, with gradsweep's thread choice
-(``gradsweep.device.choose_threads``) and with torch's default of one thread per core (``GRADSWEEP_THREADS=<cores>``).
+(``gradsweep.engine.device.choose_threads``) and with torch's default of one thread per core (``GRADSWEEP_THREADS=<cores>``).
 
 The busy processes are bounded busy loops this script starts itself (one per core, each stopping on its own after
 its time). Rounds interleave the rows; the median of the rounds is reported.

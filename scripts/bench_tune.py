@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gradsweep.config import build_run_cfg
-from gradsweep.train import train_group
+from gradsweep.config.sections import build_run_cfg
+from gradsweep.engine.train import train_group
 
 ARGS = ["model.depth=10", "init=kaiming", "quiet=true"]
 

@@ -13,8 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADSWEEP_MAX_THREADS", "1")  # gradsweep's own choice (device.choose_threads) stays within it
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # engine=compiled: no pool of compile workers per worker
 
-from gradsweep.arrays import bound_run_cfg
-from gradsweep.config import RunCfg
+from gradsweep.config.sections import RunCfg
+from gradsweep.engine.arrays import bound_run_cfg
 
 # Modules whose tests share an expensive module-scoped fixture (a real sweep, a SLURM cluster), longest first: each
 # runs on one xdist worker (--dist loadgroup), so the fixture is built once, and they are handed out first, so that
@@ -87,7 +87,7 @@ def composed():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from gradsweep.preflight import CONF_DIR
+    from gradsweep.sweep.preflight import CONF_DIR
 
     def _compose(overrides: list[str] | None = None):
         GlobalHydra.instance().clear()

@@ -27,7 +27,7 @@ import os, runpy, sys, time
 from pathlib import Path
 
 sys.path[0] = os.getcwd()  # as `python -m` has it: the checkout the test runs in, not this script's folder
-import gradsweep.train as train
+import gradsweep.engine.train as train
 
 group, step, marker = int(os.environ["HOLD_GROUP"]), int(os.environ["HOLD_STEP"]), Path(os.environ["HOLD_MARKER"])
 made, started = train.progress_bar, 0

@@ -9,11 +9,11 @@ from pathlib import Path
 from conftest import make_cfg
 from omegaconf import OmegaConf
 
-from gradsweep.group import plan
-from gradsweep.preflight import CONF_DIR
-from gradsweep.store import write_tables
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.engine.train import train_group
+from gradsweep.results.store import write_tables
+from gradsweep.results.tables import build_tables
+from gradsweep.sweep.group import plan
+from gradsweep.sweep.preflight import CONF_DIR
 
 
 def grid(**swept) -> list[dict]:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import scaled
 
-from gradsweep.arrays import bind_data, bound_run_cfg
-from gradsweep.config import ConfigError, DataCfg, build_run_cfg
-from gradsweep.data import data_shape, load_data
-from gradsweep.identity import config_hash
+from gradsweep.config.identity import config_hash
+from gradsweep.config.sections import ConfigError, DataCfg, build_run_cfg
+from gradsweep.engine.arrays import bind_data, bound_run_cfg
+from gradsweep.engine.data import data_shape, load_data
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_regression_targets_are_standardised_by_the_training_rows_when_scale_tar
     y = frame[["y"]].to_numpy()
     np.testing.assert_allclose(d.y.numpy(), _standardised(y[order[10:]], y[order[10:]]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(d.y_test.numpy(), _standardised(y[order[:10]], y[order[10:]]), rtol=1e-5, atol=1e-6)
-    from gradsweep.losses import baseline_loss
+    from gradsweep.engine.losses import baseline_loss
 
     assert baseline_loss("mse", d.y) == pytest.approx(1.0, rel=1e-5)  # predicting the mean scores 1
     labels = pd.DataFrame({"a": np.arange(20.0), "y": np.arange(20) % 3})  # classification has no target scale

@@ -155,7 +155,7 @@ def test_bad_input(good, tmp_path, monkeypatch, capsys, tool, argv, words):
     before = _digest(good)
     args = argv(good, tmp_path) + (["--quiet"] if tool == REPORT else [])  # no progress bar on stderr
     monkeypatch.chdir(tmp_path)
-    main = importlib.import_module("gradsweep.cli" if tool == RUN else tool).main
+    main = importlib.import_module("gradsweep.sweep.cli" if tool == RUN else tool).main
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err

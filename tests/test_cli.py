@@ -13,9 +13,9 @@ import torch
 from conftest import scaled
 
 from gradsweep import load_sweep
-from gradsweep.cli import main
-from gradsweep.layout import aggregate, infer_layout
-from gradsweep.verdicts import VERDICTS
+from gradsweep.report.layout import aggregate, infer_layout
+from gradsweep.results.verdicts import VERDICTS
+from gradsweep.sweep.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_help_lists_every_runner_group_and_its_options():
     """The help's group list is written out (Hydra's would list the tuner's own group too): it must stay true."""
     import yaml
 
-    from gradsweep.preflight import GROUPS, group_options
+    from gradsweep.sweep.preflight import GROUPS, group_options
 
     template = yaml.safe_load((REPO / "gradsweep" / "conf" / "hydra" / "help" / "gradsweep.yaml").read_text())["template"]
     for group in GROUPS:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import make_cfg, scaled
 
-from gradsweep import compiled
-from gradsweep.compiled import AUTO_MIN_RUN_STEPS_CPU, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL, bucket, resolve_engine
-from gradsweep.config import ConfigError
-from gradsweep.identity import config_hash
-from gradsweep.train import train_group
+from gradsweep.config.identity import config_hash
+from gradsweep.config.sections import ConfigError
+from gradsweep.engine import compiled
+from gradsweep.engine.compiled import AUTO_MIN_RUN_STEPS_CPU, AUTO_MIN_RUN_STEPS_CPU_NO_KERNEL, bucket, resolve_engine
+from gradsweep.engine.train import train_group
 
 
 def test_buckets_pad_at_most_an_eighth_and_are_shared():
@@ -122,8 +122,8 @@ CACHE_PROBE = """
 import json
 from torch._dynamo.utils import counters
 from test_compiled import _programs_shape_cfg
-from gradsweep.programs import LOADED
-from gradsweep.train import train_group
+from gradsweep.engine.programs import LOADED
+from gradsweep.engine.train import train_group
 trace = train_group([_programs_shape_cfg()])
 print(json.dumps({"programs": LOADED, "traced": counters["stats"]["unique_graphs"],
                   "miss": counters["inductor"]["fxgraph_cache_miss"],
@@ -135,11 +135,11 @@ print(json.dumps({"programs": LOADED, "traced": counters["stats"]["unique_graphs
 @pytest.mark.xdist_group("compiled")
 def test_a_second_process_compiles_nothing():
     """This process compiles the shape (or an earlier test on this worker did) and saves its programs
-    (gradsweep.programs); a new process of the same shape loads both, traces and compiles nothing, and computes
+    (gradsweep.engine.programs); a new process of the same shape loads both, traces and compiles nothing, and computes
     the same bits."""
     here = train_group([_programs_shape_cfg()])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    assert env.get("TORCHINDUCTOR_CACHE_DIR")  # set by gradsweep.compiled before compiling (or by the caller)
+    assert env.get("TORCHINDUCTOR_CACHE_DIR")  # set by gradsweep.engine.compiled before compiling (or by the caller)
     out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True,
                          timeout=scaled(600)).stdout.strip().splitlines()[-1]
     there = json.loads(out)
@@ -153,12 +153,12 @@ def test_its_float32_statistics_keep_a_signal_whose_squares_underflow(monkeypatc
     """Depth-30 sigmoid: |dL/dh_1| ~ 1e-26, whose squares float32 rounds to 0. The compiled step's statistics (the
     kernel's sums of (dL/dh * scale)^2 and layer_sums' scaled sums) record what float64 records. The programs run
     as written, without torch.compile (their Python is what inductor compiles; compiling this shape costs ~50 s)."""
-    from gradsweep import compiled
-    from gradsweep.summary import build_tables
+    from gradsweep.engine import compiled
+    from gradsweep.results.tables import build_tables
 
     if compiled.linear_form(torch.device("cpu")) != "kernel":
         pytest.skip("needs the stacked-Linear kernel (a C++ compiler)")
-    from gradsweep.programs import Program
+    from gradsweep.engine.programs import Program
 
     monkeypatch.setattr(compiled, "_PROGRAMS", {})
     monkeypatch.setattr(Program, "_prepare", lambda self, args, spec: self.fn)

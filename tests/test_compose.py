@@ -8,9 +8,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from gradsweep.compose import SweepComposer, settle_data_dims
 from gradsweep.hydra_shim import basic_sweeper, parse_overrides
-from gradsweep.preflight import CONF_DIR
+from gradsweep.sweep.compose import SweepComposer, settle_data_dims
+from gradsweep.sweep.preflight import CONF_DIR
 
 
 @pytest.fixture

@@ -7,15 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gradsweep.compose import to_run_cfg
-from gradsweep.config import (
+from gradsweep.config.identity import as_dict, config_hash, flatten
+from gradsweep.config.sections import (
     ConfigError,
     InitCfg,
     RunCfg,
     build_run_cfg,
 )
-from gradsweep.identity import as_dict, config_hash, flatten
-from gradsweep.preflight import group_options
+from gradsweep.sweep.compose import to_run_cfg
+from gradsweep.sweep.preflight import group_options
 from gradsweep.tune.config import SearchDim, TuneCfg
 
 

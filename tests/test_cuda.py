@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from gradsweep.device import resolve_device
-from gradsweep.train import train_group
+from gradsweep.engine.device import resolve_device
+from gradsweep.engine.train import train_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -71,8 +71,8 @@ def _peak_bytes(cfgs) -> int:
 
 
 def test_device_memory_estimate_bounds_what_a_group_takes():
-    from gradsweep.device import device_bytes_per_run, free_device_bytes
-    from gradsweep.group import runs_per_group
+    from gradsweep.engine.device import device_bytes_per_run, free_device_bytes
+    from gradsweep.sweep.group import runs_per_group
 
     cfgs = _cfgs("cuda", n=256, dtype="float32", steps=80)
     assert _peak_bytes(cfgs) <= len(cfgs) * device_bytes_per_run(cfgs[0]) + 64 * 2**20
@@ -97,7 +97,7 @@ def test_compiled_has_no_host_sync_per_step():
 
 
 def test_compiled_groups_sized_from_free_memory_fit():
-    from gradsweep.device import device_bytes_per_run
+    from gradsweep.engine.device import device_bytes_per_run
 
     cfgs = [dataclasses.replace(c, engine="compiled") for c in _cfgs("cuda", n=256, dtype="float32", steps=80)]
     train_group(cfgs)  # compile
@@ -139,7 +139,7 @@ def dropout_runs_are_their_own(device: str, tmp_path, monkeypatch) -> None:
     ``device`` (the module built under its seed, float64, SGD, full batch) and so do not depend on its group."""
     import torch.nn.functional as F
 
-    from gradsweep.data import load_data
+    from gradsweep.engine.data import load_data
 
     (tmp_path / "droppednets.py").write_text(DROPPED)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -8,8 +8,8 @@ import torch
 from conftest import make_cfg
 from reference import article_data
 
-from gradsweep.config import DataCfg
-from gradsweep.data import data_shape, make_data
+from gradsweep.config.sections import DataCfg
+from gradsweep.engine.data import data_shape, make_data
 
 
 def test_regression_is_the_articles_data_exactly():
@@ -49,7 +49,7 @@ def test_data_shape_without_drawing(data):
 def test_digits_split_standardised_and_bundled():
     from sklearn.datasets import load_digits
 
-    from gradsweep.data import load_data
+    from gradsweep.engine.data import load_data
 
     cfg = make_cfg(data={"name": "digits", "n_samples": 1438, "n_test": 359}).data
     d = load_data(cfg)
@@ -74,7 +74,7 @@ def test_test_points_do_not_change_the_training_points():
 
 
 def test_gaussian_shapes():
-    from gradsweep.data import load_data
+    from gradsweep.engine.data import load_data
 
     d = load_data(make_cfg(data={"name": "gaussian", "in_dim": 7, "out_dim": 3, "n_samples": 40, "n_test": 5}, loss="mse").data)
     assert d.x.shape == (40, 7) and d.y.shape == (40, 3) and d.x_test.shape == (5, 7)
@@ -83,7 +83,7 @@ def test_gaussian_shapes():
 @pytest.mark.parametrize(("data", "loss", "ok"), [("digits", "mse", False), ("regression", "cross_entropy", False),
                                                    ("digits", "auto", True), ("gaussian", "projection", True)])
 def test_loss_must_fit_the_data(data, loss, ok):
-    from gradsweep.config import ConfigError
+    from gradsweep.config.sections import ConfigError
 
     values = {"data": {"name": data, "n_samples": 100}, "loss": loss}
     if ok:
@@ -96,7 +96,7 @@ def test_loss_must_fit_the_data(data, loss, ok):
 def test_losses_equal_torch_functional():
     from torch.nn import functional as F
 
-    from gradsweep.losses import per_run_accuracy, per_run_loss
+    from gradsweep.engine.losses import per_run_accuracy, per_run_loss
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(3, 8, 5, dtype=torch.float64, generator=g)

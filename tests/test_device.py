@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gradsweep.device import MAX_THREADS_ENV, THREADS_ENV, busy_cores, choose_threads
+from gradsweep.engine.device import MAX_THREADS_ENV, THREADS_ENV, busy_cores, choose_threads
 
 CORES = len(os.sched_getaffinity(0))
 

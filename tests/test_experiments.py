@@ -10,7 +10,7 @@ import pytest
 from conftest import scaled
 
 from gradsweep import load_sweep
-from gradsweep.report import make_report
+from gradsweep.report.build import make_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"activation": ("model.activation", {"sigmoid", "relu"}), "clipping": ("train.clip_norm", {None, 10.0}),

@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from gradsweep import load_sweep
-from gradsweep.config import build_run_cfg
-from gradsweep.group import GroupJob, plan, run_group
-from gradsweep.schema import GROUPS_DIR, SCHEMA_VERSION
-from gradsweep.store import write_tables
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.config.sections import build_run_cfg
+from gradsweep.engine.train import train_group
+from gradsweep.results.schema import GROUPS_DIR, SCHEMA_VERSION
+from gradsweep.results.store import write_tables
+from gradsweep.results.tables import build_tables
+from gradsweep.sweep.group import GroupJob, plan, run_group
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SWEEP, RUN = FIXTURES / "sweep_v2", FIXTURES / "run_v2"

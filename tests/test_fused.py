@@ -1,6 +1,7 @@
-"""The fused kernel (gradsweep.fused, csrc/fused.cpp): the MLP written a second time, in C++, checked against the model's
-own definition (gradsweep.model.forward, losses.per_run_loss, autograd) in float64; each run's bits independent of its
-neighbours and of the thread count. (The whole engine against plain PyTorch: tests/test_train.py, engine=compiled.)"""
+"""The fused kernel (gradsweep.engine.kernels.fused, csrc/fused.cpp): the MLP written a second time, in C++, checked
+against the model's own definition (gradsweep.engine.mlp.forward, losses.per_run_loss, autograd) in float64; each
+run's bits independent of its neighbours and of the thread count. (The whole engine against plain PyTorch:
+tests/test_train.py, engine=compiled.)"""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from gradsweep import fused
-from gradsweep.compiled import has_cxx
-from gradsweep.config import ACTIVATIONS
-from gradsweep.data import load_data
-from gradsweep.losses import per_run_loss
-from gradsweep.model import RELU_FAMILY, SATURATING, build_params, forward, layers
-from gradsweep.stats import SATURATION_TOL
+from gradsweep.config.sections import ACTIVATIONS
+from gradsweep.engine.compiled import has_cxx
+from gradsweep.engine.data import load_data
+from gradsweep.engine.kernels import fused
+from gradsweep.engine.losses import per_run_loss
+from gradsweep.engine.mlp import RELU_FAMILY, SATURATING, build_params, forward, layers
+from gradsweep.engine.stats import SATURATION_TOL
 
 pytestmark = pytest.mark.skipif(not has_cxx(), reason="needs a C++ compiler")
 CPU = torch.device("cpu")
@@ -137,7 +138,7 @@ def test_arguments_that_do_not_fit_the_net_are_a_value_error():
     step_ce = fused.FusedPass(cfg_ce.model, stack_ce.layout, "cross_entropy", torch.float64)
     with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
         step_ce(stack_ce.flat.detach(), x_ce, y_ce + 10, False)
-    from gradsweep.optim import StackedOptimizer, clip_vector
+    from gradsweep.engine.optim import StackedOptimizer, clip_vector
 
     flat = stack.flat.detach().clone()
     opt = StackedOptimizer(flat, [cfg.optim] * 3)
@@ -153,9 +154,9 @@ def test_arguments_that_do_not_fit_the_net_are_a_value_error():
 def test_its_update_equals_gradsweeps_optimisers_and_statistics(optim):
     """fused.update against optim.screen, clip and sgd_update/adam_update and stacked.sums (the step programs'
     update), over three steps: per-run settings, clipping on some runs, and a run whose loss turns NaN."""
-    from gradsweep.optim import StackedOptimizer, adam_update, clip, clip_vector, screen, sgd_update
-    from gradsweep.stacked import sums as layer_sums
-    from gradsweep.stats import StatsPlan
+    from gradsweep.engine.kernels.stacked import sums as layer_sums
+    from gradsweep.engine.optim import StackedOptimizer, adam_update, clip, clip_vector, screen, sgd_update
+    from gradsweep.engine.stats import StatsPlan
 
     cfg, stack, x, y = _setup(6, activation="tanh")
     cfgs = [make_cfg(optim={**optim, "lr": 0.01 * (r + 1)}).optim for r in range(6)]

@@ -1,4 +1,4 @@
-"""gradsweep.html on its own: a self-contained page (figures inlined), every value escaped, the worst runs first."""
+"""gradsweep.report.html on its own: a self-contained page (figures inlined), every value escaped, the worst runs first."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pandas as pd
 
-from gradsweep import html as report_html
-from gradsweep.layout import Layout
+from gradsweep.report import html as report_html
+from gradsweep.report.layout import Layout
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 

@@ -1,4 +1,4 @@
-"""gradsweep.init against torch.nn.init: each scheme and option draws what nn.init draws from the same generator
+"""gradsweep.engine.init against torch.nn.init: each scheme and option draws what nn.init draws from the same generator
 state (the same function on the same RNG stream: bit-equal everywhere)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradsweep.config import InitCfg
-from gradsweep.init import INIT_SCHEMES, apply_init
+from gradsweep.config.sections import InitCfg
+from gradsweep.engine.init import INIT_SCHEMES, apply_init
 
 SHAPE = (5, 8)  # (fan_out, fan_in), as nn.Linear(8, 5)
 

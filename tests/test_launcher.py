@@ -71,8 +71,8 @@ def test_fused_sweep_reads_like_the_basic_one(tmp_path):
     for col in [c for c in sf.columns if sf[c].dtype == float]:
         np.testing.assert_allclose(sf[col], sb[col], rtol=1e-10, atol=1e-300, err_msg=col)
     # The runs index the fused launcher writes from memory reads the same as the run files themselves.
-    from gradsweep.schema import RUNS_INDEX
-    from gradsweep.store import load_runs
+    from gradsweep.results.schema import RUNS_INDEX
+    from gradsweep.results.store import load_runs
 
     assert (tmp_path / "fused" / RUNS_INDEX).exists()
     from_index = load_runs(tmp_path / "fused")
@@ -125,8 +125,8 @@ def test_a_run_that_cannot_be_written_fails_alone(tmp_path):
 
 
 def test_groups_are_sized_from_free_device_memory(cfg_factory):
-    from gradsweep.device import DEVICE_MEMORY_SHARE, device_bytes_per_run
-    from gradsweep.group import runs_per_group
+    from gradsweep.engine.device import DEVICE_MEMORY_SHARE, device_bytes_per_run
+    from gradsweep.sweep.group import runs_per_group
 
     cfg = cfg_factory(train={"steps": 200})
     per_run = device_bytes_per_run(cfg)

@@ -12,25 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gradsweep", "hydra_plugins")
 MAX_LINES = 400
 
-# Lowest first. A module may import only from its own layer or a lower one.
+# The layers, lowest first: a module imports only from its own layer or a lower one. Each sub-package is one layer;
+# the top-level modules are the base (what every layer uses) or the commands above everything.
 LAYERS = [
-    {"gradsweep", "gradsweep.errors", "gradsweep.checks", "gradsweep.progress", "gradsweep.shutdown",
-     "gradsweep.hydra_shim"},
-    {"gradsweep.config", "gradsweep.arrays", "gradsweep.tune.config"},
-    {"gradsweep.identity", "gradsweep.schema", "gradsweep.verdicts", "gradsweep.losses", "gradsweep.data", "gradsweep.init",
-     "gradsweep.optim", "gradsweep.kernels", "gradsweep.stacked", "gradsweep.programs"},
-    {"gradsweep.model", "gradsweep.stats", "gradsweep.theory", "gradsweep.fused", "gradsweep.nets", "gradsweep.modules"},
-    {"gradsweep.device", "gradsweep.train", "gradsweep.compiled"},
-    {"gradsweep.summary", "gradsweep.store", "gradsweep.layout"},
-    {"gradsweep.group", "gradsweep.compose", "gradsweep.preflight", "gradsweep.figures", "gradsweep.html"},
-    {"gradsweep.submit", "gradsweep.launcher", "gradsweep.callbacks", "gradsweep.report_text", "gradsweep.sweepdirs",
-     "gradsweep.bench",
-     "gradsweep.tune.results"},
-    {"gradsweep.cli", "gradsweep.report", "gradsweep.tune", "gradsweep.__main__", "hydra_plugins"},
+    {"gradsweep", "gradsweep.errors", "gradsweep.lazy", "gradsweep.progress", "gradsweep.shutdown", "gradsweep.hydra_shim"},
+    {"gradsweep.config"},
+    {"gradsweep.engine"},
+    {"gradsweep.results"},
+    {"gradsweep.sweep"},
+    {"gradsweep.report"},
+    {"gradsweep.tune"},
+    {"gradsweep.__main__", "gradsweep.bench", "hydra_plugins"},
 ]
+# What each sub-package never imports, besides the layers above it: the report reads results, it does not train.
+NEVER = {"gradsweep.report": ("gradsweep.engine",)}
 # Where sys.exit / SystemExit may appear: the commands, and the Hydra plugin (where Hydra calls gradsweep's sweep).
-EXITS = {"gradsweep/cli.py", "gradsweep/report.py", "gradsweep/tune/cli.py", "hydra_plugins/gradsweep_launcher/launcher.py",
-         "hydra_plugins/gradsweep_launcher/sweeper.py"}
+EXITS = {"gradsweep/sweep/cli.py", "gradsweep/report/build.py", "gradsweep/tune/cli.py",
+         "hydra_plugins/gradsweep_launcher/launcher.py", "hydra_plugins/gradsweep_launcher/sweeper.py"}
 
 
 def modules() -> dict[str, Path]:
@@ -93,11 +91,21 @@ def test_no_import_circle():
             visit(m, [m])
 
 
-def test_core_never_imports_the_layers_above_it():
-    core = ("gradsweep.data", "gradsweep.model", "gradsweep.stats", "gradsweep.train")
-    above = ("gradsweep.launcher", "gradsweep.store", "gradsweep.tune", "gradsweep.report", "gradsweep.group")
-    for m in core:
-        assert not [t for t in GRAPH[m] if t.startswith(above)], m
+def test_each_sub_package_imports_only_those_below_it():
+    """Stated per package: the engine imports nothing of the results, the sweep, the report or the tuner; the results
+    nothing of the sweep, the report or the tuner; and so on up."""
+    packages = [sorted(layer)[0] for layer in LAYERS[1:-1]]
+    for i, package in enumerate(packages):
+        banned = (*packages[i + 1:], *NEVER.get(package, ()))
+        found = {m: sorted(t for t in GRAPH[m] if t.startswith(banned)) for m in GRAPH if m.startswith(package)}
+        assert not {m: t for m, t in found.items() if t}, f"{package} imports what lies above it"
+
+
+def test_every_module_lives_in_a_sub_package_or_is_named_as_base():
+    flat = {m for m in GRAPH if m.count(".") == 1 and m.startswith("gradsweep.")}
+    packages = {m for m in flat if (ROOT / m.replace(".", "/") / "__init__.py").exists()}
+    named = set().union(LAYERS[0], LAYERS[-1])
+    assert flat - packages <= named, f"top-level modules outside every layer: {sorted(flat - packages - named)}"
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sweeps import grid, write_sweep
 
-from gradsweep.layout import aggregate, infer_layout, swept_keys
-from gradsweep.store import load_runs
+from gradsweep.report.layout import aggregate, infer_layout, swept_keys
+from gradsweep.results.store import load_runs
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import make_cfg
 from reference import RefMLP, article_linears
 from torch import nn
 
-from gradsweep.model import build_params, forward, layers
+from gradsweep.engine.mlp import build_params, forward, layers
 
 REINIT = {
     "default": None,

@@ -1,5 +1,5 @@
-"""Module-built nets (gradsweep.nets, gradsweep.modules) against plain PyTorch: a user's residual MLP with LayerNorm
-and a CNN, trained by an nn.Module and torch.optim in float64, step by step."""
+"""Module-built nets (gradsweep.engine.nets, gradsweep.engine.module_runs) against plain PyTorch: a user's residual MLP
+with LayerNorm and a CNN, trained by an nn.Module and torch.optim in float64, step by step."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from conftest import scaled
 from torch import nn
 
-from gradsweep.config import ConfigError, build_run_cfg
-from gradsweep.data import load_data
-from gradsweep.schema import LAYER_STATS
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.config.sections import ConfigError, build_run_cfg
+from gradsweep.engine.data import load_data
+from gradsweep.engine.train import train_group
+from gradsweep.results.schema import LAYER_STATS
+from gradsweep.results.tables import build_tables
 
 NETS = textwrap.dedent('''
     import torch
@@ -215,7 +215,7 @@ def test_signal_ratio_is_first_over_last_weight_layer(nets):
 
 def test_fused_group_equals_runs_alone_and_run_by_run(nets, caplog):
     runs = [cfg({"_target_": "usernets.ResMLP"}, train={"seed": s}, optim={"lr": 0.05}) for s in range(3)]
-    with caplog.at_level("INFO", logger="gradsweep.modules"):
+    with caplog.at_level("INFO", logger="gradsweep.engine.module_runs"):
         together = build_tables(runs, train_group(runs, progress=False))[1]
     assert not any("one by one" in r.message for r in caplog.records)  # LayerNorm and Linear fuse
     for run in runs:
@@ -225,7 +225,7 @@ def test_fused_group_equals_runs_alone_and_run_by_run(nets, caplog):
             np.testing.assert_allclose(mine[col].to_numpy(float), alone[col].to_numpy(float), rtol=1e-12, equal_nan=True)
     # a module vmap cannot take (dropout's randomness) trains run by run, with one log line saying why
     drop = [cfg({"_target_": "usernets.Dropped"}, train={"seed": s}) for s in range(2)]
-    with caplog.at_level("INFO", logger="gradsweep.modules"):
+    with caplog.at_level("INFO", logger="gradsweep.engine.module_runs"):
         steps = build_tables(drop, train_group(drop, progress=False))[1]
     assert any("one by one" in r.message and "usernets.Dropped" in r.message for r in caplog.records)
     assert steps.hgrad_norm.notna().all() and set(steps.layer_name) == {"a", "b"}
@@ -259,7 +259,7 @@ def test_plain_sequential_mlp_trains_on_the_builtin_engine(nets):
                                                   "needs (2, 1)"),
 ])
 def test_bad_module_is_one_line(nets, net, message):
-    from gradsweep.nets import describe
+    from gradsweep.engine.nets import describe
 
     run = cfg(net)
     with pytest.raises(ConfigError) as e:
@@ -268,7 +268,7 @@ def test_bad_module_is_one_line(nets, net, message):
 
 
 def test_data_dims_are_passed_and_interpolated(nets):
-    from gradsweep.preflight import compose_values
+    from gradsweep.sweep.preflight import compose_values
 
     values = compose_values(["model=custom", "model.net._target_=usernets.mlp", "model.net.width=${data.out_dim}",
                              "data=digits", "model.net.depth=2"])
@@ -380,7 +380,7 @@ def test_which_layers_fuse(tmp_path, monkeypatch, caplog, target, kind, fused):
     data = "digits" if target == "Image" else "regression"
     runs = [cfg({"_target_": f"fusenets.{target}", "kind": kind}, data, train={"seed": s, "steps": 2,
                                                                              "dtype": "float32"}) for s in range(2)]
-    with caplog.at_level("INFO", logger="gradsweep.modules"):
+    with caplog.at_level("INFO", logger="gradsweep.engine.module_runs"):
         trace = train_group(runs, progress=False)
     alone = [r.message for r in caplog.records if "one by one" in r.message]
     assert (not alone) == fused, alone
@@ -414,7 +414,7 @@ def test_the_tuner_finds_a_stable_lr_for_a_users_module(nets, tmp_path):
 @pytest.mark.parametrize("norm", ["none", "batchnorm", "layernorm"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_builtin_cnn_and_resmlp(norm, residual):
-    from gradsweep.nets import ConvNet, ResMLP
+    from gradsweep.engine.nets import ConvNet, ResMLP
 
     cnn = build_run_cfg({"model": {"name": "cnn", "depth": 3, "width": 4, "norm": norm, "residual": residual},
                          "data": {"name": "digits", "n_samples": 64}, "train": {"steps": 3}})
@@ -588,7 +588,7 @@ def test_a_layer_a_run_does_not_call_is_not_recorded(odd):
     ("oddnets.normed", "model.net: oddnets.normed's layer '0' has a computed weight"),
 ])
 def test_shared_or_computed_weights_are_one_line(odd, target, message):
-    from gradsweep.nets import describe
+    from gradsweep.engine.nets import describe
 
     run = cfg({"_target_": target})
     with pytest.raises(ConfigError) as e:
@@ -597,7 +597,7 @@ def test_shared_or_computed_weights_are_one_line(odd, target, message):
 
 
 def test_preflight_checks_the_module_on_every_data_and_reads_interpolations(nets):
-    from gradsweep.preflight import check_overrides
+    from gradsweep.sweep.preflight import check_overrides
 
     check_overrides(["model=custom", "model.net._target_=usernets.mlp", "model.net.width=${data.out_dim}", "data=digits"])
     with pytest.raises(ConfigError, match=r"usernets.CNN fails on a batch of the data's inputs \(2, 1\)"):
@@ -612,7 +612,7 @@ def test_a_batch_of_one_sample_is_checked_where_asked_for(nets):
     """BatchNorm needs two samples a batch when training: train.batch_size=1 with it is one line before a run trains
     (describe's batches of 2 and 3 cannot see it), at pre-flight for a swept value too, and where a group trains;
     a module that takes one sample passes."""
-    from gradsweep.preflight import check_overrides
+    from gradsweep.sweep.preflight import check_overrides
 
     check_overrides(["model=custom", "model.net._target_=usernets.ResMLP", "train.batch_size=1"])
     check_overrides(["model=custom", "model.net._target_=usernets.BatchNormed", "train.batch_size=2"])
@@ -645,8 +645,8 @@ def test_one_sample_in_any_job_of_a_sweep_is_one_line(tmp_path):
 def test_argument_columns_a_report_can_read(nets, tmp_path):
     """A list argument is a text column; an argument swept over 0 and 0.5 (int and float) reads as one float column."""
     from gradsweep import load_sweep
-    from gradsweep.identity import flatten
-    from gradsweep.store import write_tables
+    from gradsweep.config.identity import flatten
+    from gradsweep.results.store import write_tables
 
     assert flatten(cfg({"_target_": "usernets.ResMLP", "width": [8, 16]}))["model.net.width"] == "[8, 16]"
     for i, scale in enumerate((0, 0.5)):  # each group's table types the column by its own value

@@ -1,4 +1,4 @@
-"""gradsweep.optim against torch.optim and torch.nn.utils.clip_grad_norm_, every option, in float64.
+"""gradsweep.engine.optim against torch.optim and torch.nn.utils.clip_grad_norm_, every option, in float64.
 
 Each run of a stack is one row of the (R, P) matrix; its row must follow what torch.optim does to one tensor fed the
 same gradients. One kernel path per side and float64: agreement to 1e-12.
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from gradsweep.config import OptimCfg
-from gradsweep.optim import StackedOptimizer, clip, clip_vector
+from gradsweep.config.sections import OptimCfg
+from gradsweep.engine.optim import StackedOptimizer, clip, clip_vector
 
 P, STEPS = 7, 6
 

@@ -1,11 +1,11 @@
-"""gradsweep.preflight in-process: every override checked, names first, before Hydra composes or trains anything."""
+"""gradsweep.sweep.preflight in-process: every override checked, names first, before Hydra composes or trains anything."""
 
 from __future__ import annotations
 
 import pytest
 
-from gradsweep.config import ConfigError
-from gradsweep.preflight import check_overrides, compose_values, group_options
+from gradsweep.config.sections import ConfigError
+from gradsweep.sweep.preflight import check_overrides, compose_values, group_options
 
 
 def error(overrides: list[str], multirun: bool = True) -> str:
@@ -60,8 +60,8 @@ def test_compose_values_and_group_options():
 
 
 def test_engine_is_not_a_sweep_axis():
-    from gradsweep.config import ConfigError
-    from gradsweep.preflight import check_overrides
+    from gradsweep.config.sections import ConfigError
+    from gradsweep.sweep.preflight import check_overrides
 
     with pytest.raises(ConfigError, match="engine=compiled,eager: engine cannot be swept"):
         check_overrides(["engine=compiled,eager", "train.steps=2"])

@@ -1,4 +1,4 @@
-"""gradsweep.programs: compiled programs saved whole and loaded by a later process, on a small closure (the
+"""gradsweep.engine.programs: compiled programs saved whole and loaded by a later process, on a small closure (the
 training programs' own round trip is tests/test_compiled.py::test_a_second_process_compiles_nothing)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradsweep import programs
-from gradsweep.compiled import has_cxx
-from gradsweep.programs import Program
+from gradsweep.engine import programs
+from gradsweep.engine.compiled import has_cxx
+from gradsweep.engine.programs import Program
 
 pytestmark = pytest.mark.skipif(not has_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
 
@@ -56,7 +56,7 @@ def test_saved_then_loaded_and_refused_where_it_does_not_fit(tmp_path, monkeypat
 
     # A damaged file is compiled again (one log line), not an error.
     saved[0].write_bytes(b"not a program")
-    with caplog.at_level("INFO", logger="gradsweep.programs"):
+    with caplog.at_level("INFO", logger="gradsweep.engine.programs"):
         torch.testing.assert_close(Program(make(2.0), "probe", "scale 2", {}, cpu)(x, 3), expected, rtol=0, atol=0)
     assert programs.LOADED["compiled"] == 2 and any("could not load" in r.message for r in caplog.records)
 
@@ -71,7 +71,7 @@ def test_where_the_ahead_of_time_api_fails_it_compiles_in_the_process(tmp_path, 
     monkeypatch.setattr(programs, "LOADED", {"loaded": 0, "compiled": 0, "in_process": 0})
     monkeypatch.setattr(aot, "aot_compile_fullgraph", unsupported)
     x = torch.randn(5, 7, dtype=torch.float64)
-    with caplog.at_level("WARNING", logger="gradsweep.programs"):
+    with caplog.at_level("WARNING", logger="gradsweep.engine.programs"):
         out = Program(make(2.0), "probe", "scale 2", {}, torch.device("cpu"))(x, 3)
     torch.testing.assert_close(out, (x[:, :3] * 2.0).sin().sum(dim=1), rtol=1e-15, atol=0)
     assert programs.LOADED == {"loaded": 0, "compiled": 0, "in_process": 1}

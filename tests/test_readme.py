@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import scaled
 
-from gradsweep.schema import ID_COLUMNS, LAYER_STATS, RESULT_COLUMNS, STEP_COLUMNS
+from gradsweep.results.schema import ID_COLUMNS, LAYER_STATS, RESULT_COLUMNS, STEP_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

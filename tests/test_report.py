@@ -14,7 +14,7 @@ import pytest
 from conftest import scaled
 from sweeps import grid, write_sweep
 
-from gradsweep.report import main, make_report
+from gradsweep.report.build import main, make_report
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = ["heatmap_ratio.png", "heatmap_ratio_training.png", "heatmap_predicted.png", "prediction_scatter.png",
@@ -126,7 +126,7 @@ def test_one_swept_key(tmp_path):
 
 
 def test_flow_maps_default_to_one_per_verdict_worst_first():
-    from gradsweep.report import pick_flow_runs
+    from gradsweep.report.build import pick_flow_runs
 
     runs = pd.DataFrame({"run_id": list("abcdefghij"),
                          "verdict": ["healthy", "vanishing", "vanishing", "diverged", "healthy", "diverged", "dead", "dead",
@@ -141,7 +141,7 @@ def test_flow_maps_default_to_one_per_verdict_worst_first():
 
 
 def test_scatter_counts_runs_without_signal_and_overlapping_points():
-    from gradsweep import figures
+    from gradsweep.report import figures
 
     runs = pd.DataFrame({"model.activation": ["relu"] * 6, "init": ["kaiming"] * 6,
                          "pred_grad_ratio_log10": [-1.0, -1.0, -2.0, -3.0, -4.0, np.nan],
@@ -217,7 +217,7 @@ def test_a_report_that_fails_part_way_writes_nothing(two_sweeps, tmp_path, capsy
 
 
 def test_flow_maps_draw_norm_layers_in_order():
-    from gradsweep.figures.flow import _ordered_layers
+    from gradsweep.report.figures.flow import _ordered_layers
 
     # the built-in MLP numbers norm<k> with the linear<k> it follows; a module numbers every layer
     mlp = pd.DataFrame({"layer": [1, 1, 2, 2, 3], "kind": ["linear", "norm"] * 2 + ["linear"],
@@ -245,8 +245,8 @@ def _boxes_apart(fig, a, b) -> bool:
 
 def test_a_narrow_sweeps_verdict_title_is_wrapped_inside_its_figure():
     """One depth, one init: the figure is ~3.5 in wide; its title wraps rather than running off both sides."""
-    from gradsweep import figures
-    from gradsweep.layout import aggregate, infer_layout
+    from gradsweep.report import figures
+    from gradsweep.report.layout import aggregate, infer_layout
 
     runs = pd.DataFrame({"model.depth": [2, 2], "seed": [0, 1], "verdict": ["healthy", "healthy"],
                          "grad_ratio_log10": [0.1, 0.2], "final_loss": [0.5, 0.4], "baseline_loss": [1.0, 1.0]})
@@ -264,7 +264,7 @@ def test_a_narrow_sweeps_verdict_title_is_wrapped_inside_its_figure():
 
 
 def test_the_stability_plots_footnote_sits_below_its_x_label():
-    from gradsweep import figures
+    from gradsweep.report import figures
     from gradsweep.tune.results import EDGE_DEFINITION, trial_counts
 
     trials = pd.DataFrame({"number": range(6), "state": ["COMPLETE"] * 5 + ["FAIL"],

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import scaled
 
-from gradsweep.layout import STEP0_BLIND
-from gradsweep.store import load_runs
+from gradsweep.report.layout import STEP0_BLIND
+from gradsweep.results.store import load_runs
 
 SWEEP = ["model.depth=2,5,10,20,30", "model.activation=relu,tanh,sigmoid", "init=xavier,kaiming,default",
          "optim.lr=0.001,0.01,0.1"]

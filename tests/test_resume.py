@@ -14,8 +14,8 @@ from conftest import scaled
 from holding import held, wait
 
 from gradsweep import load_sweep
-from gradsweep.schema import GROUPS_DIR, RUNS_FILE
-from gradsweep.store import completed_runs
+from gradsweep.results.schema import GROUPS_DIR, RUNS_FILE
+from gradsweep.results.store import completed_runs
 
 pytestmark = pytest.mark.slow  # real sweeps in subprocesses, killed and rerun
 

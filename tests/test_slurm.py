@@ -23,7 +23,7 @@ from conftest import scaled
 from holding import GATED_MODEL, Reading, gated, gated_pids, wait
 
 from gradsweep import load_sweep
-from gradsweep.schema import GROUPS_DIR, RUNS_FILE
+from gradsweep.results.schema import GROUPS_DIR, RUNS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIES = ["wall_s", "group_size"]

@@ -1,4 +1,4 @@
-"""gradsweep's CPU kernel for R Linear layers at once (gradsweep.stacked): against torch's own bmm and autograd."""
+"""gradsweep's CPU kernel for R Linear layers at once (gradsweep.engine.kernels.stacked): against torch's own bmm and autograd."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import scaled
 
-from gradsweep.compiled import has_cxx
-from gradsweep.kernels import SOURCES
+from gradsweep.engine.compiled import has_cxx
+from gradsweep.engine.kernels.build import SOURCES
 
 pytestmark = pytest.mark.skipif(not has_cxx(), reason="needs a C++ compiler")
 
@@ -37,7 +37,7 @@ def _reference(x, W, b, dy):
 
 
 def _ours(x, W, b, dy):
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = (t.detach().requires_grad_() for t in (x, W, b))  # as laid out (strides kept)
     y = stacked_linear(x, W, b)
@@ -102,7 +102,7 @@ def test_a_runs_bits_do_not_depend_on_its_neighbours_or_threads():
 
 def test_without_the_inputs_gradient():
     """A first layer's input is the data: its backward skips dL/dx and gives the same dL/dW and dL/db."""
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = _inputs(13, 21, 4, 6, torch.float64, shared=True)
     dy = torch.randn(13, 21, 6, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_without_the_inputs_gradient():
 
 
 def test_inputs_it_cannot_read_are_refused():
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = _inputs(4, 5, 3, 2, torch.float64)
     with pytest.raises(ValueError, match=r"x \(1, 5, 3\) \(expected \(4, 5, 3\)\)"):
@@ -128,7 +128,7 @@ def test_inputs_it_cannot_read_are_refused():
 def test_the_op_passes_torchs_custom_op_checks():
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, and that
     torch.compile's tracing sees what eager execution computes."""
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = _inputs(9, 6, 4, 3, torch.float64)
     torch.library.opcheck(stacked_linear, (x.clone().requires_grad_(), W.requires_grad_(), b.requires_grad_()))
@@ -136,7 +136,7 @@ def test_the_op_passes_torchs_custom_op_checks():
 
 
 def test_non_contiguous_input_is_read_as_its_values():
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = _inputs(10, 12, 6, 5, torch.float64)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, in) not row-major
@@ -146,7 +146,7 @@ def test_non_contiguous_input_is_read_as_its_values():
 
 def test_weights_read_in_place_from_the_parameter_matrix():
     """The engine's weights and biases are views of one (R, P) matrix (runs P values apart): read as they are."""
-    from gradsweep.stacked import stacked_linear
+    from gradsweep.engine.kernels.stacked import stacked_linear
 
     x, W, b = _inputs(12, 9, 4, 6, torch.float64)
     flat = torch.cat([torch.randn(12, 3, dtype=torch.float64), W.reshape(12, -1), b], dim=1)
@@ -160,7 +160,7 @@ def test_weights_read_in_place_from_the_parameter_matrix():
 
 # Prints the Linear form a fresh process would train with (building the kernel if its cache lacks it).
 PROBE = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-         "from gradsweep.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
+         "from gradsweep.engine.compiled import linear_form\nprint(linear_form(torch.device('cpu')))\n")
 
 
 def _probe(cache, **env):
@@ -201,8 +201,8 @@ def test_a_compiler_that_fails_falls_back_to_bmm_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("shape", [(13, 37, 5, 17), (16, 100, 10, 10), (1, 5, 3, 4)])
 def test_the_forward_moments_and_the_gradients_sums(shape):
-    from gradsweep.stacked import stacked_linear, stacked_linear_stats
-    from gradsweep.stats import small_scale
+    from gradsweep.engine.kernels.stacked import stacked_linear, stacked_linear_stats
+    from gradsweep.engine.stats import small_scale
 
     R, B, n_in, n_out = shape
     x, W, b = _inputs(R, B, n_in, n_out, torch.float64)
@@ -237,7 +237,7 @@ def test_the_forward_moments_and_the_gradients_sums(shape):
 
 
 def test_the_stats_op_passes_torchs_custom_op_checks():
-    from gradsweep.stacked import layer_sums, stacked_linear_stats
+    from gradsweep.engine.kernels.stacked import layer_sums, stacked_linear_stats
 
     x, W, b = _inputs(9, 6, 4, 3, torch.float64)
     token = torch.zeros(9, 2, dtype=torch.float64, requires_grad=True)
@@ -257,9 +257,9 @@ def test_layer_sums_equal_the_statistics_reductions(dtype):
     real network (depth 3, LayerNorm: weights of three sizes), with zeros, NaN and inf in the gradient."""
     from conftest import make_cfg
 
-    from gradsweep.model import build_params, layers
-    from gradsweep.stacked import layer_sums
-    from gradsweep.stats import StatsPlan
+    from gradsweep.engine.kernels.stacked import layer_sums
+    from gradsweep.engine.mlp import build_params, layers
+    from gradsweep.engine.stats import StatsPlan
 
     cfg = make_cfg(model={"depth": 3, "width": 6, "norm": "layernorm"})
     stack = build_params(cfg.model, [cfg.init] * 19, list(range(19)), 3, 2, dtype, "cpu")
@@ -283,7 +283,7 @@ def test_layer_sums_equal_the_statistics_reductions(dtype):
 def test_outside_compile_the_same_kernels_without_the_custom_op_dispatch():
     # stacked.linear / linear_stats / sums call the kernels through autograd.Function outside torch.compile: the
     # same bits as the custom ops, gradients and the token's sums included.
-    from gradsweep import stacked
+    from gradsweep.engine.kernels import stacked
 
     x, W, b = _inputs(13, 37, 5, 17, torch.float32)
     dy = torch.randn(13, 37, 17)
@@ -306,7 +306,8 @@ def test_outside_compile_the_same_kernels_without_the_custom_op_dispatch():
 def test_a_run_does_not_import_torchs_compiler(engine, tmp_path):
     # The custom ops' first call imports torch._dynamo (~2 s); the eager engine calls the kernels without them, and
     # the compiled one, where the fused kernel applies (here), compiles nothing.
-    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\nfrom gradsweep.train import train_group\n"
+    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\n"
+            "from gradsweep.engine.train import train_group\n"
             f"t = train_group([make_cfg(model={{'depth': 3}}, train={{'steps': 3}}, engine={engine!r})])\n"
             "print(t.engine, 'torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),
@@ -324,10 +325,11 @@ def test_the_kernel_source_is_found_beside_a_gradsweep_folder_in_the_working_dir
     # A sweep directory called gradsweep in the working directory: importlib.resources named it instead of the package
     # (the editable install's finder comes after the working directory on sys.path), and every job failed.
     (tmp_path / "gradsweep" / "csrc").mkdir(parents=True)
-    code = ("import hashlib\nfrom gradsweep.kernels import source\nfrom gradsweep.programs import source_hash\n"
+    code = ("import hashlib\nfrom gradsweep.engine.kernels.build import source\n"
+            "from gradsweep.engine.programs import source_hash\n"
             "print(hashlib.sha256(source()).hexdigest(), len(source_hash()))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=scaled(120))
-    csrc = Path(__file__).resolve().parent.parent / "gradsweep" / "csrc"
+    csrc = Path(__file__).resolve().parent.parent / "gradsweep" / "engine" / "kernels" / "csrc"
     shipped = hashlib.sha256(b"\n".join((csrc / n).read_bytes() for n in SOURCES))
     assert out.stdout.split() == [shipped.hexdigest(), "64"], out.stderr[-2000:]
 
@@ -336,7 +338,7 @@ def test_the_kernel_source_is_found_beside_a_gradsweep_folder_in_the_working_dir
 def test_a_failed_kernel_build_names_the_first_error_and_keeps_the_whole_output(tmp_path):
     """The compiler's last stderr line is often only "1 error generated" or a make-style summary: the message names
     the first error, and the whole output is kept next to where the library would have been."""
-    from gradsweep.kernels import KernelBuildError, _build, compiler
+    from gradsweep.engine.kernels.build import KernelBuildError, _build, compiler
 
     src = b"int gs_forward_f32( {\nint also_broken = ;\n"
     with pytest.raises(KernelBuildError) as e:
@@ -347,7 +349,7 @@ def test_a_failed_kernel_build_names_the_first_error_and_keeps_the_whole_output(
 
 
 def test_inductor_caches_under_gradsweep_cache_dir(tmp_path):
-    code = ("import os; from gradsweep.compiled import _prepare_inductor; _prepare_inductor(); "
+    code = ("import os; from gradsweep.engine.compiled import _prepare_inductor; _prepare_inductor(); "
             "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300),

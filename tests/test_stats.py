@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from gradsweep.config import ModelCfg
-from gradsweep.model import ParamLayout, forward, layers
-from gradsweep.schema import LAYER_STATS
-from gradsweep.stats import StatsPlan, _evenly_spaced
+from gradsweep.config.sections import ModelCfg
+from gradsweep.engine.mlp import ParamMap, forward, layers
+from gradsweep.engine.stats import StatsPlan, _evenly_spaced
+from gradsweep.results.schema import LAYER_STATS
 
 
-def _layout(model: ModelCfg) -> ParamLayout:
-    from gradsweep.config import linear_dims
+def _layout(model: ModelCfg) -> ParamMap:
+    from gradsweep.config.sections import linear_dims
 
     t: dict[str, torch.Tensor] = {}
     for i, (fi, fo) in enumerate(linear_dims(model, 3, 2), start=1):
@@ -23,7 +23,7 @@ def _layout(model: ModelCfg) -> ParamLayout:
             t[f"norm{i}.weight"], t[f"norm{i}.bias"] = torch.empty(fo), torch.empty(fo)
         if model.activation == "prelu" and i <= model.depth:
             t[f"act{i}.weight"] = torch.empty(1)
-    return ParamLayout.of(t)
+    return ParamMap.of(t)
 
 
 def test_evenly_spaced_runs_cover_every_span_once():
@@ -111,7 +111,7 @@ def test_a_run_whose_last_weight_ends_the_matrix_is_reduced_whole():
 def test_gradnorm_hands_back_the_norm_of_the_outputs_gradient_as_the_tokens(dtype, size):
     # The compiled engine's hgrad: dL/dh passes through unchanged, and the token's "gradient" is each run's norm of
     # dL/dh, also where its squares underflow (float32, entries of 1e-30).
-    from gradsweep.stats import GradNorm, small_scale
+    from gradsweep.engine.stats import GradNorm, small_scale
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 5, 4, dtype=dtype, generator=gen, requires_grad=True)

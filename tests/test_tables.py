@@ -9,11 +9,11 @@ import pytest
 from conftest import make_cfg, scaled
 
 from gradsweep import load_sweep
-from gradsweep.identity import config_hash
-from gradsweep.schema import RESULT_COLUMNS, STEP_COLUMNS
-from gradsweep.store import write_tables
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
+from gradsweep.config.identity import config_hash
+from gradsweep.engine.train import train_group
+from gradsweep.results.schema import RESULT_COLUMNS, STEP_COLUMNS
+from gradsweep.results.store import write_tables
+from gradsweep.results.tables import build_tables
 
 
 def _group():
@@ -112,8 +112,8 @@ def test_extra_tag_columns_survive_mixed_sweeps(tmp_path):
 def test_runs_index_is_used_only_while_fresh(tmp_path):
     import os
 
-    from gradsweep.schema import RUNS_INDEX
-    from gradsweep.store import load_runs
+    from gradsweep.results.schema import RUNS_INDEX
+    from gradsweep.results.store import load_runs
 
     cfgs, trace = _group()
     runs, steps = build_tables(cfgs, trace)
@@ -135,8 +135,8 @@ def test_runs_index_is_used_only_while_fresh(tmp_path):
 
 
 def test_group_files_read_like_run_files(tmp_path):
-    from gradsweep.schema import GROUPS_DIR
-    from gradsweep.store import load_runs, write_group, write_job_dirs
+    from gradsweep.results.schema import GROUPS_DIR
+    from gradsweep.results.store import load_runs, write_group, write_job_dirs
 
     cfgs, trace = _group()
     runs, steps = build_tables(cfgs, trace, [{"job_num": 0}, {"job_num": 1}])
@@ -159,7 +159,7 @@ def test_group_files_read_like_run_files(tmp_path):
 
 
 def test_a_run_whose_directory_cannot_be_written_fails_alone(tmp_path):
-    from gradsweep.store import write_job_dirs
+    from gradsweep.results.store import write_job_dirs
 
     (tmp_path / "blocked").write_text("a file where the run's directory should be")
     failures = write_job_dirs([tmp_path / "blocked", tmp_path / "ok"], [({"a": 1}, ["x=1"])] * 2, ".hydra")
@@ -214,8 +214,8 @@ def test_select_matches_every_underscore_against_the_real_columns_and_names_the_
 def test_a_trial_whose_group_another_trial_cleaned_loses_its_job_dir_too(tmp_path):
     """Two trials of one interrupted group: cleaning the first removes the group; cleaning the second still removes
     its job directory (the group being gone already means it never completed)."""
-    from gradsweep.schema import GROUPS_DIR
-    from gradsweep.store import discard_incomplete
+    from gradsweep.results.schema import GROUPS_DIR
+    from gradsweep.results.store import discard_incomplete
 
     (tmp_path / GROUPS_DIR / "6").mkdir(parents=True)
     for n in (6, 7):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import make_cfg, scaled
 
-from gradsweep.config import InitCfg
-from gradsweep.model import new_linear
-from gradsweep.summary import build_tables
-from gradsweep.theory import KINKED, SMOOTH, _adaptive, _laguerre, _rule, gaussian_mean, predict, weight_variance
-from gradsweep.train import train_group
+from gradsweep.config.sections import InitCfg
+from gradsweep.engine.mlp import new_linear
+from gradsweep.engine.train import train_group
+from gradsweep.results.tables import build_tables
+from gradsweep.results.theory import KINKED, SMOOTH, _adaptive, _laguerre, _rule, gaussian_mean, predict, weight_variance
 
 QS = [1e-6, 1e-3, 0.1, 1.0, 3.7, 16.0, 100.0, 1e4]
 
@@ -25,7 +25,8 @@ QS = [1e-6, 1e-3, 0.1, 1.0, 3.7, 16.0, 100.0, 1e4]
 def test_a_relu_prediction_does_not_import_scipy_special():
     # ~0.5 s of a sweep's fixed cost: the ReLU family's rules are numpy's (scipy stays for GELU's erf and the
     # adaptive fallback).
-    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\nfrom gradsweep.theory import predict\n"
+    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import make_cfg\n"
+            "from gradsweep.results.theory import predict\n"
             "for a in ('relu', 'elu', 'tanh'):\n"
             "    assert not isinstance(predict(make_cfg(model={'activation': a}), 1.0, 64, 10), str)\n"
             "print('scipy.special' in sys.modules)\n")

@@ -11,9 +11,9 @@ from conftest import make_cfg, scaled
 from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
-from gradsweep import compiled
-from gradsweep.schema import LAYER_STATS
-from gradsweep.train import _batches, train_group
+from gradsweep.engine import compiled
+from gradsweep.engine.train import _batches, train_group
+from gradsweep.results.schema import LAYER_STATS
 
 S = {name: i for i, name in enumerate(LAYER_STATS)}
 REINIT = {"default": None, "kaiming": nn.init.kaiming_uniform_, "large": lambda w: nn.init.normal_(w, 0.0, 10.0)}
@@ -169,7 +169,7 @@ def test_cross_entropy_on_digits_matches_plain_pytorch(engine):
     """data=digits: the fused loss and gradients against nn.Sequential + F.cross_entropy, float64, 15 steps."""
     from torch.nn import functional as F
 
-    from gradsweep.data import load_data
+    from gradsweep.engine.data import load_data
 
     cfg = make_cfg(model={"depth": 2, "width": 16}, data={"name": "digits", "n_samples": 300, "n_test": 100},
                    optim={"lr": 0.05}, train={"steps": 15, "dtype": "float64", "seed": 1})
@@ -202,12 +202,12 @@ def test_blas_is_position_independent_once_gradsweep_is_imported_first():
     import subprocess
     import sys
 
-    from gradsweep.device import position_independent_blas
+    from gradsweep.engine.device import position_independent_blas
 
     assert position_independent_blas()
     late = ("import torch; torch.ones(4, 4) @ torch.ones(4, 4)\n"
             "import logging; logging.basicConfig()\n"
-            "from gradsweep.device import position_independent_blas as p; print(p())")
+            "from gradsweep.engine.device import position_independent_blas as p; print(p())")
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     out = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env, timeout=scaled(120))
     assert out.returncode == 0, out.stderr

@@ -25,7 +25,7 @@ from reference import RefMLP, article_data, article_linears, reference_training
 from torch import nn
 
 from gradsweep import load_sweep
-from gradsweep.config import ConfigError
+from gradsweep.config.sections import ConfigError
 from gradsweep.tune import compose, tune_study
 from gradsweep.tune.study import CONSTRAINTS
 
@@ -222,8 +222,8 @@ def test_acceptance_best_lr_trains_stably_in_plain_pytorch(tmp_path):
 def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
     from sweeps import grid, write_sweep
 
-    from gradsweep.report import make_report
-    from gradsweep.store import load_runs
+    from gradsweep.report.build import make_report
+    from gradsweep.results.store import load_runs
 
     sweep = write_sweep(tmp_path / "sweep", grid(**{"model.depth": [2, 3], "init": ["xavier", "kaiming"]}))
     _tune(sweep, "tune.n_trials=3")  # tune.out_dir=<sweep>: the search sits in the sweep's directory
@@ -234,7 +234,7 @@ def test_report_of_a_sweep_embeds_its_search_and_keeps_trials_apart(tmp_path):
 
 
 def test_the_report_of_a_searchs_own_folder_reads_its_tune_dir(tmp_path):
-    from gradsweep.report import make_report
+    from gradsweep.report.build import make_report
 
     _tune(tmp_path / "out", "tune.n_trials=2")
     index = make_report(tmp_path / "out", quiet=True)  # the folder the user named as tune.out_dir
@@ -256,7 +256,7 @@ def _study(out: Path) -> optuna.Study:
 
 
 def _trials_and_tables_agree(out: Path, study: optuna.Study) -> None:
-    from gradsweep.schema import GROUPS_DIR, RUNS_FILE
+    from gradsweep.results.schema import GROUPS_DIR, RUNS_FILE
 
     states = {t.number: t.state for t in study.trials}
     assert not [n for n, s in states.items() if s in (TrialState.RUNNING, TrialState.WAITING)], states
@@ -317,7 +317,7 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
     """Trials left RUNNING as a dead worker leaves them: one by a dead process on this machine (whose
     configuration already has complete tables: read, not trained again), one by another machine that stopped
     beating; a third, beating on another machine, is still being trained there and must be left alone."""
-    from gradsweep.schema import GROUPS_DIR
+    from gradsweep.results.schema import GROUPS_DIR
     from gradsweep.tune.study import BEAT_ATTR, WORKER_ATTR
 
     _tune(tmp_path, "tune.n_trials=4", "tune.batch_size=4", "tune.sampler=random")

@@ -1,4 +1,4 @@
-"""Whole-run verdicts (gradsweep.verdicts) against closed forms, plain PyTorch twins and float64."""
+"""Whole-run verdicts (gradsweep.results.verdicts) against closed forms, plain PyTorch twins and float64."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ from reference import article_data, article_linears
 from torch import nn
 from torch.nn import functional as F
 
-from gradsweep.losses import baseline_loss
-from gradsweep.summary import build_tables
-from gradsweep.train import train_group
-from gradsweep.verdicts import CUT, NO_SIGNAL, SIGNAL, UNDERFLOW, conditions, dead_runs, underflow_floor, verdicts, zero_causes
+from gradsweep.engine.losses import baseline_loss
+from gradsweep.engine.train import train_group
+from gradsweep.results.tables import build_tables
+from gradsweep.results.verdicts import (
+    CUT,
+    NO_SIGNAL,
+    SIGNAL,
+    UNDERFLOW,
+    conditions,
+    dead_runs,
+    underflow_floor,
+    verdicts,
+    zero_causes,
+)
 
 
 def _cond(r0, rmed, final, base=10.0, lo=-2.0, hi=2.0, margin=0.01):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import scaled
 
-from gradsweep.kernels import SOURCES
+from gradsweep.engine.kernels.build import SOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +32,16 @@ def test_the_wheel_installs_and_runs_the_quick_start_elsewhere(tmp_path):
     subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=scaled(600))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(python), "-c", "import gradsweep, gradsweep.preflight as p; print(gradsweep.__file__); "
+    where = subprocess.run([str(python), "-c", "import gradsweep, gradsweep.sweep.preflight as p; print(gradsweep.__file__); "
                             "print(p.CONF_DIR)"], cwd=elsewhere, capture_output=True, text=True, check=True)
     module, conf = where.stdout.split()
     assert module.startswith(str(venv)) and conf.startswith(str(venv)), where.stdout
     assert (Path(conf) / "config.yaml").is_file() and (Path(conf) / "hydra" / "help" / "gradsweep.yaml").is_file()
-    kernel = subprocess.run([str(python), "-c", "import hashlib, gradsweep.kernels as s; "
+    kernel = subprocess.run([str(python), "-c", "import hashlib, gradsweep.engine.kernels.build as s; "
                              "print(hashlib.sha256(s.source()).hexdigest())"],
                             cwd=elsewhere, capture_output=True, text=True, check=True)
-    shipped = hashlib.sha256(b"\n".join((ROOT / "gradsweep" / "csrc" / n).read_bytes() for n in SOURCES)).hexdigest()
+    csrc = ROOT / "gradsweep" / "engine" / "kernels" / "csrc"
+    shipped = hashlib.sha256(b"\n".join((csrc / n).read_bytes() for n in SOURCES)).hexdigest()
     assert kernel.stdout.strip() == shipped  # the compiled engine's kernel source ships in the wheel
     sweep = elsewhere / "sweep"
     run = subprocess.run([str(venv / "bin" / "gradsweep"), "-m", "model.depth=2,10,30", "init=xavier,kaiming",

@@ -23,11 +23,12 @@ learning rate, its loss, the stability edge), ``stability.png``, ``trials.csv``,
 (``groups/``, ``trials/<number>/``), which ``load_sweep`` and the report read like any sweep.
 
 Modules: ``cli`` (composition, the ask/tell loop, the command), ``study`` (storage, sampler, constraints),
-``trials`` (trained through ``gradsweep.group``), ``recovery`` (dead workers), ``results`` (the stable band,
+``trials`` (trained through ``gradsweep.sweep.group``), ``recovery`` (dead workers), ``results`` (the stable band,
 best.json). ``TuneCfg`` is in ``gradsweep.tune.config``.
 """
 
+from gradsweep.results.verdicts import edge_words
 from gradsweep.tune.cli import compose, main, tune_study
-from gradsweep.tune.results import edge_words, stable_band, summarize
+from gradsweep.tune.results import stable_band, summarize
 
 __all__ = ["compose", "edge_words", "main", "stable_band", "summarize", "tune_study"]

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradsweep.arrays import bound_run_cfg
-from gradsweep.checks import check, coerce, field_hints
-from gradsweep.config import SECTIONS, RunCfg
+from gradsweep.config.checks import check, coerce, field_hints
+from gradsweep.config.sections import SECTIONS, RunCfg
+from gradsweep.engine.arrays import bound_run_cfg
 from gradsweep.errors import ConfigError, first_line
-from gradsweep.schema import TUNE_DIR
-from gradsweep.store import RunIndex
+from gradsweep.results.schema import TUNE_DIR
+from gradsweep.results.store import RunIndex
 from gradsweep.tune.config import SearchDim, TuneCfg
 from gradsweep.tune.recovery import Heartbeat, fail_and_requeue, recover_stale, worker_id
 from gradsweep.tune.results import describe, summarize, write_outputs
@@ -78,7 +78,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
     from hydra.errors import HydraException
 
     from gradsweep.hydra_shim import parse_overrides
-    from gradsweep.preflight import check_overrides, compose_values, one_line
+    from gradsweep.sweep.preflight import check_overrides, compose_values, one_line
 
     flags = [a for a in overrides if a.startswith("-")]
     if flags:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gradsweep.checks import check, choice, finite
+from gradsweep.config.checks import check, choice, finite
 
 SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "cmaes")  # gradsweep.tune's Optuna samplers
 OBJECTIVES = ("final_loss", "loss_auc")

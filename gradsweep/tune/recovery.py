@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from gradsweep.errors import first_line
-from gradsweep.schema import TRIALS_DIR
-from gradsweep.store import discard_incomplete
-from gradsweep.submit import process_alive
+from gradsweep.results.schema import TRIALS_DIR
+from gradsweep.results.store import discard_incomplete
+from gradsweep.sweep.submit import process_alive
 from gradsweep.tune.study import (
     BEAT_ATTR,
     FAILED_ATTR,

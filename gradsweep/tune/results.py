@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.schema import TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, TUNE_TRIALS_FILE
+from gradsweep.results.schema import TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, TUNE_TRIALS_FILE
 from gradsweep.tune.config import TuneCfg
 
 
@@ -114,8 +114,8 @@ def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str,
 
 def write_outputs(study: Any, summary: dict[str, Any], tdir: Path) -> None:
     """best.json, trials.csv and stability.png, each appearing atomically."""
-    from gradsweep.figures import plt, stability_plot
-    from gradsweep.store import atomic, write_text_atomic
+    from gradsweep.report.figures import plt, stability_plot
+    from gradsweep.results.store import atomic, write_text_atomic
 
     frame = trial_frame(study)
     write_text_atomic(tdir / TUNE_BEST_FILE, json.dumps(summary, indent=2, default=_json_default) + "\n")
@@ -136,7 +136,7 @@ def trial_counts(frame: Any) -> dict[str, int]:
     """Every trial of ``frame`` counted once, in words that add up to the number of trials: stable, else the
     verdict that made a complete trial unstable (a healthy one whose loss rose: ``loss rose``), else its state
     (failed, running, ...)."""
-    from gradsweep.verdicts import VERDICTS
+    from gradsweep.results.verdicts import VERDICTS
 
     if not len(frame):
         return {}
@@ -152,7 +152,7 @@ def trial_counts(frame: Any) -> dict[str, int]:
 
 def describe(summary: dict[str, Any]) -> str:
     best, edge = summary["best"], summary["edge"]
-    from gradsweep.verdicts import counts_text
+    from gradsweep.results.verdicts import counts_text, edge_words
 
     lines = [f"study {summary['study_name']} ({summary['storage']}): {summary['trials']} trials, "
              + counts_text(summary["counts"])]
@@ -168,14 +168,3 @@ def describe(summary: dict[str, Any]) -> str:
                      "trained, but it lies outside the stable band, between unstable trials")
     lines.append(f"wrote {Path(summary['out_dir']) / TUNE_DIR}/{TUNE_BEST_FILE}, {TUNE_FIGURE_FILE}, {TUNE_TRIALS_FILE}")
     return "\n".join(lines)
-
-
-def edge_words(edge: dict[str, float | None]) -> str:
-    """'stable from lr a up to lr b, unstable from lr c (and below lr d)', as far as the trials tell."""
-    lo, hi = edge["smallest_stable_lr"], edge["largest_stable_lr"]
-    up, down = edge["smallest_unstable_lr_above"], edge.get("largest_unstable_lr_below")
-    if hi is None:
-        return "nothing stable" + (f"; unstable from lr {up:.4g}" if up is not None else "")
-    text = f"stable from lr {lo:.4g} up to lr {hi:.4g} ({edge.get('band_trials', 0)} trials, none unstable), "
-    text += f"unstable from lr {up:.4g}" if up is not None else "nothing unstable seen above it"
-    return text + (f"; unstable again below lr {down:.4g}" if down is not None else "")

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradsweep.config import RunCfg
+from gradsweep.config.identity import config_hash
+from gradsweep.config.sections import RunCfg
 from gradsweep.errors import ConfigError, first_line
-from gradsweep.identity import config_hash
-from gradsweep.schema import TUNE_DIR
+from gradsweep.results.schema import TUNE_DIR
 from gradsweep.tune.config import SAMPLERS, TuneCfg
 
 JOURNAL_FILE = "study.journal"
@@ -148,7 +148,7 @@ def make_sampler(tune: TuneCfg, seed: int) -> Any:
     return optuna.samplers.CmaEsSampler(seed=seed)
 
 
-# each holds when its value is <= 0: one per verdict that is not healthy (gradsweep.verdicts), and the loss fell
+# each holds when its value is <= 0: one per verdict that is not healthy (gradsweep.results.verdicts), and the loss fell
 CONSTRAINTS = ("diverged", "dead", "vanishing", "exploding", "stalled", "loss_increased")
 
 

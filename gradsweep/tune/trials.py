@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
-from gradsweep.arrays import bound_run_cfg
-from gradsweep.group import GroupJob, plan, run_group
-from gradsweep.identity import config_hash
-from gradsweep.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_DIR
-from gradsweep.store import CompleteRun, RunIndex, write_job_files
+from gradsweep.config.identity import config_hash
+from gradsweep.engine.arrays import bound_run_cfg
+from gradsweep.results.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_DIR
+from gradsweep.results.store import CompleteRun, RunIndex, write_job_files
+from gradsweep.sweep.group import GroupJob, plan, run_group
 from gradsweep.tune.config import TuneCfg
 from gradsweep.tune.study import CONSTRAINTS, GROUP_ATTR, set_system_attr
 
@@ -36,7 +36,7 @@ def trial_values(values: dict[str, Any], lr: float, extra: dict[str, float], che
 def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict[str, Any]]:
     """The objective value and the user attributes of a trained trial from its runs-table row.
 
-    One constraint per way a run can fail to be ``healthy`` (gradsweep.verdicts), each from its own condition
+    One constraint per way a run can fail to be ``healthy`` (gradsweep.results.verdicts), each from its own condition
     whatever the precedence, plus ``loss_increased`` (final loss above the initial); > 0 means violated, and its
     size says by how much where there is a measure (log10 decades of the ratio, loss above the stall line). So a
     trial is feasible exactly when its verdict is healthy and its loss fell. A diverged run's objective is +inf
@@ -44,7 +44,7 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
     """
     import numpy as np
 
-    from gradsweep.verdicts import conditions
+    from gradsweep.results.verdicts import conditions
 
     diverged = not pd.isna(row["diverged_step"])
     dead = not pd.isna(row["dead_step"])

@@ -1,4 +1,4 @@
-"""The fused launcher: thin here, the work in ``gradsweep.launcher`` (imported when a sweep launches).
+"""The fused launcher: thin here, the work in ``gradsweep.sweep.launch`` (imported when a sweep launches).
 
 This is where Hydra calls gradsweep's sweep, so it is where gradsweep's typed errors (``gradsweep.errors``) become
 one line and an exit status: raised further, Hydra would print them as tracebacks.
@@ -40,7 +40,7 @@ class FusedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gradsweep.errors import GradsweepError
-        from gradsweep.launcher import launch
+        from gradsweep.sweep.launch import launch
 
         try:
             return launch(self, job_overrides, initial_job_idx)

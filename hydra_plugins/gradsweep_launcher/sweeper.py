@@ -22,7 +22,7 @@ class GradsweepSweeper(BasicSweeper):  # Hydra's own override parsing, batching 
         # BasicSweeper composes every job (Hydra's full composition, the wall at thousands of runs) only to fail
         # early on a bad one. The fused launcher composes and checks every job of a batch before it trains any, so
         # that is done there, once; for any other launcher or task, Hydra's own check stands.
-        from gradsweep.group import fusable  # here, not at import: Hydra's plugin scan of any app imports this module
+        from gradsweep.sweep.group import fusable  # here, not at import: Hydra's plugin scan of any app imports this module
 
         if isinstance(self.launcher, FusedLauncher) and fusable(self.launcher.task_function):
             return
@@ -40,7 +40,7 @@ class GradsweepSweeper(BasicSweeper):  # Hydra's own override parsing, batching 
         self.overrides = self.split_arguments(parser.parse_overrides(params_conf), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        from gradsweep.store import write_text_atomic
+        from gradsweep.results.store import write_text_atomic
 
         write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         returns: list[Sequence[JobReturn]] = []

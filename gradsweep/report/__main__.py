@@ -1,0 +1,5 @@
+from gradsweep.report.build import main
+from gradsweep.shutdown import run_and_exit
+
+if __name__ == "__main__":
+    run_and_exit(main)
