@@ -88,8 +88,10 @@ def composed():
     from hydra.core.global_hydra import GlobalHydra
 
     from gradsweep.sweep.preflight import CONF_DIR
+    from gradsweep.tune.config import register
 
     def _compose(overrides: list[str] | None = None):
+        register()  # the presets' bases and the tuner's, as gradsweep's entry points register them
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)

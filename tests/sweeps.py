@@ -3,17 +3,17 @@ like a multirun, one directory per job."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
 from conftest import make_cfg
-from omegaconf import OmegaConf
 
 from gradsweep.engine.train import train_group
 from gradsweep.results.store import write_tables
 from gradsweep.results.tables import build_tables
 from gradsweep.sweep.group import plan
-from gradsweep.sweep.preflight import CONF_DIR
+from gradsweep.sweep.preflight import compose_values
 
 
 def grid(**swept) -> list[dict]:
@@ -22,12 +22,16 @@ def grid(**swept) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(swept[k] for k in keys))]
 
 
+@functools.cache
+def _preset(group: str, name: str) -> dict:
+    return compose_values([f"{group}={name}"])[group]
+
+
 def _sections(point: dict, base: dict) -> dict:
     sections: dict = {k: dict(v) for k, v in base.items()}
     for key, value in point.items():
-        if key in ("init", "data"):  # a preset, like init=xavier on the command line: its YAML file
-            sections[key] = {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / key / f"{value}.yaml")),
-                             **sections.get(key, {})}
+        if key in ("init", "data"):  # a preset, like init=xavier on the command line: composed by Hydra
+            sections[key] = {**_preset(key, value), **sections.get(key, {})}
         else:
             section, field = key.split(".", 1)
             sections.setdefault(section, {})[field] = value

@@ -8,6 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
+from gradsweep.config.store import register
 from gradsweep.hydra_shim import basic_sweeper, parse_overrides
 from gradsweep.sweep.compose import SweepComposer, settle_data_dims
 from gradsweep.sweep.preflight import CONF_DIR
@@ -15,6 +16,7 @@ from gradsweep.sweep.preflight import CONF_DIR
 
 @pytest.fixture
 def loader():
+    register()  # as python -m gradsweep does before Hydra composes
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         yield GlobalHydra.instance().hydra.config_loader

@@ -105,3 +105,44 @@ def test_bad_values_name_the_key(values, message):
 
 def test_int_accepted_for_float():
     assert InitCfg(gain=2).gain == 2 and build_run_cfg({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+PRESET_GROUPS = [*((g, o) for g in ("init", "data", "optim", "model", "train", "verdict") for o in group_options(g)),
+                 ("tune", "default")]
+
+
+@pytest.mark.parametrize(("group", "option"), PRESET_GROUPS)
+def test_a_preset_sets_only_what_differs_from_its_dataclass(group, option):
+    """Defaults once: a preset's YAML starts from a base of its dataclass's defaults (gradsweep.config.store) and
+    sets a key only where its value differs, so that a default changed in the dataclass changes every preset."""
+    from omegaconf import OmegaConf
+
+    from gradsweep.config.sections import SECTIONS
+    from gradsweep.config.store import field_defaults
+    from gradsweep.sweep.preflight import CONF_DIR
+
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    bases = [d for d in own.pop("defaults") if isinstance(d, dict) and any(k.startswith("/gradsweep/base/") for k in d)]
+    assert len(bases) == 1, f"{group}/{option}.yaml: no /gradsweep/base/{group} entry in its defaults"
+    defaults = field_defaults(TuneCfg if group == "tune" else SECTIONS[group])
+    repeated = {k: v for k, v in own.items() if k in defaults and v == defaults[k]}
+    assert not repeated, f"{group}/{option}.yaml repeats its dataclass's defaults: {repeated}"
+
+
+@pytest.mark.parametrize(("group", "option"), PRESET_GROUPS)
+def test_every_key_of_a_composed_preset_is_a_field_valued_as_written(composed, group, option):
+    """The composed preset: its keys are the dataclass's fields, each valued as the YAML sets it or else as the field's
+    default (the base is no second copy of a default that could drift)."""
+    from omegaconf import OmegaConf
+
+    from gradsweep.config.sections import SECTIONS
+    from gradsweep.config.store import field_defaults
+    from gradsweep.sweep.preflight import CONF_DIR
+    overrides = [f"+tune={option}"] if group == "tune" else [f"{group}={option}"]
+    node = OmegaConf.to_container(composed(overrides)[group])
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    defaults = field_defaults(TuneCfg if group == "tune" else SECTIONS[group])
+    assert set(node) <= set(defaults), set(node) - set(defaults)
+    for key, value in node.items():
+        want = own.get(key, defaults[key])
+        assert value == want or (key == "net" and option == "custom"), (key, value, want)

@@ -354,7 +354,7 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
 
 
 def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_edge():
-    from gradsweep.tune import summarize
+    from gradsweep.tune import best_of_study
     from gradsweep.tune.config import TuneCfg
 
     lrs = [1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1.6e-3, 3e-3, 5e-3, 1e-2, 2e-2]
@@ -367,7 +367,7 @@ def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_
             params={"lr": lr}, distributions=dist, value=value,
             user_attrs={"feasible": feasible, "diverged": value == math.inf, "final_loss": value, "baseline_loss": 9.76,
                         "run_id": f"r{lr}", "verdict": "healthy" if feasible else "stalled"}))
-    s = summarize(study, TuneCfg(), "memory", Path("out"))
+    s = best_of_study(study, TuneCfg(), "memory", Path("out"))
     assert s["edge"] == {"smallest_stable_lr": 2e-4, "largest_stable_lr": 1e-3, "smallest_unstable_lr_above": 1.6e-3,
                          "largest_unstable_lr_below": 1e-4, "band_trials": 4}
     # The lowest loss at least 2x below the first unstable lr above (1.6e-3): 8e-4, not 1e-3 at the edge nor the island.
@@ -375,7 +375,7 @@ def test_stable_band_is_the_widest_run_of_stable_lrs_and_its_best_keeps_off_the_
 
 
 def test_the_printed_line_counts_every_trial_by_what_made_it_unstable():
-    from gradsweep.tune import summarize
+    from gradsweep.tune import best_of_study
     from gradsweep.tune.config import TuneCfg
     from gradsweep.tune.results import describe
 
@@ -389,7 +389,7 @@ def test_the_printed_line_counts_every_trial_by_what_made_it_unstable():
             user_attrs={"feasible": feasible, "diverged": verdict == "diverged", "final_loss": 1.0, "run_id": f"r{k}",
                         "baseline_loss": 9.76, "verdict": verdict}))
     study.add_trial(optuna.trial.create_trial(params={"lr": 0.5}, distributions=dist, state=optuna.trial.TrialState.FAIL))
-    s = summarize(study, TuneCfg(), "memory", Path("out"))
+    s = best_of_study(study, TuneCfg(), "memory", Path("out"))
     assert s["counts"] == {"stable": 2, "diverged": 1, "dead": 2, "stalled": 1, "loss rose": 1, "fail": 1}
     assert sum(s["counts"].values()) == s["trials"] == 8
     assert describe(s).splitlines()[0] == ("study s (memory): 8 trials, 2 stable, 1 stalled, 2 dead, 1 diverged, "

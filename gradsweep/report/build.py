@@ -41,7 +41,7 @@ from gradsweep.report.text import (
     article_experiment,
     baseline_line,
     baseline_words,
-    text_summary,
+    console_lines,
     tune_caption,
     verdict_reason,
 )
@@ -109,7 +109,7 @@ def make_report(sweep_dir: str | Path, out: str | Path | None = None, x: str | N
                 facets: list[str] | None = None, stat: str = "grad_ratio",
                 flow_runs: list[str] | None = None, n_flow: int | None = None, quiet: bool = False,
                 merge: bool = False) -> Path:
-    """Write the report of ``sweep_dir`` and return the path of its index.html (``text_summary`` tells the rest).
+    """Write the report of ``sweep_dir`` and return the path of its index.html (``console_lines`` tells the rest).
 
     A directory holding several sweeps (a date directory) gets one report that merges them, when their commands
     set the same keys or ``merge`` asks for it. The report is written to a staging directory and moved into place
@@ -221,7 +221,7 @@ def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Pat
     bar.close()
     (stage / "figures.json").write_text(json.dumps(sizes, indent=1) + "\n")
     merges = [f"merges {len(merged)} sweeps: " + ", ".join(d for d, _ in merged)] if merged else []
-    summary_text = "\n".join([*merges, *notes, text_summary(runs, layout, out / "index.html")])
+    summary_text = "\n".join([*merges, *notes, console_lines(runs, layout, out / "index.html")])
     if replaced:
         summary_text += "\n(replaced the report that was there; give --out to keep several)"
     (stage / "summary.txt").write_text(summary_text + "\n")

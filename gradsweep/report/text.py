@@ -82,7 +82,7 @@ def tune_caption(best_json: Path) -> str:
     return " ".join(parts)
 
 
-def text_summary(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
+def console_lines(runs: pd.DataFrame, layout: Layout, index: Path) -> str:
     lines = [f"{len(runs)} runs: " + counts_text(verdict_counts(runs)),
              f"layout: x={layout.x}, y={layout.y}" + (f", facets={', '.join(layout.facets)}" if layout.facets else "")]
     bad = runs[runs.verdict != "healthy"].assign(_sev=lambda d: d["verdict"].map(SEVERITY),

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from gradsweep.config.sections import ConfigError
+from gradsweep.config.store import register
 from gradsweep.sweep.preflight import CONF_DIR, check_overrides
 
 log = logging.getLogger("gradsweep")
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"gradsweep: error: {e}", file=sys.stderr)
             sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
+    register()  # the presets' bases, valued as the dataclasses' defaults
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run)()
 
 

@@ -19,6 +19,7 @@ from gradsweep.config.sections import (
     build_section,
     first_line,
 )
+from gradsweep.config.store import register
 from gradsweep.engine.arrays import bind_data, bound_run_cfg
 from gradsweep.hydra_shim import value_text
 from gradsweep.sweep.compose import settle_data_dims
@@ -206,6 +207,7 @@ def compose_values(overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    register()  # the presets' bases, valued as the dataclasses' defaults
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -27,8 +27,8 @@ Modules: ``cli`` (composition, the ask/tell loop, the command), ``study`` (stora
 best.json). ``TuneCfg`` is in ``gradsweep.tune.config``.
 """
 
-from gradsweep.results.verdicts import edge_words
-from gradsweep.tune.cli import compose, main, tune_study
-from gradsweep.tune.results import stable_band, summarize
+from gradsweep.lazy import exports
 
-__all__ = ["compose", "edge_words", "main", "stable_band", "summarize", "tune_study"]
+_WHERE = {"compose": "cli", "main": "cli", "tune_study": "cli", "best_of_study": "results", "stable_band": "results"}
+__all__ = sorted(_WHERE)
+__getattr__ = exports(__name__, _WHERE)

@@ -16,9 +16,9 @@ from gradsweep.engine.arrays import bound_run_cfg
 from gradsweep.errors import ConfigError, first_line
 from gradsweep.results.schema import TUNE_DIR
 from gradsweep.results.store import RunIndex
-from gradsweep.tune.config import SearchDim, TuneCfg
+from gradsweep.tune.config import SearchDim, TuneCfg, register
 from gradsweep.tune.recovery import Heartbeat, fail_and_requeue, recover_stale, worker_id
-from gradsweep.tune.results import describe, summarize, write_outputs
+from gradsweep.tune.results import best_of_study, describe, write_outputs
 from gradsweep.tune.study import CONSTRAINTS, WORKER_ATTR, default_study_name, named_constraints, open_study, set_system_attr
 from gradsweep.tune.trials import run_batch, trial_values
 
@@ -101,6 +101,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
             raise ConfigError(f"{o.key_or_group} is not a known key; valid keys: {', '.join('tune.' + f for f in fields)}")
     run_overrides = [o.input_line for o in parsed if o.key_or_group.split(".")[0] != TUNE_DIR]
     check_overrides(run_overrides)
+    register()  # the tune group's base
     values = compose_values([f"+{TUNE_DIR}=default", *overrides])
     tune = build_tune_cfg(values.pop(TUNE_DIR))
     base = bound_run_cfg(values)
@@ -161,7 +162,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     finally:
         bar.close()
     wall = time.perf_counter() - t0
-    summary = summarize(study, tune, where, out_dir)
+    summary = best_of_study(study, tune, where, out_dir)
     summary["this_invocation"] = {"trials": tune.n_trials, "batch_size": tune.batch_size, "wall_s": wall}
     summary["failed"] = [{"trial": n, "error": f"{type(e).__name__}: {first_line(e)}"} for n, e in failed]
     write_outputs(study, summary, tdir)

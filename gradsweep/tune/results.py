@@ -76,7 +76,7 @@ def _float_or_none(v: Any) -> float | None:
     return None if v is None or pd.isna(v) else float(v)
 
 
-def summarize(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str, Any]:
+def best_of_study(study: Any, tune: TuneCfg, where: str, out_dir: Path) -> dict[str, Any]:
     frame = trial_frame(study)
     done = frame[frame["state"] == "COMPLETE"] if len(frame) else frame
     feasible = done[done["feasible"]] if len(done) else done
