@@ -6,6 +6,6 @@ Imports results and config, never the sweep, the engine or the tuner."""
 
 from gradsweep.lazy import exports
 
-_WHERE = {"make_report": "build"}
+_WHERE = {"make_report": "build", "main": "build"}
 __all__ = sorted(_WHERE)
 __getattr__ = exports(__name__, _WHERE)
