@@ -245,6 +245,16 @@ class ModuleStep:
             hgrad = torch.where(rms.isnan(), rms, hgrad)  # a layer the run did not call: no signal recorded
             return alive, diverged, reason, scalars, plan.reduce(grad, update, alive, hgrad, rms, 1)
 
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every run's output (R, B, out) in training mode, differentiable in the parameters (for the Hessian's
+        products, gradsweep.engine.curvature): on copies of the buffers, and each run's random streams put back
+        after, so the training that follows draws what it would have drawn without this call."""
+        saved = list(self.rng.cpu), list(self.rng.cuda)
+        try:
+            return self._forward(x, None, {k: v.clone() for k, v in self.buffers.items()}, False)[0]
+        finally:
+            self.rng.cpu[:], self.rng.cuda[:] = saved
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Every run's output (R, B, out) in eval mode (BatchNorm's running statistics, no dropout), the buffers

@@ -18,7 +18,7 @@ import torch
 
 from gradsweep.config.identity import as_tuple
 from gradsweep.config.sections import RunCfg
-from gradsweep.engine import compiled
+from gradsweep.engine import compiled, curvature
 from gradsweep.engine.compiled import Shape, Step, bucket, resolve_engine, runs_programs
 from gradsweep.engine.data import load_data
 from gradsweep.engine.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
@@ -113,6 +113,25 @@ def _batches(cfgs: list[RunCfg], n: int):
             yield perms[:, start:start + bs]
 
 
+def initial_sharpness(cfgs: list[RunCfg]) -> curvature.Sharpness:
+    """Every run's sharpness at its initial parameters, before the first batch (without training): the
+    tuner's prior, and what a sweep measures at step 0."""
+    g = _plan(cfgs)
+    data = load_data(g.first.data)
+    x, y = g.on_device(data.x), g.on_device(data.y)
+    net = _build(g, x.shape[1], data.out_dim, False, x)
+    return _sharpness(g, net, x, y, g.n_runs)
+
+
+def _sharpness(g: _Plan, net: _Net, x: torch.Tensor, y: torch.Tensor, n: int) -> curvature.Sharpness:
+    """The top Hessian eigenvalue of each run's loss on the whole training set, at the parameters it has now; the
+    first ``n`` runs' (a doubled or padded group's copies dropped)."""
+    R = len(g.cfgs)
+    xs, ys = x.expand(R, *x.shape), y.expand(R, *y.shape)
+    s = curvature.sharpness(lambda: per_run_loss(g.first.loss, net.outputs(xs), ys), net.params)
+    return curvature.Sharpness(s.value[:n].cpu(), s.iters[:n], s.converged[:n], s.error)
+
+
 def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: bool | None = None) -> GroupTrace:
     """Train every run of ``cfgs`` (which must share :func:`group_key`) as one stacked model."""
     t0 = time.perf_counter()
@@ -196,6 +215,10 @@ class _Net:
     predict: Any
     """(R, N, in) inputs -> (R, N, out) outputs, for the final evaluation."""
     rows: list[Layer]
+    outputs: Any
+    """As ``predict``, in training mode and differentiable in ``params`` (the Hessian's products)."""
+    params: list[torch.Tensor]
+    """The (R, ...) parameter leaves."""
 
 
 def _build(g: _Plan, in_dim: int, out_dim: int, collect_stats: bool, x: torch.Tensor) -> _Net:
@@ -214,7 +237,7 @@ def _build(g: _Plan, in_dim: int, out_dim: int, collect_stats: bool, x: torch.Te
     if arch is None:
         module_step = ModuleStep(net_name(first.model), g.info, base, stack, buffers, rng, first.loss, opt, max_norm,
                                  collect_stats, x.expand(R, *x.shape)[:, :2])
-        return _Net(module_step, module_step.predict, rows)
+        return _Net(module_step, module_step.predict, rows, module_step.outputs, list(stack.params.values()))
     if g.engine == "compiled" and g.fused_ok:
         step = fused.FusedStep(arch, first.loss, stack.layout, opt, max_norm, collect_stats)
     elif runs_programs(g.engine, g.device):
@@ -224,7 +247,8 @@ def _build(g: _Plan, in_dim: int, out_dim: int, collect_stats: bool, x: torch.Te
     else:
         plan = StatsPlan(stack.layout, layers(arch), arch.activation, g.dtype, g.device)
         step = _EagerStep(arch, first.loss, stack, opt, max_norm, plan)
-    return _Net(step, lambda inputs: forward(stack.params, arch, inputs).out, rows)
+    outputs = lambda inputs: forward(stack.params, arch, inputs).out  # noqa: E731 - the two share one definition
+    return _Net(step, outputs, rows, outputs, list(stack.params.values()))
 
 
 class _EagerStep:
