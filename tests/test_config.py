@@ -24,7 +24,7 @@ def test_defaults_compose_to_the_schema_defaults(composed):
     assert cfg == dataclasses.replace(RunCfg(), extra={})
 
 
-@pytest.mark.parametrize("group", ["init", "data", "optim", "model", "train", "verdict"])
+@pytest.mark.parametrize("group", ["init", "data", "optim", "model", "train", "verdict", "stats"])
 def test_every_preset_is_valid(composed, group, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.eye(4), y=np.arange(4.0))
     for option in group_options(group):
@@ -107,7 +107,7 @@ def test_int_accepted_for_float():
     assert InitCfg(gain=2).gain == 2 and build_run_cfg({"optim": {"lr": 1}}).optim.lr == 1.0
 
 
-PRESET_GROUPS = [*((g, o) for g in ("init", "data", "optim", "model", "train", "verdict") for o in group_options(g)),
+PRESET_GROUPS = [*((g, o) for g in ("init", "data", "optim", "model", "train", "verdict", "stats") for o in group_options(g)),
                  ("tune", "default")]
 
 

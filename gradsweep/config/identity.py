@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from gradsweep.config.sections import ARRAYS_KEYS, MODULE_KEYS, SECTIONS, DataCfg, RunCfg
+from gradsweep.config.sections import ARRAYS_KEYS, MODULE_KEYS, SECTIONS, DataCfg, RunCfg, StatsCfg
 
 
 def column_of(section: str, key: str) -> str:
@@ -80,7 +80,8 @@ def flatten(cfg: RunCfg) -> dict[str, Any]:
 
 # Keys added after sweeps were first written, with their defaults: a run that leaves them at those keeps the run_id
 # it had before they existed (a sweep resumed across the change finds its runs).
-ADDED_KEYS = {"data": ARRAYS_KEYS, "model": MODULE_KEYS}
+ADDED_KEYS = {"data": ARRAYS_KEYS, "model": MODULE_KEYS,
+              "stats": {f.name: f.default for f in dataclasses.fields(StatsCfg)}}
 
 
 def config_hash(cfg: RunCfg) -> str:
@@ -88,8 +89,9 @@ def config_hash(cfg: RunCfg) -> str:
     payload = as_dict(cfg)
     payload.pop("quiet")
     payload.pop("engine")  # the engines agree to rounding: a sweep resumed with another engine keeps its runs
+    payload.pop("stats")  # what is measured, not what is trained: the sharpness changes no run's numbers
     for section, added in ADDED_KEYS.items():  # keys newer than the first sweeps enter the hash only when set
-        for key, default in added.items():
+        for key, default in added.items() if section in payload else ():
             if payload[section][key] == default:
                 del payload[section][key]
     if payload["data"]["name"] != "gaussian":  # derived from the data: hashed as the constants they were before

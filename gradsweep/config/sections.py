@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradsweep.config.checks import check, choice, coerce, field_hints, finite
+from gradsweep.config.stats import StatsCfg
 from gradsweep.errors import ConfigError, first_line  # noqa: F401  (importable from here, as before)
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "gelu", "selu", "identity")
@@ -301,6 +302,7 @@ class RunCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     data: DataCfg = field(default_factory=DataCfg)
     verdict: VerdictCfg = field(default_factory=VerdictCfg)
+    stats: StatsCfg = field(default_factory=StatsCfg)
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
     engine: str = "auto"
@@ -342,7 +344,7 @@ class RunCfg:
 
 SECTIONS: dict[str, type] = {
     "model": ModelCfg, "init": InitCfg, "optim": OptimCfg,
-    "train": TrainCfg, "data": DataCfg, "verdict": VerdictCfg,
+    "train": TrainCfg, "data": DataCfg, "verdict": VerdictCfg, "stats": StatsCfg,
 }
 TOP_LEVEL: dict[str, Any] = {"device": str, "engine": str, "quiet": bool, "loss": str}
 # Top-level keys Hydra or the runner itself may add, never recorded as extra columns.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from gradsweep.config.sections import DataCfg, InitCfg, ModelCfg, OptimCfg, TrainCfg, VerdictCfg
+from gradsweep.config.sections import DataCfg, InitCfg, ModelCfg, OptimCfg, StatsCfg, TrainCfg, VerdictCfg
 
 _BLOCKS = ("depth", "width", "activation", "residual", "norm")
 _DATA = ("name", "n_samples", "seed")
@@ -35,6 +35,7 @@ BASES: dict[str, tuple[type, dict[str, tuple[str, ...]]]] = {
     }),
     "train": (TrainCfg, {"default": tuple(f.name for f in fields(TrainCfg))}),
     "verdict": (VerdictCfg, {"default": tuple(f.name for f in fields(VerdictCfg))}),
+    "stats": (StatsCfg, {"default": tuple(f.name for f in fields(StatsCfg))}),
     "data": (DataCfg, {
         "regression": (*_DATA, "noise", "n_features"),
         "scaled": (*_DATA, "noise", "n_features", "scale_min", "scale_max"),

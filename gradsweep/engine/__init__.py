@@ -1,6 +1,6 @@
 """Training: R runs of one architecture as one stacked model, and what is recorded of them.
 
-- ``train``: the loop (``train_group``) and its trace (``GroupTrace``);
+- ``train``: the loop (``train_group``); ``trace``: what it records (``GroupTrace``); ``curvature``: the sharpness;
 - the nets: ``mlp`` (the built-in MLP, parameters stacked along a run axis), ``nets`` (nets built as ``nn.Module``:
   cnn, resmlp, your own) and ``module_runs`` (those trained as a stack of runs); ``init``, ``optim``, ``losses``;
 - ``stats`` (per-layer gradient statistics on the device) and ``records`` (their names, without torch);
@@ -11,7 +11,7 @@ Imports only ``gradsweep.config`` and the package's base modules."""
 
 from gradsweep.lazy import exports
 
-_WHERE = {"train_group": "train", "GroupTrace": "train", "load_data": "data", "bind_data": "arrays",
+_WHERE = {"train_group": "train", "GroupTrace": "trace", "load_data": "data", "bind_data": "arrays",
           "bound_run_cfg": "arrays", "LAYER_STATS": "records"}
 __all__ = sorted(_WHERE)
 __getattr__ = exports(__name__, _WHERE)

@@ -8,6 +8,7 @@ to the host once per block of logged steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -21,20 +22,18 @@ from gradsweep.config.sections import RunCfg
 from gradsweep.engine import compiled, curvature
 from gradsweep.engine.compiled import Shape, Step, bucket, resolve_engine, runs_programs
 from gradsweep.engine.data import load_data
-from gradsweep.engine.device import HOST_COPY_EVERY, position_independent_blas, resolve_device, set_threads
+from gradsweep.engine.device import position_independent_blas, resolve_device, set_threads
 from gradsweep.engine.kernels import fused
 from gradsweep.engine.losses import baseline_loss, per_run_accuracy, per_run_loss
 from gradsweep.engine.mlp import Layer, build_params, forward, layers
 from gradsweep.engine.module_runs import ModuleStep, build_stack
 from gradsweep.engine.nets import check_batch, describe, net_name
 from gradsweep.engine.optim import StackedOptimizer, clip, clip_vector, screen
-from gradsweep.engine.records import LAYER_STATS
 from gradsweep.engine.stats import StatsPlan
+from gradsweep.engine.trace import DIVERGED_REASONS, GroupTrace, Record, SharpnessLog, logged
 from gradsweep.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
-
-DIVERGED_REASONS = (None, "loss", "gradient", "final loss")
 
 def group_key(cfg: RunCfg) -> tuple:
     """Everything that fixes a run's computation shape or code path; runs with equal keys train as one group."""
@@ -49,51 +48,8 @@ def group_key(cfg: RunCfg) -> tuple:
         cfg.device,
         cfg.engine,
         cfg.loss,
+        as_tuple(cfg.stats),
     )
-
-
-@dataclass
-class GroupTrace:
-    """What training a group recorded, as host arrays. T logged steps, R runs, L layers."""
-
-    steps: np.ndarray
-    """(T,) the logged step numbers."""
-    loss: np.ndarray
-    """(T, R) the loss at each logged step, before that step's update."""
-    grad_norm: np.ndarray
-    """(T, R) total gradient norm before clipping."""
-    clipped: np.ndarray
-    """(T, R) whether clipping scaled the gradients."""
-    layer: np.ndarray | None
-    """(T, R, L, len(schema.LAYER_STATS)) per-layer statistics in the training dtype, or None when not collected."""
-    final_loss: np.ndarray
-    """(R,) loss on the whole data set after the last step."""
-    test_loss: np.ndarray
-    """(R,) loss on the held-out points after the last step; NaN without them (data.n_test = 0)."""
-    test_accuracy: np.ndarray
-    """(R,) accuracy on the held-out points after the last step (classification data); NaN otherwise."""
-    diverged_step: np.ndarray
-    """(R,) first step with a non-finite loss or gradient norm (``steps`` = the final evaluation); -1 if none."""
-    diverged_reason: np.ndarray
-    """(R,) why: 'loss' (non-finite loss), 'gradient' (finite loss, non-finite gradient norm), 'final loss'; None."""
-    wall_s: float
-    """Wall-clock seconds for the whole group."""
-    device: str
-    engine: str = "eager"
-    """The engine that trained the group (eager or compiled; engine=auto resolved)."""
-    baseline_loss: float = float("nan")
-    """The trivial predictor's loss on the training data (losses.baseline_loss); NaN where there is none."""
-    input_q: float = float("nan")
-    """The data's mean squared input entry (mean-field theory's q_in, for gradsweep.results.tables's predictions)."""
-    in_dim: int = 0
-    out_dim: int = 0
-    """The data's input and output sizes."""
-    layers: list[Layer] | None = None
-    """The rows of ``layer``'s third axis (model.layers, or a module's recorded layers: gradsweep.engine.nets)."""
-
-
-def _logged(step: int, total: int, every: int) -> bool:
-    return step % every == 0 or step == total - 1
 
 
 def _batches(cfgs: list[RunCfg], n: int):
@@ -120,16 +76,22 @@ def initial_sharpness(cfgs: list[RunCfg]) -> curvature.Sharpness:
     data = load_data(g.first.data)
     x, y = g.on_device(data.x), g.on_device(data.y)
     net = _build(g, x.shape[1], data.out_dim, False, x)
-    return _sharpness(g, net, x, y, g.n_runs)
+    s = _sharpness(g, net, x, y)
+    return curvature.Sharpness(s.value[:g.n_runs], s.iters[:g.n_runs], s.converged[:g.n_runs], s.error)
 
 
-def _sharpness(g: _Plan, net: _Net, x: torch.Tensor, y: torch.Tensor, n: int) -> curvature.Sharpness:
-    """The top Hessian eigenvalue of each run's loss on the whole training set, at the parameters it has now; the
-    first ``n`` runs' (a doubled or padded group's copies dropped)."""
-    R = len(g.cfgs)
+def _sharpness(g: _Plan, net: _Net, x: torch.Tensor, y: torch.Tensor) -> curvature.Sharpness:
+    """The top Hessian eigenvalue of each run's loss on the whole training set, at the parameters it has now (on
+    the host). Every engine measures it eagerly (the forward pass of ``net.outputs``), and nothing of it reaches
+    the training that follows: a module's random streams and buffers are restored."""
+    R, stats = len(g.cfgs), g.first.stats
     xs, ys = x.expand(R, *x.shape), y.expand(R, *y.shape)
-    s = curvature.sharpness(lambda: per_run_loss(g.first.loss, net.outputs(xs), ys), net.params)
-    return curvature.Sharpness(s.value[:n].cpu(), s.iters[:n], s.converged[:n], s.error)
+    s = curvature.sharpness(lambda: per_run_loss(g.first.loss, net.outputs(xs), ys), net.params,
+                            tol=stats.sharpness_tol, max_iter=stats.sharpness_max_iter)
+    if s.error is not None:
+        log.warning("%s: no sharpness (its loss has no second derivative in PyTorch: %s); its sharpness columns are "
+                    "null", net_name(g.first.model), s.error)
+    return curvature.Sharpness(s.value.cpu(), s.iters, s.converged, s.error)
 
 
 def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: bool | None = None) -> GroupTrace:
@@ -140,14 +102,20 @@ def train_group(cfgs: list[RunCfg], *, collect_stats: bool = True, progress: boo
     x, y = g.on_device(data.x), g.on_device(data.y)
     net = _build(g, x.shape[1], data.out_dim, collect_stats, x)
     steps = g.first.train.steps
-    record = _Record(steps, g.first.train.log_every, len(g.cfgs), len(net.rows), collect_stats, g.dtype, g.device)
+    record = Record(steps, g.first.train.log_every, len(g.cfgs), len(net.rows), collect_stats, g.dtype, g.device)
     quiet = g.first.quiet if progress is None else not progress
-    alive, diverged, reason = _loop(g, net, record, x, y, steps, collect_stats, quiet)
+    sharp = SharpnessLog(g.first.stats.sharpness_every) if g.first.stats.sharpness else None
+    alive, diverged, reason = _loop(g, net, record, x, y, steps, collect_stats, quiet, sharp)
+    if sharp is not None and sharp.error is None:
+        sharp.add(None, _sharpness(g, net, x, y))
     with torch.no_grad():
         final, test_loss, test_acc = _evaluate(g, net, data, x, y)
     reason = torch.where(alive & ~torch.isfinite(final), 3, reason)
     diverged = torch.where(alive & ~torch.isfinite(final), steps, diverged)
-    return _trace(g, net, data, record, final, test_loss, test_acc, diverged, reason, time.perf_counter() - t0)
+    trace = _trace(g, net, data, record, final, test_loss, test_acc, diverged, reason, time.perf_counter() - t0)
+    if sharp is not None:
+        trace = dataclasses.replace(trace, **sharp.fields(len(trace.steps), g.n_runs))
+    return trace
 
 
 @dataclass
@@ -279,47 +247,10 @@ class _EagerStep:
         return alive, diverged, reason, scal, lay
 
 
-class _Record:
-    """The logged steps' scalars and statistics, gathered on the device and copied to the host once per block."""
-
-    def __init__(self, steps: int, every: int, R: int, L: int, collect_stats: bool, dtype: torch.dtype,
-                 device: torch.device):
-        self.collect_stats, self.device = collect_stats, device
-        self.scalar, self.layer, self.host_scalar, self.logged = [], [], [], []
-        # The statistics' host array, allocated once: each block of logged steps is stacked straight into it (one
-        # copy of (R, L, S) per step, where a list of blocks concatenated at the end, then widened, is three).
-        n_logged = sum(_logged(s, steps, every) for s in range(steps))
-        self.host_layer = (torch.empty(n_logged, R, L, len(LAYER_STATS), dtype=dtype) if collect_stats else None)
-
-    def add(self, step: int, scal: torch.Tensor, lay: torch.Tensor | None) -> bool:
-        """Keep one logged step; True when a block is full and was copied to the host."""
-        self.scalar.append(scal)
-        self.logged.append(step)
-        if self.collect_stats:
-            self.layer.append(lay)
-        if len(self.scalar) < HOST_COPY_EVERY:
-            return False
-        self.flush()
-        return True
-
-    def flush(self) -> None:
-        if not self.scalar:
-            return
-        done = sum(len(block) for block in self.host_scalar)
-        self.host_scalar.append(torch.stack(self.scalar).cpu())
-        if self.collect_stats:
-            into = self.host_layer[done:done + len(self.layer)]
-            if self.device.type == "cpu":
-                torch.stack(self.layer, out=into)
-            else:
-                into.copy_(torch.stack(self.layer))
-        self.scalar.clear()
-        self.layer.clear()
-
-
-def _loop(g: _Plan, net: _Net, record: _Record, x: torch.Tensor, y: torch.Tensor, steps: int, collect_stats: bool,
-          quiet: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The steps, each on its batch; stops early once every run has diverged. Returns alive, diverged, reason."""
+def _loop(g: _Plan, net: _Net, record: Record, x: torch.Tensor, y: torch.Tensor, steps: int, collect_stats: bool,
+          quiet: bool, sharp: SharpnessLog | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The steps, each on its batch, the sharpness measured where ``sharp`` says; stops early once every run has
+    diverged. Returns alive, diverged, reason."""
     R, every = len(g.cfgs), g.first.train.log_every
     alive = torch.ones(R, dtype=torch.bool, device=g.device)
     diverged = torch.full((R,), -1, dtype=torch.long, device=g.device)
@@ -336,7 +267,9 @@ def _loop(g: _Plan, net: _Net, record: _Record, x: torch.Tensor, y: torch.Tensor
             else:
                 idx = idx.to(g.device, non_blocking=True)
                 xb, yb = x[idx], y[idx]
-            log_now = _logged(step, steps, every)
+            log_now = logged(step, steps, every)
+            if log_now and sharp is not None and sharp.due(len(record.logged)):
+                sharp.add(len(record.logged), _sharpness(g, net, x, y))
             # Compiled: statistics every step (one program, compiled once), recorded on the logged ones; run op by op
             # (eager on the CPU, the eager loop): statistics on the logged steps only.
             alive, diverged, reason, scal, lay = net.step(xb, yb, alive, diverged, reason, collect_stats and log_now)
@@ -364,7 +297,7 @@ def _evaluate(g: _Plan, net: _Net, data: Any, x: torch.Tensor, y: torch.Tensor):
     return final, test_loss, test_acc
 
 
-def _trace(g: _Plan, net: _Net, data: Any, record: _Record, final, test_loss, test_acc, diverged, reason,
+def _trace(g: _Plan, net: _Net, data: Any, record: Record, final, test_loss, test_acc, diverged, reason,
            wall_s: float) -> GroupTrace:
     """The host arrays of the caller's runs (the doubled or padded copies dropped)."""
     n = g.n_runs

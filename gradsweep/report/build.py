@@ -45,6 +45,7 @@ from gradsweep.report.text import (
     tune_caption,
     verdict_reason,
 )
+from gradsweep.results.compat import VERDICTS_SINCE
 from gradsweep.results.schema import SCHEMA_VERSION, TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, schema_version
 from gradsweep.results.store import load_steps, runs_frame, runs_table, write_runs_index
 from gradsweep.results.verdicts import SEVERITY, verdict_counts
@@ -148,9 +149,10 @@ def _read_runs(sweep_dir: Path) -> tuple[pa.Table, bool]:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (no {', '.join(missing)} in its runs table); "
                           "rerun the sweep with this version")
     version = schema_version(table)
-    if version < SCHEMA_VERSION:
+    if version < VERDICTS_SINCE:
         raise ReportError(f"{sweep_dir} was written by an older gradsweep (tables schema {version}, this version reads "
-                          f"{SCHEMA_VERSION}: its verdicts mean something else); rerun the sweep with this version")
+                          f"{VERDICTS_SINCE} to {SCHEMA_VERSION}: its verdicts mean something else); rerun the sweep "
+                          "with this version")
     return table, stale
 
 

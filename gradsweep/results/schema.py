@@ -43,8 +43,9 @@ TUNE_BEST_FILE, TUNE_TRIALS_FILE, TUNE_FIGURE_FILE = "best.json", "trials.csv", 
 TRIALS_DIR = "trials"  # under TUNE_DIR: each trial's job directory, by trial number
 JOB_SUBDIR = ".hydra"  # in a job directory: its config.yaml and overrides.yaml (Hydra's output_subdir)
 # The tables' schema version, stored in every parquet file's metadata; a sweep written with an older one is
-# refused by the report (its verdicts mean something else). 2: whole-run verdicts (gradsweep.results.verdicts).
-SCHEMA_VERSION = 2
+# refused by the report (its verdicts mean something else). 2: whole-run verdicts (gradsweep.results.verdicts);
+# 3: the sharpness columns (read from a version-2 table as null).
+SCHEMA_VERSION = 3
 SCHEMA_KEY = b"gradsweep.schema"  # parquet metadata key, fixed since v1 (not the module path)
 
 ID_COLUMNS: dict[str, pa.DataType] = {
@@ -77,6 +78,15 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "dead_layer": pa.int64(),  # then: the lowest Linear layer that still receives signal (where it is cut off); null
     "init_verdict": pa.string(),  # healthy | vanishing | exploding, from grad_ratio_log10 at step 0 alone
     "verdict": pa.string(),  # the whole run: diverged | dead | vanishing | exploding | stalled | healthy (results.verdicts)
+    # the top eigenvalue of the training loss's Hessian at step 0 (gradsweep.engine.curvature); null: not measured
+    "sharpness_init": pa.float64(),
+    "sharpness_iters": pa.int64(),  # the Hessian-vector products it took (Lanczos, to stats.sharpness_tol)
+    "sharpness_converged": pa.bool_(),  # whether it reached stats.sharpness_tol within stats.sharpness_max_iter
+    "sharpness_final": pa.float64(),  # the same after the last step
+    "lr_edge_pred": pa.float64(),  # 2 (1 + momentum) / (sharpness_init + weight_decay): sgd (results.edge); null: none
+    "lr_edge_note": pa.string(),  # why there is no prediction (adam, no sharpness); null when there is
+    "lr_over_edge": pa.float64(),  # optim.lr / lr_edge_pred
+    "phase": pa.string(),  # monotone | catapult | diverged | not_full_batch, from the loss curve (results.edge)
     "wall_s": pa.float64(),  # wall-clock seconds of the training call that trained this run
     "group_size": pa.int64(),  # how many runs trained together in that call
 }
@@ -90,6 +100,7 @@ STEP_COLUMNS: dict[str, pa.DataType] = {
     "loss": pa.float64(),  # the run's loss at this step (repeated on each layer's row)
     "grad_norm": pa.float64(),  # total gradient norm over all parameters, before clipping
     "clipped": pa.bool_(),  # whether clipping scaled this step's gradients
+    "sharpness": pa.float64(),  # the top Hessian eigenvalue of the loss, where measured (stats.sharpness_every); null
     **{name: (pa.int64() if name == "wgrad_nonfinite" else pa.float64()) for name in LAYER_STATS},
 }
 STEPS_SCHEMA = pa.schema(list(STEP_COLUMNS.items()))

@@ -24,8 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
 
-from gradsweep.config.identity import ADDED_KEYS, column_of
-from gradsweep.config.sections import builtin_dims
+from gradsweep.results.compat import upgrade_runs, upgrade_steps
 from gradsweep.results.schema import (
     GROUPS_DIR,
     RUNS_FILE,
@@ -35,7 +34,6 @@ from gradsweep.results.schema import (
     STEPS_FILE,
     STEPS_SCHEMA,
     TUNE_DIR,
-    config_columns,
     runs_schema,
     schema_version,
     versioned,
@@ -228,38 +226,6 @@ def _inside(rel: str) -> bool:
     return rel != ".." and not rel.startswith("../")
 
 
-def _with_added_keys(table: pa.Table) -> pa.Table:
-    """A runs table written before some config keys existed (``identity.ADDED_KEYS``), with their columns where
-    today's code puts them, holding their defaults: what it would write for those runs today. data.in_dim and
-    data.out_dim held 16 for every data but gaussian before they were the data's sizes: they get those sizes
-    (regression, scaled, digits; a data=arrays table of then keeps 16)."""
-    table = _data_sizes(table)
-    columns = config_columns()
-    order = list(columns)
-    for section, added in ADDED_KEYS.items():
-        for key, default in added.items():
-            col = column_of(section, key)
-            if col in table.column_names or col not in columns:  # model.net: columns only where set
-                continue
-            before = [c for c in order[:order.index(col)] if c in table.column_names]
-            at = table.column_names.index(before[-1]) + 1 if before else table.num_columns
-            typ = columns[col]
-            table = table.add_column(at, pa.field(col, typ), pa.array([default] * table.num_rows, typ))
-    return table
-
-
-def _data_sizes(table: pa.Table) -> pa.Table:
-    if not {"data", "data.in_dim", "data.out_dim", "data.n_features"} <= set(table.column_names):
-        return table
-    rows = zip(*(table.column(c).to_pylist() for c in ("data", "data.in_dim", "data.out_dim", "data.n_features")))
-    fixed = [builtin_dims(d, nf) if d in ("regression", "scaled", "digits") and out == 16 else (i, out)
-             for d, i, out, nf in rows]
-    for k, col in enumerate(("data.in_dim", "data.out_dim")):
-        at = table.column_names.index(col)
-        table = table.set_column(at, table.field(at), pa.array([f[k] for f in fixed], table.field(at).type))
-    return table
-
-
 def load_runs(path: str | os.PathLike, write_index: bool = False) -> pd.DataFrame:
     """The runs table of a sweep directory (or one run's directory), with ``run_dir`` relative to ``path``.
 
@@ -288,7 +254,7 @@ def runs_table(path: str | os.PathLike) -> tuple[pa.Table, bool]:
     if index.exists() and index.stat().st_mtime_ns >= max(f.stat().st_mtime_ns for f in files):
         cached = pq.read_table(index)
         if cached.column("run_dir").to_pylist() == rel:
-            return _with_added_keys(cached), False  # an index written by an older version: as today's code reads it
+            return upgrade_runs(cached), False  # an index written by an older version: as today's code reads it
     with ThreadPoolExecutor(4) as pool:
         tables = list(pool.map(lambda f: pq.read_table(f, use_threads=False), files))
     version = min(schema_version(t) for t in tables)
@@ -297,7 +263,7 @@ def runs_table(path: str | os.PathLike) -> tuple[pa.Table, bool]:
         if "run_dir" in t.column_names:
             t = t.drop_columns(["run_dir"])
         dirs = dirs * t.num_rows if len(dirs) == 1 and t.num_rows > 1 else dirs
-        t = _with_added_keys(t).append_column("run_dir", pa.array(dirs, pa.string()))
+        t = upgrade_runs(t).append_column("run_dir", pa.array(dirs, pa.string()))
         parts.append(t.filter(pa.array([_inside(d) for d in dirs])))
     # permissive: a column one group typed int64 and another double (a module argument swept over 0 and 0.5)
     table = pa.concat_tables(parts, promote_options="permissive")
@@ -343,7 +309,7 @@ def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter
             drop = False
     dataset = pads.dataset(files, schema=STEPS_SCHEMA, format="parquet")
     extra = [c for c in ("kind", "layer") if columns is not None and "layer_name" in columns and c not in columns]
-    table = _named_layers(dataset.to_table(columns=None if columns is None else [*columns, *extra], filter=filter))
+    table = upgrade_steps(dataset.to_table(columns=None if columns is None else [*columns, *extra], filter=filter))
     table = table.drop_columns(extra)
     if grouped:  # group files hold runs in group order: put them back in the sweep's (a stable sort)
         rank = pc.index_in(table.column("run_id"), value_set=pa.array(ids, pa.string()))
@@ -351,16 +317,6 @@ def load_steps(path: str | os.PathLike, columns: list[str] | None = None, filter
         if drop:
             table = table.drop_columns(["run_id"])
     return table.to_pandas().reset_index(drop=True)
-
-
-def _named_layers(table: pa.Table) -> pa.Table:
-    """Steps written before layer_name existed (every one the built-in MLP's), with the name today's code writes:
-    kind and layer number (linear3, norm3)."""
-    if "layer_name" not in table.column_names or table.column("layer_name").null_count == 0:
-        return table
-    derived = pc.binary_join_element_wise(table.column("kind"), pc.cast(table.column("layer"), pa.string()), "")
-    names = pc.coalesce(table.column("layer_name"), derived)
-    return table.set_column(table.column_names.index("layer_name"), "layer_name", names)
 
 
 def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:

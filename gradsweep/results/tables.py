@@ -14,6 +14,7 @@ import pyarrow as pa
 from gradsweep.config.identity import as_tuple, config_hash, flatten
 from gradsweep.config.sections import RunCfg
 from gradsweep.engine.mlp import layers
+from gradsweep.results.edge import lr_edge, phases
 from gradsweep.results.schema import (
     ID_COLUMNS,
     LAYER_STATS,
@@ -26,7 +27,7 @@ from gradsweep.results.theory import predict
 from gradsweep.results.verdicts import conditions, dead_runs, underflow_floor, verdicts
 
 if TYPE_CHECKING:
-    from gradsweep.engine.train import GroupTrace
+    from gradsweep.engine.trace import GroupTrace
 
 _STAT = {name: i for i, name in enumerate(LAYER_STATS)}  # a layer statistic's index on trace.layer's last axis
 
@@ -90,6 +91,8 @@ def _steps_table(trace: GroupTrace, lays: list, run_ids: np.ndarray) -> pa.Table
         "loss": np.repeat(trace.loss.T.reshape(-1), L)[keep_rows],
         "grad_norm": np.repeat(trace.grad_norm.T.reshape(-1), L)[keep_rows],
         "clipped": np.repeat(trace.clipped.T.reshape(-1), L)[keep_rows],
+        "sharpness": (pa.nulls(int(keep_rows.sum()), pa.float64()) if trace.sharpness is None else
+                      pa.array(np.repeat(trace.sharpness.T.reshape(-1), L)[keep_rows], from_pandas=True)),
     }
     flat = lay.reshape(R * T * L, len(LAYER_STATS))[keep_rows]
     for name, i in _STAT.items():
@@ -149,6 +152,7 @@ class _RunStats:
     dead_layer: np.ndarray
     init_verdict: np.ndarray
     verdict: np.ndarray
+    phase: np.ndarray
 
 
 def _run_stats(cfgs: list[RunCfg], trace: GroupTrace, lays: list) -> _RunStats:
@@ -166,8 +170,26 @@ def _run_stats(cfgs: list[RunCfg], trace: GroupTrace, lays: list) -> _RunStats:
     verdict, init_verdict = verdicts(div >= 0, dead_step >= 0, cond)
     with np.errstate(divide="ignore", invalid="ignore"):
         drop = np.log10(trace.loss[0] / trace.final_loss)
+    full_batch = np.array([c.train.batch_size is None or c.train.batch_size >= c.data.n_samples for c in cfgs])
+    phase = phases(trace.loss, valid, trace.final_loss, div >= 0, full_batch)
     return _RunStats(_min_loss(trace, valid), ratio_t, wratio_t, median, wmedian, drop, dead_step, dead_layer,
-                     init_verdict, verdict)
+                     init_verdict, verdict, phase)
+
+
+def _sharpness(r: int, cfg: RunCfg, trace: GroupTrace) -> dict[str, Any]:
+    """Run r's sharpness columns and the learning-rate edge they predict (null where nothing was measured)."""
+    measured = trace.sharpness is not None
+    init = float(trace.sharpness[0, r]) if measured else float("nan")
+    edge, note = lr_edge(cfg.optim, init)
+    return {
+        "sharpness_init": init if measured else None,
+        "sharpness_iters": int(trace.sharpness_iters[r]) if measured else None,
+        "sharpness_converged": bool(trace.sharpness_converged[r]) if measured else None,
+        "sharpness_final": float(trace.sharpness_final[r]) if measured else None,
+        "lr_edge_pred": edge,
+        "lr_edge_note": note,
+        "lr_over_edge": cfg.optim.lr / edge,
+    }
 
 
 def _run_row(r: int, cfg: RunCfg, run_id: str, meta: dict[str, Any], trace: GroupTrace, s: _RunStats,
@@ -199,6 +221,8 @@ def _run_row(r: int, cfg: RunCfg, run_id: str, meta: dict[str, Any], trace: Grou
         "dead_layer": int(s.dead_layer[r]) if dead else None,
         "init_verdict": s.init_verdict[r],
         "verdict": s.verdict[r],
+        **_sharpness(r, cfg, trace),
+        "phase": s.phase[r],
         "wall_s": trace.wall_s,
         "group_size": trace.loss.shape[1],
     }

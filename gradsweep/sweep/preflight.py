@@ -25,7 +25,7 @@ from gradsweep.hydra_shim import value_text
 from gradsweep.sweep.compose import settle_data_dims
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # inside the package, so that a wheel carries it
-GROUPS = ("model", "init", "optim", "train", "data", "verdict", "experiment")
+GROUPS = ("model", "init", "optim", "train", "data", "verdict", "stats", "experiment")
 
 
 def group_options(group: str) -> list[str]:
