@@ -19,7 +19,7 @@ from gradsweep.report.build import main, make_report
 REPO = Path(__file__).resolve().parent.parent
 FILES = ["heatmap_ratio.png", "heatmap_ratio_training.png", "heatmap_predicted.png", "prediction_scatter.png",
          "heatmap_loss.png", "heatmap_verdict.png",
-         "flow_maps.png", "loss_curves.png",
+         "flow_maps.png", "loss_curves.png", "heatmap_edge.png",
          "summary.csv", "index.html"]
 
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from gradsweep.errors import first_line
 from gradsweep.progress import bar as progress_bar
+from gradsweep.report.curvature import edge_figures
 from gradsweep.report.layout import AT, STATISTICS, Layout, aggregate, facet_labels, infer_layout, swept_keys
 from gradsweep.report.sweepdirs import (
     ReportError,
@@ -206,6 +207,7 @@ def _write_report(stage: Path, out: Path, all_runs: pd.DataFrame, sweep_dir: Pat
 
     _heatmaps(save, runs, layout, stat)
     _flows(save, runs, layout, sweep_dir, flow_runs, n_flow, repeats=len(runs) < len(all_runs))
+    edge_figures(save, runs, layout, sweep_dir)
     _tune_figure(stage, images, sweep_dir)
     summary = _summary_table(all_runs, swept_keys(runs))
     csv_safe(summary).to_csv(stage / "summary.csv", index=False)
