@@ -101,7 +101,7 @@ def test_vanishing_init_is_infeasible_whatever_the_lr(tmp_path):
 @pytest.mark.slow  # each case a command in a subprocess
 def test_bad_input_one_line_exit_2_study_untouched(tmp_path, override, words):
     if override == "tune.lr_min=1.0":
-        override, words = "tune.lr_min=10", "tune.lr_max=10.0 is not valid; it must be a number > tune.lr_min (10)"
+        override, words = "tune.lr_min=10", "tune.lr_min=10.0 is not valid; it must be a number < tune.lr_max (10)"
     _tune(tmp_path, "tune.n_trials=2")
     before = _journal(tmp_path).read_bytes()
     files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -320,7 +320,7 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
     from gradsweep.results.schema import GROUPS_DIR
     from gradsweep.tune.study import BEAT_ATTR, WORKER_ATTR
 
-    _tune(tmp_path, "tune.n_trials=4", "tune.batch_size=4", "tune.sampler=random")
+    _tune(tmp_path, "tune.n_trials=4", "tune.batch_size=4", "tune.sampler=random", "tune.prior=none")
     study = _study(tmp_path)
     done = study.trials[2]
     dead = subprocess.Popen(["true"])
@@ -337,7 +337,7 @@ def test_stale_trials_are_retried_and_live_ones_left_alone(tmp_path):
         left.append(t.number)
     groups_before = sorted(p.name for p in (tmp_path / "tune" / GROUPS_DIR).iterdir())
 
-    _tune(tmp_path, "tune.n_trials=2", "tune.batch_size=2", "tune.sampler=random")
+    _tune(tmp_path, "tune.n_trials=2", "tune.batch_size=2", "tune.sampler=random", "tune.prior=none")
     study = _study(tmp_path)
     t = {x.number: x for x in study.trials}
     assert t[left[0]].state == TrialState.FAIL and "is gone" in t[left[0]].system_attrs["gradsweep_failed"]
@@ -404,3 +404,43 @@ def test_concurrent_workers_never_share_a_sampler_seed():
     seeds = {(s, n): sampler_seed(s, n) for s in range(4) for n in range(50)}
     assert len(set(seeds.values())) == len(seeds)
     assert sampler_seed(7, 0) == 7  # a new study is seeded with tune.seed itself
+
+
+def test_trials_record_their_edge_and_phase_and_the_prior_sets_the_range(tmp_path):
+    """tune.prior=curvature (the default for SGD): lambda_0 measured once before the first batch, the lr searched in
+    0.1x .. 20x the edge it predicts; every trial's lr_over_edge and phase in trials.csv; best.json and the printed
+    lines hold the predicted edge beside the measured one."""
+    from gradsweep.engine.train import initial_sharpness
+    from gradsweep.tune.results import describe
+
+    s = _tune(tmp_path, "tune.n_trials=8", "tune.batch_size=8")
+    prior = s["curvature"]
+    values, base, _ = compose([*FAST, f"tune.out_dir={tmp_path}"])
+    lam0 = float(initial_sharpness([base]).value[0])
+    assert prior["prior"] == "curvature" and math.isclose(prior["sharpness_init"], lam0, rel_tol=1e-6)
+    assert math.isclose(prior["lr_edge_pred"], 2 / lam0, rel_tol=1e-6)
+    assert math.isclose(prior["lr_min"], 0.2 / lam0, rel_tol=1e-6) and math.isclose(prior["lr_max"], 40 / lam0,
+                                                                                   rel_tol=1e-6)
+    trials = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    assert trials["lr"].between(prior["lr_min"], prior["lr_max"]).all()
+    assert np.allclose(trials["sharpness_init"], lam0, rtol=1e-6)  # each trial measured it too: the same
+    assert np.allclose(trials["lr_over_edge"], trials["lr"] / trials["lr_edge_pred"], rtol=1e-9)
+    assert set(trials["phase"]) <= {"monotone", "catapult", "diverged"}
+    assert (trials.loc[trials["diverged"], "phase"] == "diverged").all()
+    text = describe(s)
+    assert f"predicted edge 2 / lambda_0 = {2 / lam0:.4g}" in text
+
+
+def test_a_given_range_or_prior_none_or_adam_searches_the_given_range(tmp_path):
+    s = _tune(tmp_path / "given", "tune.n_trials=2", "tune.lr_min=1e-4", "tune.lr_max=1e-3")
+    assert s["curvature"]["prior"] == "none" and s["curvature"]["why"] == "tune.lr_min / tune.lr_max given"
+    assert s["curvature"]["lr_edge_pred"] > 0  # still measured and reported
+    trials = pd.read_csv(tmp_path / "given" / "tune" / "trials.csv")
+    assert trials["lr"].between(1e-4, 1e-3).all()
+    s = _tune(tmp_path / "none", "tune.n_trials=2", "tune.prior=none")
+    assert s["curvature"] == {"prior": "none", "why": "tune.prior=none"}
+    assert pd.read_csv(tmp_path / "none" / "tune" / "trials.csv")["lr"].between(1e-4, 10).all()
+    s = _tune(tmp_path / "adam", "tune.n_trials=2", "optim=adam")
+    assert s["curvature"]["prior"] == "none" and s["curvature"]["why"].startswith("adam: no prediction")
+    trials = pd.read_csv(tmp_path / "adam" / "tune" / "trials.csv")
+    assert trials["lr_over_edge"].isna().all() and trials["lr"].between(1e-4, 10).all()

@@ -17,6 +17,7 @@ from gradsweep.errors import ConfigError, first_line
 from gradsweep.results.schema import TUNE_DIR
 from gradsweep.results.store import RunIndex
 from gradsweep.tune.config import SearchDim, TuneCfg, register
+from gradsweep.tune.prior import curvature_prior
 from gradsweep.tune.recovery import Heartbeat, fail_and_requeue, recover_stale, worker_id
 from gradsweep.tune.results import best_of_study, describe, write_outputs
 from gradsweep.tune.study import CONSTRAINTS, WORKER_ATTR, default_study_name, named_constraints, open_study, set_system_attr
@@ -107,7 +108,7 @@ def compose(overrides: list[str]) -> tuple[dict[str, Any], RunCfg, TuneCfg]:
     base = bound_run_cfg(values)
     for dim in tune.search:  # every bound must make a valid run
         for bound in (dim.low, dim.high):
-            trial_values(values, tune.lr_min, {dim.key: bound}, check=True)
+            trial_values(values, tune.lr_range()[0], {dim.key: bound}, check=True)
     return values, base, tune
 
 
@@ -123,6 +124,12 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     tdir = out_dir / TUNE_DIR
     study, where = open_study(tune, base, name, out_dir)
     tdir.mkdir(parents=True, exist_ok=True)
+    tune, prior = curvature_prior(values, tune)
+    if prior.get("lr_edge_pred") and not (quiet or base.quiet):
+        lo, hi = tune.lr_range()
+        print(f"curvature prior: sharpness at init {prior['sharpness_init']:.4g}, predicted edge "
+              f"{prior['lr_edge_pred']:.4g}; searching lr in {lo:.3g} .. {hi:.3g}"
+              + ("" if prior["prior"] == "curvature" else " (tune.lr_min / tune.lr_max given)"))
     progress = not (quiet or base.quiet)
     bar = progress_bar(total=tune.n_trials, desc=f"tune {name}", unit="trial", quiet=not progress)
     t0 = time.perf_counter()
@@ -163,6 +170,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
         bar.close()
     wall = time.perf_counter() - t0
     summary = best_of_study(study, tune, where, out_dir)
+    summary["curvature"] = prior
     summary["this_invocation"] = {"trials": tune.n_trials, "batch_size": tune.batch_size, "wall_s": wall}
     summary["failed"] = [{"trial": n, "error": f"{type(e).__name__}: {first_line(e)}"} for n, e in failed]
     write_outputs(study, summary, tdir)
@@ -196,7 +204,7 @@ HELP = """usage: python -m gradsweep.tune [overrides]
 Search the learning rate that trains fastest without instability, with Optuna; trials are trained in fused
 batches. Overrides are the runner's (model.depth=30 init=kaiming ...) plus tune.* (gradsweep/conf/tune/default.yaml):
   tune.n_trials, tune.batch_size, tune.lr_min, tune.lr_max, tune.search, tune.sampler, tune.seed,
-  tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s, tune.safety
+  tune.objective, tune.study_name, tune.storage, tune.out_dir, tune.stale_after_s, tune.safety, tune.prior
 Rerunning the same command continues the same study; trials a killed worker left running are queued again. Open it with:
   optuna-dashboard <storage>   (the journal file, or the SQLAlchemy URL, printed at the end)
 """

@@ -13,6 +13,9 @@ import pandas as pd
 from gradsweep.results.schema import TUNE_BEST_FILE, TUNE_DIR, TUNE_FIGURE_FILE, TUNE_TRIALS_FILE
 from gradsweep.tune.config import TuneCfg
 
+CURVATURE_ATTRS = ("sharpness_init", "lr_edge_pred", "lr_over_edge", "phase")
+"""The runs-table columns of a trial's curvature kept with it and in trials.csv (null where not measured)."""
+
 
 def trial_frame(study: Any) -> Any:
     """One row per finished trial: number, lr, extra params, value, feasible, diverged, state."""
@@ -26,7 +29,8 @@ def trial_frame(study: Any) -> Any:
                      "diverged": bool(t.user_attrs.get("diverged", False)),
                      "final_loss": t.user_attrs.get("final_loss"), "initial_loss": t.user_attrs.get("initial_loss"),
                      "grad_ratio_log10": t.user_attrs.get("grad_ratio_log10"), "verdict": t.user_attrs.get("verdict"),
-                     "baseline_loss": t.user_attrs.get("baseline_loss"), "run_id": t.user_attrs.get("run_id")})
+                     "baseline_loss": t.user_attrs.get("baseline_loss"), "run_id": t.user_attrs.get("run_id"),
+                     **{k: t.user_attrs.get(k) for k in CURVATURE_ATTRS}})
     return pd.DataFrame(rows)
 
 
@@ -162,6 +166,14 @@ def describe(summary: dict[str, Any]) -> str:
     else:
         lines.append("no stable learning rate found in [tune.lr_min, tune.lr_max]")
     lines.append("stability edge: " + edge_words(edge))
+    prior = summary.get("curvature") or {}
+    if prior.get("lr_edge_pred"):
+        pred, up = prior["lr_edge_pred"], edge.get("smallest_unstable_lr_above")
+        measured = f"; measured: the first unstable lr above the band is {up:.4g} = {up / pred:.2f}x it" if up else ""
+        lines.append(f"predicted edge 2 / lambda_0 = {pred:.4g} (sharpness at init {prior['sharpness_init']:.4g}; "
+                     f"the catapult phase to about 4 / lambda_0 = {2 * pred:.4g}){measured}")
+    elif prior.get("why") and prior.get("prior") == "none" and prior["why"] != "tune.prior=none":
+        lines.append(f"no curvature prior: {prior['why']}")
     iso = summary.get("isolated_better_trial")
     if iso:
         lines.append(f"not recommended: trial {iso['trial']} (lr {iso['lr']:.4g}, {summary['objective']} {iso['loss']:.4g}) "

@@ -16,6 +16,7 @@ from gradsweep.results.schema import GROUPS_DIR, JOB_SUBDIR, STEPS_FILE, TRIALS_
 from gradsweep.results.store import CompleteRun, RunIndex, write_job_files
 from gradsweep.sweep.group import GroupJob, plan, run_group
 from gradsweep.tune.config import TuneCfg
+from gradsweep.tune.results import CURVATURE_ATTRS
 from gradsweep.tune.study import CONSTRAINTS, GROUP_ATTR, set_system_attr
 
 log = logging.getLogger("gradsweep.tune")
@@ -80,8 +81,16 @@ def trial_outcome(row: Any, tune: TuneCfg, steps_loss: Any) -> tuple[float, dict
         "grad_ratio_log10": ratio if math.isfinite(ratio) else None,
         "verdict": row["verdict"],
         "run_id": row["run_id"],
+        **{k: _plain(row.get(k)) for k in CURVATURE_ATTRS},
     }
     return value, attrs
+
+
+def _plain(v: Any) -> Any:
+    """A runs-table value as Optuna stores a user attribute (JSON): None for null or NaN, else float or str."""
+    if v is None or (not isinstance(v, str) and pd.isna(v)):
+        return None
+    return v if isinstance(v, str) else float(v)
 
 
 def _signed(magnitude: float, violated: bool) -> float:
@@ -107,7 +116,7 @@ def run_batch(study: Any, trials: list[Any], values: dict[str, Any], tune: TuneC
     Returns each trial's (objective, user attributes), or the exception that failed it."""
     params = []
     for t in trials:
-        lr = t.suggest_float("lr", tune.lr_min, tune.lr_max, log=True)
+        lr = t.suggest_float("lr", *tune.lr_range(), log=True)
         extra = {d.key: t.suggest_float(d.key, d.low, d.high, log=d.log) for d in tune.search}
         params.append((lr, extra))
     plain = [trial_values(values, lr, extra) for lr, extra in params]

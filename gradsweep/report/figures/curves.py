@@ -88,7 +88,7 @@ def loss_curves(curves: pd.DataFrame, ends: pd.DataFrame, layout: Layout, baseli
 def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     """Loss (log) against learning rate (log) for every trial of a tune study: stable trials, unstable ones coloured
     by their verdict, diverged ones at the top; the stable band around the best trial shaded, its definition below."""
-    fig, ax = plt.subplots(figsize=(8.5, 5.6))
+    fig, (ax, rug) = plt.subplots(2, 1, figsize=(8.5, 6.2), sharex=True, height_ratios=(12, 1))
     done = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
     finite = done[np.isfinite(done["value"].astype(float))] if len(done) else done
     top = float(finite["value"].max()) * 3 if len(finite) else 1.0
@@ -114,6 +114,7 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
         ax.axvline(up, color=VERDICT_COLORS["exploding"], ls=":", lw=1.4, label=f"first unstable lr above: {up:.3g}")
     if down is not None:
         ax.axvline(down, color=VERDICT_COLORS["stalled"], ls=":", lw=1.4, label=f"first unstable lr below: {down:.3g}")
+    _edge_lines(ax, rug, done, summary.get("curvature") or {})
     best = summary["best"]
     if best is not None:
         ax.scatter([best["lr"]], [best["loss"]], s=180, marker="*", color="#E69F00", edgecolor="black", zorder=4,
@@ -121,13 +122,18 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     ax.set_xscale("log")
     if len(finite) and (finite["value"] > 0).all():
         ax.set_yscale("log")
-    ax.set_xlabel("learning rate (log scale)")
+    rug.set_xlabel("learning rate (log scale)")
     ax.set_ylabel(("final loss" if summary["objective"] == "final_loss" else "mean loss over training") + " (log scale)")
     ax.set_title(_wrap_title(f"Learning-rate search: {summary['study_name']}\n{summary['trials']} trials, "
                              + counts_text(summary["counts"]), 95), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     definition = summary.get("edge_definition")
+    if definition and "phase" in done and done["phase"].notna().any():
+        definition += (" Phases (the strip below): monotone - the loss never rose above its initial value; catapult - "
+                       "it rose more than 1% above it, then ended below it; diverged. Dashed: the edges the sharpness "
+                       "at init predicts, 2 / lambda_0 (the quadratic's, where the catapult phase begins) and "
+                       "4 / lambda_0 (about where it ends, Lewkowycz et al. 2020).")
     footnote = _wrap(definition, 120) if definition else ""
     if footnote:
         fig.text(0.01, 0.01, footnote, fontsize=8, color="#444444", va="bottom")
@@ -135,6 +141,30 @@ def stability_plot(trials: pd.DataFrame, summary: dict) -> plt.Figure:
     fig.tight_layout(rect=(0, (footnote.count("\n") + 1) * 8 * 1.2 / 72 / fig.get_figheight() + 0.03 if footnote
                            else 0, 1, 1))
     return fig
+
+
+PHASE_COLORS = {"monotone": VERDICT_COLORS["healthy"], "catapult": "#E69F00", "diverged": DIVERGED_FACE,
+                "not_full_batch": "#BBBBBB"}
+
+
+def _edge_lines(ax: plt.Axes, rug: plt.Axes, done: pd.DataFrame, prior: dict) -> None:
+    """The predicted edges 2 / lambda_0 and 4 / lambda_0 on the search's plot, and each trial's phase as a strip."""
+    edge = prior.get("lr_edge_pred")
+    if edge:
+        ax.axvline(edge, color="#0072B2", ls="--", lw=1.3, label=f"predicted edge 2 / lambda_0: {edge:.3g}")
+        ax.axvline(2 * edge, color="#56B4E9", ls="--", lw=1.3, label=f"4 / lambda_0 (catapult ends): {2 * edge:.3g}")
+        rug.axvline(edge, color="#0072B2", ls="--", lw=1.3)
+        rug.axvline(2 * edge, color="#56B4E9", ls="--", lw=1.3)
+    rug.set_yticks([])
+    rug.set_ylabel("phase", fontsize=8, rotation=0, ha="right", va="center")
+    phase = done["phase"] if "phase" in done else pd.Series([], dtype=object)
+    for name, colour in PHASE_COLORS.items():
+        lrs = done.loc[phase == name, "lr"] if len(done) else []
+        if len(lrs):
+            rug.vlines(lrs, 0, 1, color=colour, lw=2, label=f"{name} ({len(lrs)})")
+    rug.set_ylim(0, 1)
+    if phase.notna().any():
+        rug.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -1.4), ncol=4, frameon=False)
 
 
 # The article's claims (../shared/ARTICLE.md), keyed by the experiment preset that reproduces each.
