@@ -2,10 +2,9 @@
 prior (tune.prior=curvature: lr in 0.1x .. 20x the edge 2 / lambda_0 predicts) and without it (tune.prior=none:
 tune.lr_min .. tune.lr_max, 1e-4 .. 10), side by side on the same configurations and sampler seeds.
 
-The edge is where divergence begins (2 / lambda_0 predicts where the catapult phase begins, below it):
-gradsweep.tune.results.stable_band with "stable" read as "did not diverge", the first diverged lr above the widest
-band of runs that did not. (The tuner's own band also ends at dead, stalled or vanishing runs: an init whose
-signal vanishes at every lr, such as PyTorch's default at depth 10, has no such edge to find.)
+The edge is the tuner's own (gradsweep.tune.results.stable_band): the first unstable lr (diverged, dead, stalled,
+... or its loss rose) above the widest band of stable trials. (An init whose signal vanishes at every lr, such as
+PyTorch's default at depth 10, has no band and so no edge to find: it is not among the configurations.)
 Its reference value per configuration is that of every trial of every study of it pooled (2 x --seeds
 studies, the densest sampling there is). A study has located it once its own estimate, from its first k trials in
 the order asked, is within 10% of the reference and stays so; the count is that k (a miss: more than --trials).
@@ -32,7 +31,7 @@ CONFIGS = ["model.depth=10 init=kaiming", "model.depth=10 init=xavier", "model.d
 
 
 def edge_of(frame: pd.DataFrame) -> float | None:
-    return stable_band(frame.assign(feasible=~frame["diverged"].astype(bool)))[1]["smallest_unstable_lr_above"]
+    return stable_band(frame)[1]["smallest_unstable_lr_above"]
 
 
 def trials_to_locate(frame: pd.DataFrame, reference: float, within: float = 0.1) -> int | None:
@@ -78,7 +77,7 @@ def main() -> None:
                   f"trials to 10%: prior {got['curvature']} none {got['none']}", flush=True)
     print(f"\ntrials to locate the edge to 10% (median of {args.seeds} sampler seeds; batches of {args.batch}; "
           f"'>{args.trials}': not within {args.trials})")
-    print("| config | predicted edge 2/lambda_0 | measured divergence edge | with the prior | without | without / with |")
+    print("| config | predicted edge 2/lambda_0 | measured edge | with the prior | without | without / with |")
     print("|---|---|---|---|---|---|")
     for config, pred, reference, med in rows:
         def fmt(v):

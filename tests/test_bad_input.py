@@ -133,7 +133,7 @@ CASES = [
     (REPORT, _fixed("{good}/sweep", "--x", "model.colour", "--out", "{tmp}/r"), "model.colour"),
     (REPORT, _fixed("{good}/sweep", "--out", "/proc/gradsweep-report"), "cannot write the report to /proc/gradsweep-report"),
     # the tuner
-    (TUNE, _fixed("tune.lr_min=10", "quiet=true"), "tune.lr_max=10.0 is not valid; it must be a number > tune.lr_min"),
+    (TUNE, _fixed("tune.lr_min=10", "quiet=true"), "tune.lr_min=10.0 is not valid; it must be a number < tune.lr_max"),
     (TUNE, _fixed("tune.n_trials=0"), "tune.n_trials=0 is not valid"),
     (TUNE, _fixed("tune.sampler=annealing"), "tune.sampler='annealing' is not valid; valid values: tpe"),
     (TUNE, _fixed("tune.storage=postgresql+psycopg://me:secret@127.0.0.1:9/db"), "is not reachable"),

@@ -43,7 +43,10 @@ def test_a_run_in_a_group_equals_the_run_alone_on_cuda(dtype, rtol, steps):
 
 
 def _host_syncs(cfgs) -> list[str]:
-    """The host syncs CUDA reports while ``cfgs`` train a second time (the first compiles and warms up)."""
+    """The host syncs CUDA reports while ``cfgs`` train a second time (the first compiles and warms up). The
+    sharpness is not measured: its Lanczos loop syncs once or twice per iteration (the stop test, eigh's error
+    check) at step 0 and the end, which is not per step; test_sharpness_on_cuda_... counts those."""
+    cfgs = [dataclasses.replace(c, stats=dataclasses.replace(c.stats, sharpness=False)) for c in cfgs]
     train_group(cfgs)
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -174,3 +177,27 @@ def dropout_runs_are_their_own(device: str, tmp_path, monkeypatch) -> None:
 
 def test_dropout_run_by_run_on_cuda_draws_from_each_runs_own_stream(tmp_path, monkeypatch):
     dropout_runs_are_their_own("cuda", tmp_path, monkeypatch)
+
+
+def test_sharpness_on_cuda_matches_cpu_in_float64_and_syncs_per_iteration_not_per_step():
+    """The fused Lanczos on CUDA (the eager double-backward product) gives the CPU's values; through 256 steps
+    it syncs only in its own measurements (step 0 and the end), a few times per iteration."""
+    from gradsweep.engine.train import initial_sharpness
+
+    gpu, cpu = initial_sharpness(_cfgs("cuda", n=16)), initial_sharpness(_cfgs("cpu", n=16))
+    assert gpu.converged.all() and cpu.converged.all()
+    np.testing.assert_allclose(gpu.value.cpu().numpy(), cpu.value.numpy(), rtol=1e-8)
+    # at most 20 products per measurement, two measurements: <= 160 syncs at 4 per iteration, under one per step
+    cfgs = [dataclasses.replace(c, stats=dataclasses.replace(c.stats, sharpness_max_iter=20))
+            for c in _cfgs("cuda", n=64, dtype="float32", steps=256)]
+    train_group(cfgs)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trace = train_group(cfgs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert np.isfinite(trace.sharpness[0]).all()
+    assert len(syncs) - len(_host_syncs(cfgs)) <= 4 * 2 * 20, [str(w.message) for w in syncs[:5]]

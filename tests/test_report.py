@@ -271,14 +271,16 @@ def test_the_stability_plots_footnote_sits_below_its_x_label():
                            "lr": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 3.0], "value": [0.5, 0.3, 0.2, 0.9, np.inf, np.nan],
                            "feasible": [True, True, True, False, False, False],
                            "verdict": ["healthy", "healthy", "healthy", "exploding", "diverged", None],
-                           "diverged": [False] * 4 + [True, False]})
+                           "diverged": [False] * 4 + [True, False],
+                           "phase": ["monotone", "monotone", "catapult", "catapult", "diverged", None]})
     summary = {"study_name": "s", "trials": 6, "feasible": 3, "diverged": 1, "counts": trial_counts(trials),
                "objective": "final_loss", "best": {"lr": 1e-2, "loss": 0.2},
                "edge": {"smallest_stable_lr": 1e-4, "largest_stable_lr": 1e-2, "smallest_unstable_lr_above": 0.1,
                         "largest_unstable_lr_below": None}, "edge_definition": EDGE_DEFINITION}
     fig = figures.stability_plot(trials, summary)
     footnote = next(t for t in fig.texts if t.get_text().startswith(EDGE_DEFINITION.split()[0]))
-    assert _boxes_apart(fig, footnote, fig.axes[0].xaxis.label)
+    rug = fig.axes[1]  # the phases' strip, under the plot, carries the x label and the phases' legend
+    assert _boxes_apart(fig, footnote, rug.xaxis.label) and _boxes_apart(fig, footnote, rug.get_legend())
     title = fig.axes[0].get_title()
     assert all(f"{n} {k}" in title for k, n in summary["counts"].items()), title  # every trial counted, as printed
     figures.plt.close(fig)

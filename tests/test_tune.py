@@ -411,6 +411,7 @@ def test_trials_record_their_edge_and_phase_and_the_prior_sets_the_range(tmp_pat
     0.1x .. 20x the edge it predicts; every trial's lr_over_edge and phase in trials.csv; best.json and the printed
     lines hold the predicted edge beside the measured one."""
     from gradsweep.engine.train import initial_sharpness
+    from gradsweep.tune.config import PRIOR_PROBES
     from gradsweep.tune.results import describe
 
     s = _tune(tmp_path, "tune.n_trials=8", "tune.batch_size=8")
@@ -421,8 +422,11 @@ def test_trials_record_their_edge_and_phase_and_the_prior_sets_the_range(tmp_pat
     assert math.isclose(prior["lr_edge_pred"], 2 / lam0, rel_tol=1e-6)
     assert math.isclose(prior["lr_min"], 0.2 / lam0, rel_tol=1e-6) and math.isclose(prior["lr_max"], 40 / lam0,
                                                                                    rel_tol=1e-6)
-    trials = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    trials = pd.read_csv(tmp_path / "tune" / "trials.csv").sort_values("number")
     assert trials["lr"].between(prior["lr_min"], prior["lr_max"]).all()
+    # a new study starts from a bracket of the predicted edge, then the sampler's own picks
+    np.testing.assert_allclose(trials["lr"].iloc[:6], np.array(PRIOR_PROBES) * 2 / lam0, rtol=1e-6)
+    assert all(t.state.name == "COMPLETE" for t in _study(tmp_path).trials)  # no probe left waiting
     assert np.allclose(trials["sharpness_init"], lam0, rtol=1e-6)  # each trial measured it too: the same
     assert np.allclose(trials["lr_over_edge"], trials["lr"] / trials["lr_edge_pred"], rtol=1e-9)
     assert set(trials["phase"]) <= {"monotone", "catapult", "diverged"}

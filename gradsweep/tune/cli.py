@@ -16,7 +16,7 @@ from gradsweep.engine.arrays import bound_run_cfg
 from gradsweep.errors import ConfigError, first_line
 from gradsweep.results.schema import TUNE_DIR
 from gradsweep.results.store import RunIndex
-from gradsweep.tune.config import SearchDim, TuneCfg, register
+from gradsweep.tune.config import PRIOR_PROBES, SearchDim, TuneCfg, register
 from gradsweep.tune.prior import curvature_prior
 from gradsweep.tune.recovery import Heartbeat, fail_and_requeue, recover_stale, worker_id
 from gradsweep.tune.results import best_of_study, describe, write_outputs
@@ -125,6 +125,9 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     study, where = open_study(tune, base, name, out_dir)
     tdir.mkdir(parents=True, exist_ok=True)
     tune, prior = curvature_prior(values, tune)
+    if prior["prior"] == "curvature" and not study.get_trials(deepcopy=False):
+        for factor in PRIOR_PROBES[:tune.n_trials]:  # a new study starts from a bracket of the predicted edge
+            study.enqueue_trial({"lr": factor * prior["lr_edge_pred"]}, skip_if_exists=True)
     if prior.get("lr_edge_pred") and not (quiet or base.quiet):
         lo, hi = tune.lr_range()
         print(f"curvature prior: sharpness at init {prior['sharpness_init']:.4g}, predicted edge "

@@ -9,6 +9,10 @@ from gradsweep.config.checks import check, choice, finite
 SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "cmaes")  # gradsweep.tune's Optuna samplers
 OBJECTIVES = ("final_loss", "loss_auc")
 PRIORS = ("curvature", "none")
+PRIOR_PROBES = (1.0, 2.0, 4.0, 2 ** -0.5, 2 ** 0.5, 2 ** 1.5)
+"""A new study's first trials under the prior (as many as it asks for, coarse to fine): these multiples of the
+predicted edge, where the catapult phase begins (1x) and, on the article's nets, the tuner's edge lies (1.3-4x:
+BENCHMARKS.md), so the sampler starts from a bracket of the edge instead of from chance."""
 LR_RANGE = (1e-4, 10.0)
 """The lr range without a prior (tune.prior=none, adam, or no sharpness)."""
 PRIOR_RANGE = (0.1, 20.0)

@@ -4,7 +4,8 @@ The edge lambda_0 predicts (gradsweep.results.edge: 2 (1 + momentum) / (lambda_0
 two orders of magnitude across depths, activations and inits, so a fixed range wastes most trials on learning rates
 that train nothing or diverge at once. The prior measures lambda_0 once, before the first batch (every trial of a
 study shares the configuration but its lr and the tune.search keys, none of which changes the parameters at
-initialisation), and searches tune.config.PRIOR_RANGE times the edge, unless the user gave a range.
+initialisation), and searches tune.config.PRIOR_RANGE times the edge, unless the user gave a range; a new
+study's first trials are tune.config.PRIOR_PROBES times it.
 """
 
 from __future__ import annotations
