@@ -14,8 +14,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from gradsweep.report.figures.heatmaps import _axis_values, _pivot  # noqa: E402
-from gradsweep.report.figures.style import MAX_WIDTH_IN, MISSING_FACE, _fmt, _grid, _ink, _panels, _wrap  # noqa: E402
+from gradsweep.report.figures.heatmaps import _pivot, cell_axes  # noqa: E402
+from gradsweep.report.figures.style import MAX_WIDTH_IN, MISSING_FACE, _fmt, _grid, _ink, _wrap  # noqa: E402
 from gradsweep.report.layout import Layout  # noqa: E402
 
 # lr / lr_edge_pred in factor-of-two bins around 1: below the edge blue, past it red (log scale, symmetric).
@@ -80,12 +80,7 @@ def sharpness_curves(trace: pd.DataFrame, lines: pd.DataFrame, panel_titles: lis
 def edge_heatmap(cells: pd.DataFrame, layout: Layout, title: str) -> plt.Figure:
     """Each cell coloured by its median lr / lr_edge_pred (``value``), labelled with it and its phase: the most
     common phase over the cell's runs (``phase``), with a count where the runs differ (``phase_n`` of ``n``)."""
-    cells = cells.copy()
-    for key in (layout.x, layout.y):
-        if key is not None:
-            cells[key] = cells[key].where(cells[key].notna(), "null")
-    x_values, y_values = _axis_values(cells, layout.x, layout), _axis_values(cells, layout.y, layout)
-    panels = _panels(cells)
+    cells, x_values, y_values, panels = cell_axes(cells, layout)
     nx, ny = len(x_values), len(y_values)
     fig, axes = _grid(len(panels), panel_w=max(3.0, 0.75 * nx + 1.3), panel_h=max(2.0, 0.55 * ny + 1.3), extra_w=3.2)
     cmap = mcolors.ListedColormap([plt.get_cmap("RdBu_r")(v) for v in (0.05, 0.2, 0.35, 0.65, 0.8, 0.95)]) \

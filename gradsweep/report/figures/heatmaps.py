@@ -45,6 +45,15 @@ def _axis_values(cells: pd.DataFrame, key: str | None, layout: Layout) -> list:
     return sorted(values, key=lambda v: layout.rank(key, v)) + (["null"] if cells[key].isna().any() else [])
 
 
+def cell_axes(cells: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, list, list, list[tuple[str, pd.DataFrame]]]:
+    """A heatmap's cells with null keys spelled "null", its x and y values in the command's order, its panels."""
+    cells = cells.copy()
+    for key in (layout.x, layout.y):
+        if key is not None:
+            cells[key] = cells[key].where(cells[key].notna(), "null")
+    return cells, _axis_values(cells, layout.x, layout), _axis_values(cells, layout.y, layout), _panels(cells)
+
+
 def ratio_scale(vanish: float, explode: float) -> tuple[mcolors.Colormap, mcolors.Normalize, list[float]]:
     """The one colour scale of every gradient-ratio figure (measured at step 0, through training, predicted):
     fixed and symmetric, in steps whose edges include the verdict thresholds, light inside them and dark beyond,
@@ -66,12 +75,7 @@ def heatmap(cells: pd.DataFrame, layout: Layout, kind: str, title: str, label: s
 
     ``step0``: the values were measured before any update, so cells whose runs all diverged later keep their colour.
     """
-    cells = cells.copy()
-    for key in (layout.x, layout.y):
-        if key is not None:
-            cells[key] = cells[key].where(cells[key].notna(), "null")
-    x_values, y_values = _axis_values(cells, layout.x, layout), _axis_values(cells, layout.y, layout)
-    panels = _panels(cells)
+    cells, x_values, y_values, panels = cell_axes(cells, layout)
     nx, ny = len(x_values), len(y_values)
     fig, axes = _grid(len(panels), panel_w=max(3.0, 0.62 * nx + 1.3), panel_h=max(2.0, 0.5 * ny + 1.3),
                       extra_w=0.5 if kind == "verdict" else 3.0)
