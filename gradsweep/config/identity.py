@@ -89,11 +89,11 @@ def config_hash(cfg: RunCfg) -> str:
     payload = as_dict(cfg)
     payload.pop("quiet")
     payload.pop("engine")  # the engines agree to rounding: a sweep resumed with another engine keeps its runs
-    payload.pop("stats")  # what is measured, not what is trained: the sharpness changes no run's numbers
     for section, added in ADDED_KEYS.items():  # keys newer than the first sweeps enter the hash only when set
-        for key, default in added.items() if section in payload else ():
+        for key, default in added.items():
             if payload[section][key] == default:
                 del payload[section][key]
+    payload.pop("stats")  # what is measured, not what is trained: the sharpness changes no run's numbers
     if payload["data"]["name"] != "gaussian":  # derived from the data: hashed as the constants they were before
         payload["data"]["in_dim"], payload["data"]["out_dim"] = DataCfg.in_dim, DataCfg.out_dim
     if payload["data"]["name"] == "arrays":  # the file's content (data.digest), not how its path is spelled

@@ -181,6 +181,10 @@ class TrainCfg:
     dtype: str = "float32"
     """float32 or float64 arithmetic (parameters and data are drawn in float32 either way)."""
 
+    def full_batch(self, n: int) -> bool:
+        """Whether every step sees all ``n`` training points (no batch_size, or one at least n)."""
+        return self.batch_size is None or self.batch_size >= n
+
     def __post_init__(self) -> None:
         check("train.steps", self.steps, self.steps >= 1, "an integer >= 1")
         check("train.batch_size", self.batch_size, self.batch_size is None or self.batch_size >= 1, "null or an integer >= 1")

@@ -108,8 +108,6 @@ class Record:
         self.layer.clear()
 
 
-
-
 class SharpnessLog:
     """The sharpness measured through training: at the first logged step, then every ``every`` logged steps (0:
     the first only), and after the last step. Each measurement is a (R,) host array."""

@@ -59,7 +59,7 @@ def _batches(cfgs: list[RunCfg], n: int):
     drops the last partial batch, so its order never depends on the other runs of its group.
     """
     bs = cfgs[0].train.batch_size
-    if bs is None or bs >= n:
+    if cfgs[0].train.full_batch(n):
         while True:
             yield None
     gens = [torch.Generator().manual_seed(c.train.seed) for c in cfgs]

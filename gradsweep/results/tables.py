@@ -170,7 +170,7 @@ def _run_stats(cfgs: list[RunCfg], trace: GroupTrace, lays: list) -> _RunStats:
     verdict, init_verdict = verdicts(div >= 0, dead_step >= 0, cond)
     with np.errstate(divide="ignore", invalid="ignore"):
         drop = np.log10(trace.loss[0] / trace.final_loss)
-    full_batch = np.array([c.train.batch_size is None or c.train.batch_size >= c.data.n_samples for c in cfgs])
+    full_batch = np.array([c.train.full_batch(c.data.n_samples) for c in cfgs])
     phase = phases(trace.loss, valid, trace.final_loss, div >= 0, full_batch)
     return _RunStats(_min_loss(trace, valid), ratio_t, wratio_t, median, wmedian, drop, dead_step, dead_layer,
                      init_verdict, verdict, phase)

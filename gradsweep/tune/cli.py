@@ -124,7 +124,7 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
     tdir = out_dir / TUNE_DIR
     study, where = open_study(tune, base, name, out_dir)
     tdir.mkdir(parents=True, exist_ok=True)
-    tune, prior = _with_prior(study, values, tune, not (quiet or base.quiet))
+    tune, prior = _with_prior(study, base, tune, not (quiet or base.quiet))
     progress = not (quiet or base.quiet)
     bar = progress_bar(total=tune.n_trials, desc=f"tune {name}", unit="trial", quiet=not progress)
     t0 = time.perf_counter()
@@ -173,10 +173,10 @@ def tune_study(values: dict[str, Any], base: RunCfg, tune: TuneCfg, quiet: bool 
 
 
 
-def _with_prior(study: Any, values: dict[str, Any], tune: TuneCfg, say: bool) -> tuple[TuneCfg, dict[str, Any]]:
+def _with_prior(study: Any, base: RunCfg, tune: TuneCfg, say: bool) -> tuple[TuneCfg, dict[str, Any]]:
     """The curvature prior (gradsweep.tune.prior): the TuneCfg with its lr range, what it measured, and, in a new
     study, the first trials queued at multiples of the predicted edge."""
-    tune, prior = curvature_prior(values, tune)
+    tune, prior = curvature_prior(base, tune)
     if prior["prior"] == "curvature" and not study.get_trials(deepcopy=False):
         for factor in PRIOR_PROBES[:tune.n_trials]:  # a new study starts from a bracket of the predicted edge
             study.enqueue_trial({"lr": factor * prior["lr_edge_pred"]}, skip_if_exists=True)

@@ -14,27 +14,26 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from gradsweep.config.sections import RunCfg
 from gradsweep.tune.config import PRIOR_RANGE, TuneCfg
 
 
-def curvature_prior(values: dict[str, Any], tune: TuneCfg) -> tuple[TuneCfg, dict[str, Any]]:
+def curvature_prior(base: RunCfg, tune: TuneCfg) -> tuple[TuneCfg, dict[str, Any]]:
     """The TuneCfg the study searches with (both lr ends set: from the prior where it applies) and what the prior
     measured, for best.json: ``prior`` (curvature where it set the range, else none), ``sharpness_init`` and
-    ``lr_edge_pred`` where measured, ``why`` where it did not set the range."""
+    ``lr_edge_pred`` where measured, ``why`` where it did not set the range. ``base``: the study's configuration,
+    bound (gradsweep.tune.cli.compose), whose lr does not change its sharpness at initialisation."""
     lo, hi = tune.lr_range()
     fixed = replace(tune, lr_min=lo, lr_max=hi)
     if tune.prior == "none":
         return fixed, {"prior": "none", "why": "tune.prior=none"}
-    from gradsweep.engine.arrays import bound_run_cfg
     from gradsweep.engine.train import initial_sharpness
     from gradsweep.results.edge import lr_edge
-    from gradsweep.tune.trials import trial_values
 
-    cfg = bound_run_cfg(trial_values(values, lo, {}))
-    if cfg.optim.name == "adam":
-        return fixed, {"prior": "none", "why": lr_edge(cfg.optim, math.nan)[1]}
-    sharpness = float(initial_sharpness([replace(cfg, quiet=True)]).value[0])
-    edge, note = lr_edge(cfg.optim, sharpness)
+    if base.optim.name == "adam":
+        return fixed, {"prior": "none", "why": lr_edge(base.optim, math.nan)[1]}
+    sharpness = float(initial_sharpness([replace(base, quiet=True)]).value[0])
+    edge, note = lr_edge(base.optim, sharpness)
     if not math.isfinite(edge):
         return fixed, {"prior": "none", "why": note, "sharpness_init": sharpness if math.isfinite(sharpness) else None}
     measured = {"sharpness_init": sharpness, "lr_edge_pred": edge}
