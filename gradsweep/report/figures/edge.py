@@ -82,7 +82,7 @@ def edge_heatmap(cells: pd.DataFrame, layout: Layout, title: str) -> plt.Figure:
     common phase over the cell's runs (``phase``), with a count where the runs differ (``phase_n`` of ``n``)."""
     cells, x_values, y_values, panels = cell_axes(cells, layout)
     nx, ny = len(x_values), len(y_values)
-    fig, axes = _grid(len(panels), panel_w=max(3.0, 0.75 * nx + 1.3), panel_h=max(2.0, 0.55 * ny + 1.3), extra_w=3.2)
+    fig, axes = _grid(len(panels), panel_w=max(3.0, 0.62 * nx + 1.3), panel_h=max(2.0, 0.5 * ny + 1.3), extra_w=3.0)
     cmap = mcolors.ListedColormap([plt.get_cmap("RdBu_r")(v) for v in (0.05, 0.2, 0.35, 0.65, 0.8, 0.95)]) \
         .with_extremes(under=plt.get_cmap("RdBu_r")(0.0), over=plt.get_cmap("RdBu_r")(1.0))
     norm = mcolors.BoundaryNorm(np.log10(EDGE_BINS), cmap.N)
